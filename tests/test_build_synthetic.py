@@ -1,0 +1,191 @@
+"""End-to-end build on a synthetic mini-source with planted copies, leaks, conflicts and bad files,
+with the exact expected outcome worked out by hand (see the comments in `mini_sources`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from dataset_scripts.build import BuildConfig, build, main
+from synthetic import jpeg_bytes, png_bomb_header, save, sixteen_bit, xray_like
+
+
+@pytest.fixture(scope="module")
+def mini_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    k = root / "kermany" / "chest_xray"
+    img = {name: xray_like(seed) for seed, name in enumerate(
+        "A B C D E F N7 N8 P1b P1v P2 P3 P4 P5 P6 P7 P8 V1 V2 T1 T2 T3 T4 G H I J K L".split())}
+    # Kermany: 8 normal + 10 pneumonia in train, 2 in val, 4 in test.
+    for i, name in enumerate("A B C D E F N7 N8".split(), start=1):
+        save(img[name], k / "train/NORMAL" / f"IM-{i:04d}-0001.jpeg", quality=95)
+    for fname, name in [("person1_bacteria_1", "P1b"), ("person1_virus_2", "P1v"), ("person2_bacteria_3", "P2"),
+                        ("person3_bacteria_4", "P3"), ("person4_virus_5", "P4"), ("person5_bacteria_6", "P5"),
+                        ("person6_virus_7", "P6"), ("person7_virus_8", "P7"), ("person8_bacteria_9", "P8")]:
+        save(img[name], k / "train/PNEUMONIA" / f"{fname}.jpeg", quality=95)
+    # exact duplicate inside Kermany train (same bytes, another file name)
+    (k / "train/PNEUMONIA/person8_bacteria_10.jpeg").write_bytes((k / "train/PNEUMONIA/person8_bacteria_9.jpeg").read_bytes())
+    save(img["V1"], k / "val/NORMAL/IM-0100-0001.jpeg", quality=95)
+    save(img["V2"], k / "val/PNEUMONIA/person50_bacteria_11.jpeg", quality=95)
+    save(img["T1"], k / "test/NORMAL/IM-0200-0001.jpeg", quality=95)
+    save(img["T2"], k / "test/PNEUMONIA/person60_bacteria_12.jpeg", quality=95)
+    save(img["T3"], k / "test/PNEUMONIA/person61_virus_13.jpeg", quality=95)
+    save(img["T4"], k / "test/PNEUMONIA/person5_bacteria_14.jpeg", quality=95)  # person5 also in train
+
+    o = root / "other" / "Container"
+    save(img["A"].resize((150, 120)), o / "Normal/a_small.jpeg", quality=90)             # resized copy
+    (o / "Normal/b_q60.jpeg").write_bytes(jpeg_bytes(img["B"], quality=60))              # re-encoded copy
+    (o / "Normal/c_renamed.jpeg").write_bytes((k / "train/NORMAL/IM-0003-0001.jpeg").read_bytes())  # renamed
+    save(img["D"].transpose(Image.Transpose.FLIP_LEFT_RIGHT), o / "Normal/d_flip.jpeg")  # mirrored copy
+    save(img["E"].rotate(5, resample=Image.Resampling.BILINEAR), o / "Normal/e_rot.jpeg")  # rotated 5 deg
+    save(img["G"].convert("CMYK"), o / "Normal/cmyk.jpg")                                # good, CMYK
+    save(img["H"].convert("P"), o / "Normal/palette.png")                                # good, palette
+    save(sixteen_bit(img["I"]), o / "Normal/sixteen.png")                                # good, 16-bit
+    (o / "Normal/zero.jpeg").write_bytes(b"")                                            # bad: empty
+    (o / "Normal/truncated.jpeg").write_bytes(jpeg_bytes(img["J"])[:2000])               # bad: truncated
+    (o / "Normal/notimage.png").write_text("this is not an image")                       # bad: not an image
+    (o / "Normal/bomb.png").write_bytes(png_bomb_header())                               # bad: bomb
+    (o / "Normal/notes.txt").write_text("ignored, and reported as ignored")
+    save(img["T2"].resize((200, 180)), o / "BacterialPneumonia/t2_copy.jpeg")            # copy of a test image
+    save(img["F"], o / "ViralPneumonia/f_conflict.jpeg")                                 # label conflict
+    save(img["K"], o / "COVID-19/covid1.jpeg")
+    save(img["L"], o / "COVID-19/covid2.jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(mini_sources, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "ds"
+    cfg = BuildConfig(sources=[f"kermany:{mini_sources / 'kermany'}", f"folders:{mini_sources / 'other'}"],
+                      out=out, val_fraction=0.25, seed=0, cache_dir=tmp_path_factory.mktemp("cache"),
+                      workers=1, progress=False)
+    result = build(cfg)
+    return out, result.report, cfg
+
+
+def _dropped(report):
+    return {d["image"].split(":", 1)[1].split("/")[-1]: d["reason"] for d in report["dropped"]}
+
+
+def test_bad_files_reported_and_skipped(built):
+    _, rep, _ = built
+    by_name = {u["image"].split("/")[-1]: u["reason"] for u in rep["unreadable"]}
+    assert by_name == {"zero.jpeg": "empty", "truncated.jpeg": "truncated",
+                       "notimage.png": "not_an_image", "bomb.png": "too_large"}
+    assert rep["files"] == {**rep["files"], "listed": 40, "readable": 36, "unreadable": 4}
+    assert [i["path"].split("/")[-1] for i in rep["ignored"]] == ["notes.txt"]
+
+
+def test_planted_copies_conflicts_and_leaks_are_dropped(built):
+    _, rep, _ = built
+    assert _dropped(rep) == {
+        "a_small.jpeg": "duplicate", "b_q60.jpeg": "duplicate", "c_renamed.jpeg": "duplicate",
+        "d_flip.jpeg": "duplicate", "e_rot.jpeg": "duplicate",
+        "person8_bacteria_9.jpeg": "duplicate",  # same bytes as _10; ties broken by path
+        "t2_copy.jpeg": "copy of an official test image",
+        "IM-0006-0001.jpeg": "label conflict between copies", "f_conflict.jpeg": "label conflict between copies",
+        "person5_bacteria_6.jpeg": "same patient as an official test image",
+    }
+    [conflict] = rep["dedup"]["label_conflicts"]
+    assert {m["label"] for m in conflict["members"]} == {"normal", "viral_pneumonia"}
+    # copies keep pointing at the image that stands for them
+    dup_of = {d["image"].split("/")[-1]: d["duplicate_of"] for d in rep["dropped"]}
+    assert dup_of["a_small.jpeg"] == "kermany:chest_xray/train/NORMAL/IM-0001-0001.jpeg"
+
+
+def test_splits_exact_counts_and_grouping(built):
+    from datasets import load_from_disk
+
+    out, rep, _ = built
+    dsd = load_from_disk(str(out))
+    assert set(dsd) == {"train", "validation", "test"}
+    names = dsd["train"].features["label"].names
+    assert names == ["normal", "bacterial_pneumonia", "viral_pneumonia"]
+    count = lambda split: {n: sum(1 for y in dsd[split]["label"] if y == i) for i, n in enumerate(names)}
+    assert count("test") == {"normal": 1, "bacterial_pneumonia": 2, "viral_pneumonia": 1}
+    pool = {n: count("train")[n] + count("validation")[n] for n in names}
+    assert pool == {"normal": 11, "bacterial_pneumonia": 5, "viral_pneumonia": 6}
+    assert len(dsd["validation"]) > 0 and len(dsd["train"]) > len(dsd["validation"])
+    # the same patient (person1: bacteria + virus) never straddles train and validation
+    patients = {s: set(dsd[s]["patient_id"]) for s in dsd}
+    assert not patients["train"] & patients["validation"]
+    assert not (patients["train"] | patients["validation"]) & patients["test"]
+    p1 = [s for s in ("train", "validation") if "kermany:person1" in patients[s]]
+    assert len(p1) == 1
+    assert sorted(dsd["test"]["source_path"]) == sorted(
+        f"chest_xray/test/{p}" for p in ["NORMAL/IM-0200-0001.jpeg", "PNEUMONIA/person60_bacteria_12.jpeg",
+                                         "PNEUMONIA/person61_virus_13.jpeg", "PNEUMONIA/person5_bacteria_14.jpeg"])
+    assert rep["leak_check"]["passed"]
+
+
+def test_converted_files_are_stored_as_8bit_and_originals_byte_for_byte(built, mini_sources):
+    from datasets import Image as ImageFeature, load_from_disk
+
+    out, rep, _ = built
+    assert sorted(r["image"].split("/")[-1] for r in rep["reencoded"]) == ["cmyk.jpg", "palette.png", "sixteen.png"]
+    ds = load_from_disk(str(out))["train"]
+    raw = ds.cast_column("image", ImageFeature(decode=False))
+    for row, enc in zip(ds, raw):
+        name = row["source_path"].split("/")[-1]
+        if name in ("cmyk.jpg", "palette.png", "sixteen.png"):
+            assert row["image"].mode == "L" and enc["image"]["bytes"][:4] == b"\x89PNG"
+        elif row["source"] == "kermany":
+            src = mini_sources / "kermany" / row["source_path"]
+            assert enc["image"]["bytes"] == src.read_bytes()
+
+
+def test_card_and_report_agree(built):
+    import yaml
+
+    out, rep, _ = built
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["task_categories"] == ["image-classification"]
+    assert meta["license"] == "other" and "CC BY 4.0" in meta["license_details"]
+    assert json.loads((out / "build_report.json").read_text())["splits"] == rep["splits"]
+    assert f"| test | 4 | 1 | 2 | 1 |" in card
+    assert "result: **passed**" in card
+    assert "Label conflicts (1)" in card
+
+
+def test_rebuild_with_new_source_hashes_only_new_files(built, mini_sources, tmp_path):
+    _, _, cfg = built
+    extra = tmp_path / "contrib"
+    save(xray_like(1001), extra / "img1.png")
+    save(xray_like(1002), extra / "img2.png")
+    (extra / "manifest.csv").write_text("path,label,patient_id,license\nimg1.png,normal,p1,cc-by-4.0\n"
+                                        "img2.png,viral_pneumonia,p2,cc-by-4.0\n")
+    cfg2 = BuildConfig(**{**cfg.__dict__, "sources": cfg.sources + [f"manifest:{extra / 'manifest.csv'}"],
+                          "out": tmp_path / "ds2"})
+    rep = build(cfg2).report
+    assert rep["files"]["fingerprints_computed"] == 2
+    assert rep["files"]["fingerprints_from_cache"] == 40
+    pool = sum(rep["splits"][s]["images"] for s in ("train", "validation"))
+    assert pool == 24
+    assert rep["splits"]["train"]["by_source"].get("contrib", 0) + rep["splits"]["validation"]["by_source"].get("contrib", 0) == 2
+
+
+def test_cli_unknown_class_folder_is_a_clear_error(tmp_path, capsys):
+    save(xray_like(1), tmp_path / "src" / "Pneumonia" / "x.png")
+    code = main(["--source", f"folders:{tmp_path / 'src'}", "--out", str(tmp_path / "o"), "--no-cache", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'Pneumonia'" in err and "viralpneumonia" in err and "normal" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_module_entry_point(mini_sources, tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dataset_scripts.build", "--source", f"kermany:{mini_sources / 'kermany'}",
+         "--out", str(out), "--val-fraction", "0.25", "--no-cache", "--workers", "1", "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "leak check: passed" in proc.stdout
+    assert (out / "dataset_dict.json").exists() and (out / "README.md").exists()
