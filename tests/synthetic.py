@@ -48,3 +48,46 @@ def sixteen_bit(img: Image.Image) -> Image.Image:
     """The same picture as 16-bit data using 0..4095 (12-bit detector range)."""
     a = np.asarray(img, dtype=np.uint16) * 16
     return Image.fromarray(a.astype(np.uint16), mode="I;16")
+
+
+def make_mini_sources(root: Path) -> Path:
+    """Kermany layout + a folders source with planted copies, leaks, a conflict and bad files.
+    The expected outcome is worked out in tests/test_build_synthetic.py."""
+    k = root / "kermany" / "chest_xray"
+    img = {name: xray_like(seed) for seed, name in enumerate(
+        "A B C D E F N7 N8 P1b P1v P2 P3 P4 P5 P6 P7 P8 V1 V2 T1 T2 T3 T4 G H I J K L".split())}
+    # Kermany: 8 normal + 10 pneumonia in train, 2 in val, 4 in test.
+    for i, name in enumerate("A B C D E F N7 N8".split(), start=1):
+        save(img[name], k / "train/NORMAL" / f"IM-{i:04d}-0001.jpeg", quality=95)
+    for fname, name in [("person1_bacteria_1", "P1b"), ("person1_virus_2", "P1v"), ("person2_bacteria_3", "P2"),
+                        ("person3_bacteria_4", "P3"), ("person4_virus_5", "P4"), ("person5_bacteria_6", "P5"),
+                        ("person6_virus_7", "P6"), ("person7_virus_8", "P7"), ("person8_bacteria_9", "P8")]:
+        save(img[name], k / "train/PNEUMONIA" / f"{fname}.jpeg", quality=95)
+    # exact duplicate inside Kermany train (same bytes, another file name)
+    (k / "train/PNEUMONIA/person8_bacteria_10.jpeg").write_bytes((k / "train/PNEUMONIA/person8_bacteria_9.jpeg").read_bytes())
+    save(img["V1"], k / "val/NORMAL/IM-0100-0001.jpeg", quality=95)
+    save(img["V2"], k / "val/PNEUMONIA/person50_bacteria_11.jpeg", quality=95)
+    save(img["T1"], k / "test/NORMAL/IM-0200-0001.jpeg", quality=95)
+    save(img["T2"], k / "test/PNEUMONIA/person60_bacteria_12.jpeg", quality=95)
+    save(img["T3"], k / "test/PNEUMONIA/person61_virus_13.jpeg", quality=95)
+    save(img["T4"], k / "test/PNEUMONIA/person5_bacteria_14.jpeg", quality=95)  # person5 also in train
+
+    o = root / "other" / "Container"
+    save(img["A"].resize((150, 120)), o / "Normal/a_small.jpeg", quality=90)             # resized copy
+    (o / "Normal/b_q60.jpeg").write_bytes(jpeg_bytes(img["B"], quality=60))              # re-encoded copy
+    (o / "Normal/c_renamed.jpeg").write_bytes((k / "train/NORMAL/IM-0003-0001.jpeg").read_bytes())  # renamed
+    save(img["D"].transpose(Image.Transpose.FLIP_LEFT_RIGHT), o / "Normal/d_flip.jpeg")  # mirrored copy
+    save(img["E"].rotate(5, resample=Image.Resampling.BILINEAR), o / "Normal/e_rot.jpeg")  # rotated 5 deg
+    save(img["G"].convert("CMYK"), o / "Normal/cmyk.jpg")                                # good, CMYK
+    save(img["H"].convert("P"), o / "Normal/palette.png")                                # good, palette
+    save(sixteen_bit(img["I"]), o / "Normal/sixteen.png")                                # good, 16-bit
+    (o / "Normal/zero.jpeg").write_bytes(b"")                                            # bad: empty
+    (o / "Normal/truncated.jpeg").write_bytes(jpeg_bytes(img["J"])[:2000])               # bad: truncated
+    (o / "Normal/notimage.png").write_text("this is not an image")                       # bad: not an image
+    (o / "Normal/bomb.png").write_bytes(png_bomb_header())                               # bad: bomb
+    (o / "Normal/notes.txt").write_text("ignored, and reported as ignored")
+    save(img["T2"].resize((200, 180)), o / "BacterialPneumonia/t2_copy.jpeg")            # copy of a test image
+    save(img["F"], o / "ViralPneumonia/f_conflict.jpeg")                                 # label conflict
+    save(img["K"], o / "COVID-19/covid1.jpeg")
+    save(img["L"], o / "COVID-19/covid2.jpeg")
+    return root

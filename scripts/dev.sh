@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: sets up .venv (pinned requirements; grad-cam without its
+# torchvision dependency), then runs the job asked for.
+#   bash scripts/dev.sh dataset   build the merged dataset from ../shared into data/cxr-pneumonia
+#   bash scripts/dev.sh test      run the test suite
+#   bash scripts/dev.sh setup     only set up .venv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+setup() {
+  local stamp=.venv/.requirements.sha256
+  local want
+  want=$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  echo "setting up .venv (first run installs the pinned requirements; a few minutes)"
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+  echo "$want" > "$stamp"
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  dataset)
+    setup
+    exec .venv/bin/python -m dataset_scripts.build \
+      --source kermany:../shared/data/kermany \
+      --source folders:../shared/data/skytells-covid19-xray --exclude 'TrainData/*' \
+      --out data/cxr-pneumonia "$@" ;;
+  test)
+    setup
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    exec .venv/bin/python -m pytest "$@" ;;
+  *) echo "usage: bash scripts/dev.sh {dataset|test|setup} [args...]" >&2; exit 2 ;;
+esac
