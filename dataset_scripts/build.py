@@ -53,6 +53,7 @@ class BuildConfig:
     cache_dir: Path | None = None  # None: no cache
     workers: int = 2
     progress: bool = True
+    command: str = ""  # how it was invoked, for the report
 
 
 @dataclass
@@ -203,7 +204,7 @@ def _report(cfg, recs, fps, decisions, conflicts, clusters, pairs, study_pairs, 
     leak = leak_check(recs, fps, split_of, cfg.near_threshold)
     return {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
+        "command": cfg.command,
         "parameters": {"sources": cfg.sources, "exclude": cfg.exclude, "val_fraction": cfg.val_fraction,
                        "seed": cfg.seed, "near_threshold_bits": cfg.near_threshold,
                        "hash": "imagehash.phash hash_size=16 (256 bits), +mirror, +-2..10 deg rotations"},
@@ -337,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BuildConfig(sources=args.source, out=args.out, exclude=args.exclude, val_fraction=args.val_fraction,
                       seed=args.seed, near_threshold=args.near_threshold,
                       cache_dir=None if args.no_cache else args.cache_dir, workers=args.workers,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress,
+                      command="python -m dataset_scripts.build " + " ".join(argv if argv is not None else sys.argv[1:]))
     try:
         result = build(cfg)
     except SourceError as e:

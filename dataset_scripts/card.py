@@ -36,6 +36,11 @@ def _exclusions(excl: list[str]) -> str:
             "than risk an augmented copy of a test image reaching training.")
 
 
+def _reproduce(report: dict) -> str:
+    cmd = report.get("command")
+    return f"\nRebuild it with:\n\n```bash\n{cmd}\n```\n" if cmd else ""
+
+
 def render_card(report: dict, repo_id: str | None = None) -> str:
     splits = report["splits"]
     total = sum(s["images"] for s in splits.values())
@@ -86,7 +91,7 @@ validation. Built by `dataset_scripts.build` ({report['created_at']}); every num
 from `build_report.json` of the same build.
 
 **Not for clinical use.** Research and education only.
-
+{_reproduce(report)}
 ## Use
 
 ```python

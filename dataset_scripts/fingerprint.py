@@ -6,7 +6,7 @@ Why these hashes:
 - ``pixel_sha256`` hashes the decoded 8-bit grayscale pixels (plus the size), so the same image
   re-saved losslessly, renamed or converted RGB->gray collides exactly, whatever the container.
 - ``phash`` is ``imagehash.phash(hash_size=16)`` (256 bits). On the shared sources, re-encoded and
-  resized copies land within 24 bits of their original while distinct Kermany images stay >= 36 bits
+  resized copies land within 14 bits of their original while distinct Kermany images stay >= 38 bits
   apart; the common 64-bit phash puts many *distinct* X-rays within 4-8 bits (all chest films look
   alike at 8x8), so it cannot tell copies from look-alikes.
 - 256-bit phash is rotation-sensitive (~20 bits per degree), so the *variants* (mirror image, and

@@ -62,7 +62,7 @@ class SourceListing:
 
 def parse_source_spec(spec: str) -> tuple[str, Path]:
     kind, sep, path = spec.partition(":")
-    if not sep or kind not in READERS:
+    if not sep or kind not in READERS or not path.strip():
         raise SourceError(f"bad --source {spec!r}: expected KIND:PATH with KIND one of {sorted(READERS)}")
     p = Path(path).expanduser()
     if not p.exists():
@@ -198,6 +198,8 @@ def read_manifest(csv_path: Path, exclude: list[str]) -> SourceListing:
     CSV's folder. ``source`` defaults to the CSV's folder name."""
     if csv_path.is_dir():
         csv_path = csv_path / "manifest.csv"
+        if not csv_path.is_file():
+            raise SourceError(f"manifest source {csv_path.parent}: no manifest.csv in that folder")
     root = csv_path.parent
     with csv_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
