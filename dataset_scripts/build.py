@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections import Counter
@@ -64,8 +65,7 @@ class BuildResult:
     report: dict
 
 
-def _ref(r: Record) -> str:
-    return f"{r.source}:{r.source_path}"
+_ref = dedup.record_ref
 
 
 def _patient_or_unknown(r: Record, fp: Fingerprint) -> str:
@@ -80,6 +80,8 @@ def plan(cfg: BuildConfig) -> BuildResult:
     sources_report, ignored = [], []
     for spec in cfg.sources:
         listing = read_source(spec, cfg.exclude)
+        if not listing.records:
+            raise SourceError(f"--source {spec}: no image files found (after --exclude)")
         records.extend(listing.records)
         ignored.extend({"source": spec, **x} for x in listing.ignored)
         first = listing.records[0] if listing.records else None
@@ -109,6 +111,9 @@ def plan(cfg: BuildConfig) -> BuildResult:
             unreadable.append({"image": _ref(r), "reason": fp.error_reason, "message": fp.error_message})
     recs = [records[i] for i in good_idx]
     fps = [fp_by_path[r.path] for r in recs]
+    if not recs:
+        raise SourceError(f"none of the {len(records)} listed files could be decoded "
+                          f"({dict(Counter(u['reason'] for u in unreadable))})")
 
     t1 = time.perf_counter()
     study_pairs = dedup.near_pairs(fps, max(STUDY_THRESHOLD, cfg.near_threshold))
@@ -132,7 +137,10 @@ def plan(cfg: BuildConfig) -> BuildResult:
             split_of[i] = "test"
         else:
             pool.append(i)
-    val = validation_split(pool, [r.label for r in recs], groups, cfg.val_fraction, cfg.seed)
+    try:
+        val = validation_split(pool, [r.label for r in recs], groups, cfg.val_fraction, cfg.seed)
+    except ValueError as e:
+        raise SourceError(str(e)) from e
     for i in pool:
         split_of[i] = "validation" if i in val else "train"
 
@@ -175,6 +183,8 @@ def _report(cfg, recs, fps, decisions, conflicts, clusters, pairs, study_pairs, 
     dropped = [{"image": _ref(recs[i]), "reason": d.reason, "duplicate_of": d.duplicate_of}
                for i, d in enumerate(decisions) if not d.keep]
     dropped_by = Counter((recs[i].source, d.reason) for i, d in enumerate(decisions) if not d.keep)
+    n_val = sum(1 for x in split_of.values() if x == "validation")
+    n_pool = sum(1 for x in split_of.values() if x != "test")
     splits = {}
     for s in SPLITS:
         idx = [i for i, x in split_of.items() if x == s]
@@ -196,7 +206,8 @@ def _report(cfg, recs, fps, decisions, conflicts, clusters, pairs, study_pairs, 
         elif ra.source != rb.source:
             cross_source[d] += 1
     n_k = sum(r.source_kind == "kermany" for r in recs)
-    kermany_pairs = n_k * (n_k - 1) // 2
+    per_patient = Counter(r.patient_id for r in recs if r.source_kind == "kermany")
+    kermany_pairs = n_k * (n_k - 1) // 2 - sum(c * (c - 1) // 2 for c in per_patient.values())
     false_at_t = sum(c for d, c in diff_patient.items() if d <= cfg.near_threshold)
     sizes = Counter(len(c) for c in clusters)
     reencoded = [{"image": _ref(recs[i]), "format": fps[i].format, "mode": fps[i].mode, "notes": fps[i].converted}
@@ -228,6 +239,7 @@ def _report(cfg, recs, fps, decisions, conflicts, clusters, pairs, study_pairs, 
         },
         "threshold_study": {
             "threshold_bits": cfg.near_threshold,
+            "study_limit_bits": max(STUDY_THRESHOLD, cfg.near_threshold),
             "different_kermany_patient_pairs": kermany_pairs,
             "different_patient_pairs_within_threshold": false_at_t,
             "false_match_rate": (false_at_t / kermany_pairs) if kermany_pairs else None,
@@ -235,6 +247,12 @@ def _report(cfg, recs, fps, decisions, conflicts, clusters, pairs, study_pairs, 
             "cross_source_distance_histogram": {str(k): v for k, v in sorted(cross_source.items())},
         },
         "splits": splits,
+        "validation_share": round(n_val / n_pool, 4) if n_pool else 0.0,
+        "kermany_official_val_images": sum(1 for i, x in split_of.items()
+                                           if x != "test" and recs[i].official_split == "val"),
+        "has_kermany": any(r.source_kind == "kermany" for r in recs),
+        "test_exact_duplicate_groups": sum(1 for c in Counter(fps[i].pixel_sha256 for i, x in split_of.items()
+                                                              if x == "test").values() if c > 1),
         "leak_check": leak,
         "dropped": dropped,
     }
@@ -279,11 +297,10 @@ def to_dataset_dict(result: BuildResult):
 
 
 def write(result: BuildResult, out: Path) -> None:
+    """The dataset itself; :func:`build` adds the report and card once the timing is known."""
     out.mkdir(parents=True, exist_ok=True)
     dsd = to_dataset_dict(result)
     dsd.save_to_disk(str(out))
-    (out / "build_report.json").write_text(json.dumps(result.report, indent=2))
-    (out / "README.md").write_text(render_card(result.report))
 
 
 def push_to_hub(out: Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
@@ -334,12 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--private", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if not 0 < args.val_fraction <= 0.5:
+        ap.error("--val-fraction must be in (0, 0.5]")
 
     cfg = BuildConfig(sources=args.source, out=args.out, exclude=args.exclude, val_fraction=args.val_fraction,
                       seed=args.seed, near_threshold=args.near_threshold,
                       cache_dir=None if args.no_cache else args.cache_dir, workers=args.workers,
                       progress=not args.no_progress,
-                      command="python -m dataset_scripts.build " + " ".join(argv if argv is not None else sys.argv[1:]))
+                      command="python -m dataset_scripts.build " + shlex.join(argv if argv is not None else sys.argv[1:]))
     try:
         result = build(cfg)
     except SourceError as e:
@@ -352,10 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  dropped {rep['dedup']['dropped_total']} duplicates/leaks, "
           f"{rep['files']['unreadable']} unreadable files (see build_report.json)")
     print(f"  leak check: {'passed' if rep['leak_check']['passed'] else 'FAILED'}")
+    if not rep["leak_check"]["passed"]:
+        print("error: leak check failed; see build_report.json (nothing pushed)", file=sys.stderr)
+        return 1
     if args.push_to_hub:
         url = push_to_hub(cfg.out, args.push_to_hub, token=os.environ.get("HF_TOKEN"), private=args.private)
         print(f"  pushed to {url}")
-    return 0 if rep["leak_check"]["passed"] else 1
+    return 0
 
 
 if __name__ == "__main__":

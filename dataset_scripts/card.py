@@ -36,6 +36,28 @@ def _exclusions(excl: list[str]) -> str:
             "than risk an augmented copy of a test image reaching training.")
 
 
+def _test_line(report: dict) -> str:
+    if not report.get("has_kermany"):
+        return "- `test` is empty: no `kermany` source (the official test split) was given."
+    return ("- `test` is the official Kermany test split, untouched: the benchmark. Report on it; never "
+            "select models, thresholds or temperatures on it.")
+
+
+def _val_note(report: dict) -> str:
+    n = report.get("kermany_official_val_images", 0)
+    return f", including the {n} kept images of Kermany's official `val` split" if n else ""
+
+
+def _kermany_patient_note(report: dict) -> str:
+    dropped = sum(d["images"] for d in report["dedup"]["dropped_by_source_and_reason"]
+                  if d["reason"] == "same patient as an official test image")
+    if not report.get("has_kermany"):
+        return ""
+    return ("Note: Kermany's official train and test splits share patients (`personN` ids; the image "
+            "counters are one numbering across splits), so the official *train* split is not "
+            f"patient-disjoint from *test*; this build dropped {dropped} such pool images.")
+
+
 def _reproduce(report: dict) -> str:
     cmd = report.get("command")
     return f"\nRebuild it with:\n\n```bash\n{cmd}\n```\n" if cmd else ""
@@ -56,7 +78,7 @@ def render_card(report: dict, repo_id: str | None = None) -> str:
         "language": ["en"],
     }
     if not single:
-        meta["license_name"] = "mixed"
+        meta["license_name"] = "mixed" if len(licenses) > 1 else licenses[0]
         meta["license_details"] = "Per-image licence in the `license` column: " + ", ".join(
             _LICENSE_NAMES.get(x, x) for x in licenses)
     lc, dd, ts = report["leak_check"], report["dedup"], report["threshold_study"]
@@ -81,6 +103,7 @@ def render_card(report: dict, repo_id: str | None = None) -> str:
     cross = ts["cross_source_distance_histogram"]
     cross_within = sum(v for k, v in cross.items() if int(k) <= ts["threshold_bits"])
     rate = ts["false_match_rate"]
+    limit = ts.get("study_limit_bits", 48)
 
     body = f"""
 # Pediatric chest X-ray pneumonia: merged, deduplicated, patient-grouped
@@ -109,11 +132,10 @@ gives none), `official_split` (Kermany's own split), `license`, `image_sha256` (
 
 {_table(["split", "images", *LABELS, "patient groups", "by source"], split_rows)}
 
-- `test` is the official Kermany test split, untouched: the benchmark. Report on it; never select
-  models, thresholds or temperatures on it.
-- `validation` is a patient-grouped, label-stratified share ({report['parameters']['val_fraction']:.0%},
-  seed {report['parameters']['seed']}) of everything else, including the 16 images of Kermany's
-  official `val` split. No patient group is in two splits.
+{_test_line(report)}
+- `validation` is a patient-grouped, label-stratified share ({report['validation_share']:.1%} of the
+  images, seed {report['parameters']['seed']}) of everything else{_val_note(report)}. No patient group is
+  in two splits.
 
 ## Sources
 
@@ -144,15 +166,16 @@ Label conflicts ({len(conflicts)}):
 Images of *different* Kermany patients are distinct images; any pair of them within the threshold
 would be a false match. Of {ts['different_kermany_patient_pairs']:,} Kermany pairs,
 **{ts['different_patient_pairs_within_threshold']}** different-patient pairs fall within
-{ts['threshold_bits']} bits (false-match rate {rate if rate is None else f'{rate:.2e}'}); the closest
-different-patient pair is {closest if closest is not None else '> ' + str(48)} bits apart (identical-pixel
+{ts['threshold_bits']} bits (false-match rate {'n/a' if rate is None else f'{rate:.2e}'}); the closest
+different-patient pair is {closest if closest is not None else '> ' + str(limit)} bits apart (identical-pixel
 pairs filed under two patient ids are true duplicates and excluded from this count).
 Cross-source pairs (re-published copies) within the threshold: {cross_within}.
-Distance histogram of different-patient pairs up to 48 bits: `{hist}`.
+Distance histogram of different-patient pairs up to {limit} bits: `{hist}`.
 
 ## Leak check
 
-Recomputed on the final splits, independently of the policy code:
+Recomputed from the fingerprints of the final splits, apart from the merge policy (the test suite
+re-checks the saved dataset with `imagehash` directly):
 
 - near duplicates between train/validation and test: **{lc['near_duplicates_train_or_validation_vs_test']}**
 - near-duplicate pairs left inside train + validation (an image counted twice):
@@ -161,9 +184,7 @@ Recomputed on the final splits, independently of the policy code:
 - patients in more than one split: **{lc['patients_in_more_than_one_split']}**
 - result: **{'passed' if lc['passed'] else 'FAILED'}**
 
-Note: Kermany's official train and test splits share patients (`personN` ids; the image counters are
-one numbering across splits), so the official *train* split is not patient-disjoint from *test*; this
-build removes those patients' train images.
+{_kermany_patient_note(report)}
 
 ## Unreadable files
 
@@ -175,13 +196,14 @@ the others are stored byte for byte. All are listed in `build_report.json`.
 ## Class balance and known biases
 
 - Classes are imbalanced (see the split table): use class weights or a balanced sampler.
-- Kermany images are **pediatric** (ages 1-5, Guangzhou Women and Children's Medical Center), resized
-  here to 224x224 without keeping the aspect ratio. COVID-19 images (Skytells, from the ieee8023
+- Kermany images are **pediatric** (ages 1-5, Guangzhou Women and Children's Medical Center); the
+  copies in the shared sources are 224x224, resized without keeping the aspect ratio. COVID-19 images (Skytells, from the ieee8023
   covid-chestxray-dataset) are **adult**, often figures from papers, with different devices, markers
   and framing: a model can learn "adult film -> viral". They carry no patient id, so two films of one
   COVID patient can fall in train and validation (never in test, which is Kermany only).
 - Bacterial vs viral labels come from the original annotation and are known to be noisy.
-- Test contains a few exact-duplicate groups within itself (kept: the official split is the benchmark).
+- The test split holds {report['test_exact_duplicate_groups']} groups of exact duplicates within itself (kept: the
+  official split is the benchmark; report numbers with and without them).
 
 ## Citation
 

@@ -114,7 +114,8 @@ class Decision:
     duplicate_of: str = ""  # "source:source_path" of the image that stands for it
 
 
-def _ref(r: Record) -> str:
+def record_ref(r: Record) -> str:
+    """How reports name an image: ``source:path-in-source``."""
     return f"{r.source}:{r.source_path}"
 
 
@@ -136,7 +137,7 @@ def resolve_clusters(records: list[Record], fps: list[Fingerprint], clusters: li
         tests = [i for i in members if records[i].is_official_test]
         labels = {records[i].label for i in members}
         if tests:
-            rep = _ref(records[min(tests, key=preference)])
+            rep = record_ref(records[min(tests, key=preference)])
             for i in members:
                 if not records[i].is_official_test:
                     decisions[i] = Decision(False, "copy of an official test image", rep)
@@ -151,12 +152,12 @@ def resolve_clusters(records: list[Record], fps: list[Fingerprint], clusters: li
         best = min(members, key=preference)
         for i in members:
             if i != best:
-                decisions[i] = Decision(False, "duplicate", _ref(records[best]))
+                decisions[i] = Decision(False, "duplicate", record_ref(records[best]))
     return decisions, conflicts
 
 
 def _conflict(records: list[Record], members: list[int], action: str) -> dict:
     return {
         "action": action,
-        "members": [{"image": _ref(records[i]), "label": records[i].label} for i in members],
+        "members": [{"image": record_ref(records[i]), "label": records[i].label} for i in members],
     }

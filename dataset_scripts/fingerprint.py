@@ -148,7 +148,13 @@ def fingerprint_paths(paths: list[Path], cache: FingerprintCache | None, workers
                       progress: bool = True) -> tuple[dict[Path, Fingerprint], dict[str, int]]:
     """Fingerprints for every path (unreadable files give ``ok=False``, never an exception).
     Returns ``(fingerprints, stats)`` with stats ``{"from_cache": n, "computed": m}``."""
-    shas = {p: _file_sha256(p) for p in tqdm(paths, desc="reading files", disable=not progress, unit="file")}
+    shas, io_errors = {}, {}
+    for p in tqdm(paths, desc="reading files", disable=not progress, unit="file"):
+        try:
+            shas[p] = _file_sha256(p)
+        except OSError as e:  # permissions, vanished file...: report it, keep building
+            io_errors[p] = Fingerprint(file_sha256="", ok=False, error_reason="io_error",
+                                       error_message=f"cannot read file: {e.strerror or e}")
     cached = cache.get_many(sorted(set(shas.values()))) if cache else {}
     todo = sorted({p for p, s in shas.items() if s not in cached}, key=str)
     # identical files need decoding once
@@ -169,7 +175,9 @@ def fingerprint_paths(paths: list[Path], cache: FingerprintCache | None, workers
         if cache:
             cache.put_many(list(computed.values()))
     by_sha = {**cached, **computed}
-    return {p: by_sha[s] for p, s in shas.items()}, {"from_cache": len(paths) - len(todo), "computed": len(todo_unique)}
+    out = {p: by_sha[s] for p, s in shas.items()}
+    out.update(io_errors)
+    return out, {"from_cache": len(shas) - len(todo), "computed": len(todo_unique)}
 
 
 def encode_png(data: bytes) -> bytes:

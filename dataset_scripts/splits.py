@@ -38,7 +38,7 @@ def validation_split(indices: list[int], labels: list[str], groups: list[int], f
     """Indices (a subset of ``indices``) that form the validation split."""
     if not indices or fraction <= 0:
         return set()
-    n_splits = max(2, round(1 / fraction))
+    n_splits = max(2, round(1 / fraction))  # one fold of k: the share is 1/k, reported as measured
     n_groups = len({groups[i] for i in indices})
     if n_groups < n_splits:
         raise ValueError(f"only {n_groups} patient groups: too few for a {fraction:.0%} validation split")

@@ -151,3 +151,40 @@ def test_cli_module_entry_point(mini_sources, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "leak check: passed" in proc.stdout
     assert (out / "dataset_dict.json").exists() and (out / "README.md").exists()
+
+
+@pytest.mark.parametrize("case", ["empty_source", "all_unreadable", "too_few_patients"])
+def test_cli_sources_that_cannot_make_a_dataset_exit_2_with_a_message(tmp_path, capsys, case):
+    src = tmp_path / "src"
+    (src / "Normal").mkdir(parents=True)
+    (src / "LICENSE").write_text("MIT License")
+    if case == "all_unreadable":
+        for i in range(3):
+            (src / "Normal" / f"{i}.png").write_bytes(b"")
+    if case == "too_few_patients":
+        for i in range(3):
+            save(xray_like(100 + i), src / ("Normal" if i else "COVID-19") / f"{i}.png")
+    code = main(["--source", f"folders:{src}", "--out", str(tmp_path / "o"), "--no-cache", "--no-progress",
+                 "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    expected = {"empty_source": "no image files found", "all_unreadable": "could be decoded",
+                "too_few_patients": "too few"}[case]
+    assert expected in err
+    assert not (tmp_path / "o" / "dataset_dict.json").exists()
+
+
+@pytest.mark.parametrize("fraction", ["0", "-0.1", "0.6"])
+def test_cli_rejects_validation_fraction_out_of_range(tmp_path, fraction):
+    with pytest.raises(SystemExit) as e:
+        main(["--source", f"folders:{tmp_path}", "--out", str(tmp_path / "o"), "--val-fraction", fraction])
+    assert e.value.code == 2
+
+
+def test_card_states_measured_validation_share(built):
+    out, rep, _ = built
+    card = (out / "README.md").read_text()
+    n_val, n_train = rep["splits"]["validation"]["images"], rep["splits"]["train"]["images"]
+    assert rep["validation_share"] == round(n_val / (n_val + n_train), 4)
+    assert f"{rep['validation_share']:.1%} of the" in card
+    assert "this build dropped 1 such pool images" in card
