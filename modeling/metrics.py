@@ -1,0 +1,119 @@
+"""The project's evaluation API: one call from model probabilities to every reported number.
+
+The definitions live in the ``evaluate`` module ``modeling/cxr_metric/cxr_metric.py`` (see its
+docstring for every metric, convention and the patient-grouped bootstrap). This file only loads it
+*by absolute path* (``evaluate.load("accuracy")``-style names go to the Hub, which is unreachable here;
+a relative path would depend on the working directory), converts arrays and tensors, and formats the
+result for logs and the README, so training, the model card and the Space all report the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modeling.labels import LABELS
+
+METRIC_PATH = Path(__file__).resolve().parent / "cxr_metric" / "cxr_metric.py"
+
+
+@functools.lru_cache(maxsize=1)
+def load_metric():
+    """The ``cxr_metric`` evaluate module, loaded once per process from its file path.
+
+    ``keep_in_memory=True``: the rows of one ``compute`` are not written to evaluate's on-disk cache
+    (nothing to lock or clean up). The instance is shared, so do not call ``compute`` on it from
+    several threads at once.
+    """
+    import evaluate
+
+    return evaluate.load(str(METRIC_PATH), keep_in_memory=True)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """numpy array from a numpy array, a list, or a torch tensor (on any device, with grad)."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def compute_metrics(
+    probs: Any,
+    labels: Any,
+    groups: Any = None,
+    *,
+    threshold: float = 0.5,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    n_bins: int = 15,
+) -> dict:
+    """Every evaluation metric of (n, 3) class probabilities against labels 0..2, with patient-grouped
+    bootstrap intervals when ``n_bootstrap > 0``.
+
+    ``groups`` are patient ids (one per row): pass them whenever a patient can have several images,
+    otherwise the intervals are too narrow. Returns the module's JSON-serialisable dict (keys listed in
+    ``modeling/cxr_metric/cxr_metric.py``); ``format_summary`` renders it.
+    """
+    p = _to_numpy(probs).astype(np.float64)
+    y = _to_numpy(labels)
+    if p.ndim != 2 or p.shape[1] != len(LABELS):
+        # Checked here too: evaluate's own message for a 1-D input does not say what shape is wanted.
+        raise ValueError(f"probs must have shape (n, {len(LABELS)}) ({', '.join(LABELS)}), got shape {p.shape}")
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D (one class id per row), got shape {y.shape}")
+    g = None if groups is None else [str(v) for v in _to_numpy(groups).reshape(-1).tolist()]
+    return load_metric().compute(
+        predictions=p,
+        references=y.astype(np.int64) if y.dtype.kind in "iub" else y,
+        groups=g,
+        threshold=threshold,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        n_bins=n_bins,
+        label_names=LABELS,
+    )
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def format_summary(metrics: dict) -> str:
+    """A short text table (metric, value, CI) of the headline numbers, for logs and the README.
+
+    Without intervals (``n_bootstrap=0``) the CI column is left empty.
+    """
+    ci = metrics.get("ci", {})
+    b = metrics["binary"]
+    rows = [
+        ("accuracy", "accuracy"),
+        ("macro F1", "macro_f1"),
+        *[(f"F1 {name}", f"per_class.{name}.f1") for name in metrics["per_class"]],
+        ("AUC one-vs-rest (macro)", "auc_ovr_macro"),
+        (f"sensitivity @ {b['threshold']:g}", "binary.sensitivity"),
+        (f"specificity @ {b['threshold']:g}", "binary.specificity"),
+        ("AUC normal vs pneumonia", "binary.auc"),
+        ("ECE (lower is better)", "ece"),
+        ("Brier (multiclass, 0-2)", "brier"),
+        ("NLL", "nll"),
+    ]
+    level = "CI"
+    if "ci_method" in metrics:
+        level = next((w for w in metrics["ci_method"].split(", ") if w.endswith("interval")), "CI")
+        level = level.replace(" interval", " CI")
+    lines = [f"{'metric':<28} {'value':>7}  {level}"]
+    for label, key in rows:
+        value: Any = metrics
+        for part in key.split("."):
+            value = value[part]
+        interval = ci.get(key)
+        text = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+        lines.append(f"{label:<28} {_fmt(value):>7}  {text}".rstrip())
+    footer = f"n = {metrics['n']} images, {metrics['n_groups']} groups"
+    if "ci_method" in metrics:
+        footer += f"; {metrics['ci_method']}"
+    lines.append(footer)
+    return "\n".join(lines)
