@@ -252,6 +252,20 @@ def load_image_with_info(
     raise _unrecognised(data, name)
 
 
+def to_grayscale(image: Image.Image, *, name: str | None = None) -> Image.Image:
+    """Reduce an already-decoded PIL image (any mode) to 8-bit "L" with the same rules as
+    :func:`load_image`, without metadata.
+
+    For callers that receive decoded images (a ``datasets`` Image column, a PIL image handed to the
+    predictor): they must see the same pixels a file load would give."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+    gray = _pil_to_gray(image, _Log(), name)
+    out = Image.new("L", gray.size)  # a fresh image: pixels only, no info/EXIF/ICC carried over
+    out.paste(gray)
+    return out
+
+
 def read_dicom_metadata(source: Source, *, name: str | None = None) -> dict[str, Any]:
     """Return a few non-identifying technical tags of a DICOM file (keys: DICOM_METADATA_KEYS).
 

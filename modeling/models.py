@@ -1,0 +1,137 @@
+"""Model building: any ``AutoModelForImageClassification`` base (Hub id or local dir) with our labels.
+
+Supported and tested families: ViT, DINOv2 (with and without registers), ConvNeXt, ConvNeXt-V2.
+Other classification backbones load too; only Grad-CAM and layer-wise LR decay need to know the
+family (:mod:`modeling.gradcam` raises a clear error for an unknown one).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+from torch import nn
+from transformers import AutoModelForImageClassification, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from .labels import ID2LABEL, LABEL2ID, LABELS
+
+TOKEN_FAMILIES = ("vit", "dinov2", "dinov2_with_registers", "deit", "beit")
+CONV_FAMILIES = ("convnext", "convnextv2")
+
+
+def build_model(
+    base: str,
+    *,
+    revision: str | None = None,
+    drop_path_rate: float | None = None,
+    quiet: bool = True,
+) -> PreTrainedModel:
+    """Load ``base`` with a fresh 3-class head (normal, bacterial, viral).
+
+    The base may be a headless backbone (e.g. ``facebook/dinov2-small``, saved as ``Dinov2Model``) or
+    a classifier with another label set (an ImageNet head): ``ignore_mismatched_sizes`` replaces a
+    head of the wrong shape. ``drop_path_rate`` (stochastic depth) is set when the config has it.
+    """
+    kwargs = dict(
+        num_labels=len(LABELS),
+        id2label=dict(ID2LABEL),
+        label2id=dict(LABEL2ID),
+        problem_type="single_label_classification",
+        ignore_mismatched_sizes=True,
+    )
+    if revision:
+        kwargs["revision"] = revision
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = drop_path_rate
+    verbosity = hf_logging.get_verbosity()
+    if quiet:  # the "newly initialized classifier" report is expected here: it is the point
+        hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForImageClassification.from_pretrained(base, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def family(model: PreTrainedModel) -> str:
+    return model.config.model_type
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The final linear layer that produces the logits (``model.classifier`` for the HF families
+    we support; otherwise the last ``nn.Linear`` with ``num_labels`` outputs)."""
+    head = getattr(model, "classifier", None)
+    if isinstance(head, nn.Linear):
+        return head
+    n = getattr(getattr(model, "config", None), "num_labels", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == n]
+    if not candidates:
+        raise ValueError(f"cannot find the classification head of {type(model).__name__}")
+    return candidates[-1]
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    head = set(id(p) for p in classifier_head(model).parameters())
+    return [p for p in model.parameters() if id(p) not in head]
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze or unfreeze everything but the head (linear-probe warm-up before full fine-tuning)."""
+    for p in backbone_parameters(model):
+        p.requires_grad_(trainable)
+
+
+_LAYER_PATTERNS = (
+    re.compile(r"\.encoder\.layer\.(\d+)\."),  # ViT, DINOv2, DeiT, BEiT
+    re.compile(r"\.encoder\.stages\.(\d+)\."),  # ConvNeXt(V2): stages count as layers
+)
+
+
+def num_layers(model: PreTrainedModel) -> int:
+    cfg = model.config
+    if hasattr(cfg, "depths") and cfg.model_type in CONV_FAMILIES:
+        return len(cfg.depths)
+    return int(getattr(cfg, "num_hidden_layers", 0) or 0)
+
+
+def layer_id(name: str, n_layers: int) -> int:
+    """0 = embeddings, 1..n = transformer blocks (or ConvNeXt stages), n+1 = head and final norms."""
+    for pat in _LAYER_PATTERNS:
+        m = pat.search(name)
+        if m:
+            return int(m.group(1)) + 1
+    if ".embeddings." in name or name.endswith(("cls_token", "mask_token", "register_tokens", "position_embeddings")):
+        return 0
+    return n_layers + 1
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases, norms, tokens and position embeddings are not weight-decayed (the usual ViT recipe)."""
+    return param.ndim <= 1 or any(k in name for k in ("cls_token", "mask_token", "register_tokens", "position_embeddings"))
+
+
+def param_groups(
+    model: PreTrainedModel, lr: float, weight_decay: float, layer_decay: float = 1.0, head_lr_scale: float = 1.0
+) -> list[dict]:
+    """AdamW parameter groups with layer-wise learning-rate decay (BEiT/DINOv2 fine-tuning recipe):
+    block ``i`` of ``n`` gets ``lr * layer_decay ** (n + 1 - i)`` so early, generic layers move less
+    than late, task-specific ones. ``layer_decay=1`` is plain fine-tuning. Each group records
+    ``lr_scale`` so schedulers keep the ratios."""
+    n = num_layers(model)
+    head_ids = set(id(p) for p in classifier_head(model).parameters())
+    groups: dict[tuple[int, bool, bool], dict] = {}
+    for name, p in model.named_parameters():
+        is_head = id(p) in head_ids
+        lid = n + 1 if is_head else layer_id(name, n)
+        scale = layer_decay ** (n + 1 - lid) * (head_lr_scale if is_head else 1.0)
+        nd = _no_decay(name, p)
+        key = (lid, is_head, nd)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale,
+                           "weight_decay": 0.0 if nd else weight_decay, "layer_id": lid}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]

@@ -1,0 +1,128 @@
+"""Preprocessing: the one definition of what the network sees, saved with the model.
+
+The model's image processor (``preprocessor_config.json``) *is* the preprocessing: ``train.py``
+builds it here, applies it to every training and evaluation image, and saves it beside the weights;
+the predictor, the Space and ``transformers.pipeline("image-classification", model=DIR)`` all load
+that saved file. There is no second copy of the resize/normalise rules to drift out of sync.
+
+We deliberately use stock ``transformers`` processors so that a plain ``pipeline(...)`` works without
+``trust_remote_code``:
+
+* plain resize: ``ViTImageProcessor`` (resize to ``size x size``, rescale, normalise);
+* letterbox: ``DonutImageProcessor`` with ``do_thumbnail`` + ``do_pad`` (scale the long side to
+  ``size`` keeping the aspect ratio, pad with black, centred). Chest films come in many aspect
+  ratios; letterboxing keeps the anatomy's proportions (heart size, lung shape) instead of
+  squashing them, at the cost of spending pixels on padding.
+
+Both are used through their PIL backends (``*Pil`` classes): transformers' default backends need
+torchvision, which has no CPU build here, and the PIL backend gives the same numbers wherever the
+model is loaded.
+
+Grayscale: X-rays are single-channel. Every image is first reduced to 8-bit "L" by
+:mod:`modeling.image_io` (the one loader) and replicated to three channels (:func:`to_model_image`)
+because pretrained backbones take RGB. A grayscale file read by ``pipeline()`` (which converts to
+RGB) therefore gives the same tensor as our predictor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.models.donut.image_processing_pil_donut import DonutImageProcessorPil
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+from .image_io import to_grayscale
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass
+class PreprocessConfig:
+    """What the network sees. ``size``: square input side in pixels (a multiple of the patch size
+    for ViTs). ``letterbox``: keep the aspect ratio and pad with black instead of stretching.
+    ``image_mean``/``image_std``: the base model's normalisation (taken from its processor)."""
+
+    size: int = 224
+    letterbox: bool = False
+    resample: str = "bicubic"
+    image_mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    image_std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        if self.size < 8:
+            raise ValueError(f"size must be >= 8 pixels, got {self.size}")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+        self.image_mean = tuple(float(v) for v in self.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_std)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_image_processor(cfg: PreprocessConfig) -> BaseImageProcessor:
+    """The stock transformers image processor that implements ``cfg`` (see the module docstring)."""
+    common = dict(
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(cfg.image_mean),
+        image_std=list(cfg.image_std),
+        resample=_RESAMPLE[cfg.resample],
+    )
+    if cfg.letterbox:
+        # do_resize scales the short side to `size`, do_thumbnail then shrinks so that the long side
+        # fits, do_pad centres the result on a black square (pad value 0 before normalisation).
+        return DonutImageProcessorPil(
+            do_resize=True,
+            size={"height": cfg.size, "width": cfg.size},
+            do_thumbnail=True,
+            do_align_long_axis=False,
+            do_pad=True,
+            **common,
+        )
+    return ViTImageProcessorPil(do_resize=True, size={"height": cfg.size, "width": cfg.size}, **common)
+
+
+def config_from_processor(processor: BaseImageProcessor) -> PreprocessConfig:
+    """Read a :class:`PreprocessConfig` back from a saved processor (ours, or a base model's own,
+    from which only the normalisation is taken when it is not one of ours)."""
+    size = processor.size or {}
+    side = size.get("height") or size.get("shortest_edge") or 224
+    resample = {v: k for k, v in _RESAMPLE.items()}.get(Image.Resampling(int(processor.resample)), "bicubic")
+    letterbox = bool(getattr(processor, "do_thumbnail", False) and getattr(processor, "do_pad", False))
+    return PreprocessConfig(
+        size=int(side),
+        letterbox=letterbox,
+        resample=resample,
+        image_mean=tuple(processor.image_mean or IMAGENET_MEAN),
+        image_std=tuple(processor.image_std or IMAGENET_STD),
+    )
+
+
+def input_size(processor: BaseImageProcessor) -> tuple[int, int]:
+    """(height, width) of the tensor the processor produces."""
+    size = processor.size
+    return int(size["height"]), int(size["width"])
+
+
+def is_letterbox(processor: BaseImageProcessor) -> bool:
+    return bool(getattr(processor, "do_thumbnail", False) and getattr(processor, "do_pad", False))
+
+
+def to_model_image(image: Image.Image) -> Image.Image:
+    """Grayscale (the loader's rules) replicated to RGB: what every processor call receives."""
+    gray = image if image.mode == "L" else to_grayscale(image)
+    return gray.convert("RGB")
+
+
+def pixel_values(processor: BaseImageProcessor, images: list[Image.Image]) -> torch.Tensor:
+    """Batch tensor (B, 3, H, W) float32 for already-loaded PIL images."""
+    batch = processor([to_model_image(im) for im in images], return_tensors="pt")["pixel_values"]
+    return batch.to(torch.float32)
