@@ -61,8 +61,9 @@ def fit_temperature(logits, labels, bounds: tuple[float, float] = (0.05, 20.0)) 
 
 
 def choose_threshold(p_pneumonia, is_pneumonia, target_sensitivity: float = 0.985) -> float:
-    """Highest threshold ``t`` such that ``mean(p >= t | pneumonia) >= target_sensitivity`` on the
-    given (validation) data. A case is called pneumonia when ``p >= t``."""
+    """A threshold ``t`` with ``mean(p >= t | pneumonia) >= target_sensitivity`` on the given
+    (validation) data, as high as possible: between the score of the last positive that must be
+    caught and the next lower score. A case is called pneumonia when ``p >= t``."""
     p = _as_numpy(p_pneumonia).astype(np.float64)
     pos = _as_numpy(is_pneumonia).astype(bool)
     if not 0 < target_sensitivity <= 1:
@@ -71,7 +72,11 @@ def choose_threshold(p_pneumonia, is_pneumonia, target_sensitivity: float = 0.98
         raise ValueError("cannot choose a sensitivity threshold: no pneumonia case in the data")
     scores = np.sort(p[pos])[::-1]  # descending
     k = math.ceil(target_sensitivity * len(scores))  # need at least k positives at or above t
-    return float(scores[k - 1])
+    kth = scores[k - 1]
+    # Any t in (next lower score, kth] gives the same calls on this data; the midpoint keeps the
+    # decision off a knife's edge (a float32 re-computation of kth's probability must not flip it).
+    below = p[p < kth]
+    return float((kth + below.max()) / 2) if below.size else float(kth)
 
 
 def binary_rates(p_pneumonia, is_pneumonia, threshold: float) -> tuple[float, float]:

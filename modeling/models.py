@@ -88,6 +88,7 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
 _LAYER_PATTERNS = (
     re.compile(r"\.encoder\.layer\.(\d+)\."),  # ViT, DINOv2, DeiT, BEiT
     re.compile(r"\.encoder\.stages\.(\d+)\."),  # ConvNeXt(V2): stages count as layers
+    re.compile(r"^vit\.layers\.(\d+)\."),  # ViT in transformers 5.x (blocks moved out of .encoder)
 )
 
 

@@ -35,3 +35,18 @@ def hub(tmp_path):
 
     with start_hub_server(tmp_path / "hub-storage") as server:
         yield server, hub_env(server, tmp_path / "client")
+
+
+@pytest.fixture(scope="session")
+def real_dataset(tmp_path_factory):
+    """The merged dataset built from the real shared sources, once per test session (~90 s):
+    (directory, build report, Kermany root). Skips when ../shared is absent."""
+    from dataset_scripts.build import BuildConfig, build
+
+    kermany = shared_path("data", "kermany")
+    skytells = shared_path("data", "skytells-covid19-xray")
+    out = tmp_path_factory.mktemp("real") / "ds"
+    cfg = BuildConfig(sources=[f"kermany:{kermany}", f"folders:{skytells}"], out=out, exclude=["TrainData/*"],
+                      cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    result = build(cfg)
+    return out, result.report, kermany

@@ -91,3 +91,51 @@ def make_mini_sources(root: Path) -> Path:
     save(img["K"], o / "COVID-19/covid1.jpeg")
     save(img["L"], o / "COVID-19/covid2.jpeg")
     return root
+
+
+def class_image(label: int, seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A learnable synthetic "X-ray" for class ``label``: a smooth background (xray_like) with a
+    class-specific pattern: 0 none, 1 a bright blob (focal consolidation), 2 fine bright stripes
+    (diffuse interstitial pattern). Varied position/intensity so the task is not a single pixel."""
+    rng = np.random.default_rng(10_000 + seed)
+    base = np.asarray(xray_like(seed, size), dtype=np.float64) * 0.5
+    h, w = base.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    if label == 1:
+        cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.25, 0.75) * w
+        r = rng.uniform(0.12, 0.2) * min(h, w)
+        base += 120 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    elif label == 2:
+        period = rng.uniform(4, 6)
+        base += 60 * (np.sin(2 * np.pi * (xx + yy * rng.uniform(-0.3, 0.3)) / period) > 0.3)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), mode="L")
+
+
+def make_class_dataset(out_dir: Path, n_train: int = 60, n_val: int = 24, n_test: int = 24,
+                       size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
+    """A DatasetDict in dataset_scripts.build's schema (image, label, patient_id, image_sha256,
+    source_path), saved with save_to_disk. Two images per patient so grouping matters."""
+    import hashlib
+
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image as HFImage, Value
+
+    from modeling.labels import LABELS
+
+    features = Features({"image": HFImage(), "label": ClassLabel(names=list(LABELS)), "patient_id": Value("string"),
+                         "image_sha256": Value("string"), "source_path": Value("string")})
+    splits = {}
+    counter = seed * 100_000
+    for name, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
+        rows = {k: [] for k in features}
+        for i in range(n):
+            label = (i // 2) % 3  # both images of a patient share its label
+            img = class_image(label, counter, size)
+            counter += 1
+            rows["image"].append(img)
+            rows["label"].append(label)
+            rows["patient_id"].append(f"{name}-p{i // 2}")
+            rows["image_sha256"].append(hashlib.sha256(img.tobytes()).hexdigest())
+            rows["source_path"].append(f"{name}/{i}.png")
+        splits[name] = Dataset.from_dict(rows, features=features)
+    DatasetDict(splits).save_to_disk(str(out_dir))
+    return Path(out_dir)

@@ -11,23 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared_path
-from dataset_scripts.build import BuildConfig, build
 from dataset_scripts.dedup import DEFAULT_NEAR_THRESHOLD
 
 LABELS = ["normal", "bacterial_pneumonia", "viral_pneumonia"]
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    kermany = shared_path("data", "kermany")
-    skytells = shared_path("data", "skytells-covid19-xray")
-    out = tmp_path_factory.mktemp("real") / "ds"
-    cfg = BuildConfig(sources=[f"kermany:{kermany}", f"folders:{skytells}"], out=out, exclude=["TrainData/*"],
-                      cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
-    result = build(cfg)
+def real(real_dataset):
     from datasets import load_from_disk
-    return load_from_disk(str(out)), result.report, kermany
+
+    out, report, kermany = real_dataset
+    return load_from_disk(str(out)), report, kermany
 
 
 def _hashes(ds) -> tuple[np.ndarray, np.ndarray]:

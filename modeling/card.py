@@ -1,0 +1,165 @@
+"""The model card: ``README.md`` beside the weights, rendered from ``model_card_template.md`` with
+huggingface_hub's ``ModelCard.from_template`` (YAML metadata incl. ``model-index`` from the measured
+numbers, so the Hub shows them). Every number comes from ``metrics.json`` of the same run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .labels import LABELS
+
+TEMPLATE = Path(__file__).with_name("model_card_template.md")
+PROJECT_URL = "https://github.com/cxr-pneumonia/cxr-pneumonia"
+
+# (row name, dotted key in the metrics dict, model-index metric type or None)
+ROWS = [
+    ("3-class accuracy", "accuracy", "accuracy"),
+    ("3-class macro-F1", "macro_f1", "f1"),
+    *[(f"F1 {name.replace('_', ' ')}", f"per_class.{name}.f1", None) for name in LABELS],
+    ("macro AUROC (one-vs-rest)", "auc_ovr_macro", "roc_auc"),
+    ("normal vs pneumonia: accuracy", "binary.accuracy", None),
+    ("normal vs pneumonia: sensitivity", "binary.sensitivity", "recall"),
+    ("normal vs pneumonia: specificity", "binary.specificity", None),
+    ("normal vs pneumonia: AUROC", "binary.auc", None),
+    ("ECE (15 bins, 3-class)", "ece", None),
+    ("Brier score (3-class)", "brier", None),
+]
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def fmt(metrics: dict, key: str) -> str:
+    v = _get(metrics, key)
+    if v is None:
+        return "n/a"
+    ci = (metrics.get("ci") or {}).get(key)
+    return f"{v:.4f} ({ci[0]:.4f}-{ci[1]:.4f})" if ci and None not in ci else f"{v:.4f}"
+
+
+def results_table(columns: list[tuple[str, dict]]) -> str:
+    head = "| metric | " + " | ".join(name for name, _ in columns) + " |"
+    sep = "|---|" + "---|" * len(columns)
+    lines = [head, sep]
+    for name, key, _ in ROWS:
+        lines.append(f"| {name} | " + " | ".join(fmt(m, key) for _, m in columns) + " |")
+    return "\n".join(lines)
+
+
+def eval_results(test: dict, dataset_name: str, dataset_type: str) -> list[EvalResult]:
+    res = []
+    for name, key, mtype in ROWS:
+        v = _get(test, key)
+        if mtype and v is not None:
+            res.append(EvalResult(task_type="image-classification", dataset_type=dataset_type,
+                                  dataset_name=dataset_name, dataset_split="test", metric_type=mtype,
+                                  metric_name=f"{name} (test split)", metric_value=round(float(v), 4)))
+    return res
+
+
+def _data_text(info: dict) -> str:
+    cfg = info.get("config", {})
+    return (f"Dataset: `{cfg.get('dataset')}` (built by `dataset_scripts.build`: Kermany chest_xray merged with "
+            "further public sources, exact and near duplicates removed, patient-grouped validation split from "
+            "train, Kermany's official test split untouched). "
+            f"Used: {info.get('n_train', '?')} training and {info.get('n_validation', '?')} validation images"
+            + (f" (subsampled with --max-train-samples / --max-eval-samples)" if cfg.get("max_train_samples")
+               or cfg.get("max_eval_samples") else "") + ".")
+
+
+def render_model_card(out_dir: Path, *, cfg: dict, metrics: dict, model_id: str | None = None) -> ModelCard:
+    out_dir = Path(out_dir)
+    info = {}
+    if (out_dir / "training_config.json").exists():
+        info = json.loads((out_dir / "training_config.json").read_text())
+    model_id = model_id or cfg.get("push_to_hub") or str(out_dir)
+    test = metrics.get("test")
+    val = metrics.get("validation", {})
+    cal = metrics.get("calibration", {})
+    training = metrics.get("training", {})
+    local_dataset = Path(cfg["dataset"]).exists()
+    dataset_name = Path(cfg["dataset"]).name if local_dataset else cfg["dataset"]
+    dataset_type = "cxr-pneumonia" if local_dataset else cfg["dataset"]  # a Hub id, never a local path
+
+    columns = []
+    if test:
+        columns.append((f"test (n={test.get('n')})", test))
+        if test.get("exact_dedup"):
+            d = test["exact_dedup"]
+            columns.append((f"test, exact duplicates removed (n={d.get('n')})", d))
+    columns.append((f"validation (n={val.get('n')})", val))
+    results = results_table(columns)
+    notes = [f"Decision threshold on p(pneumonia): {cal.get('pneumonia_threshold', 0.5):.4f}. "
+             "Values are point estimates with 95% bootstrap CIs resampling patients "
+             f"({(test or val).get('ci_method', '')})."]
+    if test and test.get("subset"):
+        notes.append("**Smoke run: the test numbers are on a subset of the test split (--max-eval-samples); "
+                     "they are not a result.**")
+    if not test:
+        notes.append("No test evaluation was run (--no-test).")
+    results_text = results + "\n\n" + " ".join(notes)
+
+    calibration_text = (
+        f"Temperature scaling fit on {cal.get('n_fit')} validation images: T = {cal.get('temperature', 1):.3f} "
+        f"(validation NLL {cal.get('nll_before', float('nan')):.4f} -> {cal.get('nll_after', float('nan')):.4f}). "
+        "T is folded into the classification head, so the saved logits are already calibrated "
+        "(`config.cxr_calibration` records it). The pneumonia threshold "
+        f"{cal.get('pneumonia_threshold', 0.5):.4f} gives validation sensitivity "
+        f"{cal.get('fit_sensitivity', float('nan')):.4f} / specificity {cal.get('fit_specificity', float('nan')):.4f} "
+        f"(target sensitivity {cal.get('target_sensitivity')}). Reliability diagram: `eval_test/plots/reliability.png`.")
+
+    pre = info.get("preprocessing", {})
+    aug = info.get("augmentation", {})
+    hw = info.get("hardware", {})
+    wall = training.get("wall_seconds")
+    card_data = ModelCardData(
+        language="en", license="apache-2.0", library_name="transformers", pipeline_tag="image-classification",
+        base_model=cfg.get("base_model") if not Path(cfg.get("base_model", "")).exists() else None,
+        datasets=[cfg["dataset"]] if not Path(cfg["dataset"]).exists() else None,
+        tags=["medical-imaging", "chest-x-ray", "pneumonia", "pediatrics", "grad-cam", "calibrated"],
+        metrics=["accuracy", "f1", "roc_auc"],
+        model_name=Path(model_id).name,
+        eval_results=eval_results(test, dataset_name, dataset_type) if test and not test.get("subset") else None,
+    )
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATE),
+        model_name=Path(model_id).name, model_id=model_id, repo_url=PROJECT_URL,
+        base_model=cfg.get("base_model"), threshold=cal.get("pneumonia_threshold", 0.5),
+        target_sensitivity=cal.get("target_sensitivity"), cfg=cfg,
+        data_text=_data_text(info),
+        preprocessing=(f"{pre.get('size')} x {pre.get('size')} px, "
+                       f"{'letterbox (aspect kept, black padding)' if pre.get('letterbox') else 'resized (aspect not kept)'}, "
+                       f"grayscale replicated to 3 channels, normalised with mean {pre.get('image_mean')} std {pre.get('image_std')}"),
+        augmentation=(f"crop {aug.get('crop_scale')} of the area, rotation +-{aug.get('max_rotation')} deg, "
+                      f"brightness/contrast +-{aug.get('brightness')}/{aug.get('contrast')}, gamma +-{aug.get('gamma')}, "
+                      f"horizontal flip {'on' if aug.get('hflip') else 'off'}"),
+        loss={"weighted_ce": "cross-entropy with inverse-frequency class weights", "focal": f"focal loss (gamma {cfg.get('focal_gamma')}) with class weights",
+              "ce": "cross-entropy"}[cfg.get("loss", "ce")]
+        + (f", label smoothing {cfg.get('label_smoothing')}" if cfg.get("label_smoothing") else "")
+        + (f", MixUp alpha {cfg.get('mixup_alpha')}" if cfg.get("mixup_alpha") else ""),
+        schedule=(f"{training.get('epochs_run')} of {cfg.get('epochs')} epochs"
+                  + (" (early stopping)" if training.get("stopped_early") else "")
+                  + f", best epoch {training.get('best_epoch')}"
+                  + (f", backbone frozen for the first {cfg.get('freeze_backbone_epochs')}" if cfg.get("freeze_backbone_epochs") else "")),
+        precision=info.get("mixed_precision", "?"),
+        hardware=f"{hw.get('cuda') or 'CPU ' + str(hw.get('processor') or hw.get('machine'))}, {hw.get('cpu_threads')} threads, "
+                 f"{info.get('num_processes', 1)} process(es)",
+        wall_time=f"{wall / 60:.1f} min" if wall else "n/a",
+        command=info.get("command", "python train.py ..."),
+        results_text=results_text, calibration_text=calibration_text,
+    )
+
+
+def write_model_card(out_dir: Path, *, cfg: dict, metrics: dict, model_id: str | None = None) -> Path:
+    card = render_model_card(out_dir, cfg=cfg, metrics=metrics, model_id=model_id)
+    path = Path(out_dir) / "README.md"
+    card.save(path)
+    return path

@@ -1,0 +1,156 @@
+"""Evaluate a saved model on a dataset split: metrics with patient-grouped bootstrap CIs, plots,
+per-image predictions.
+
+    python -m modeling.evaluate --model DIR_OR_HUB_ID --dataset DIR_OR_HUB_ID --split test --output-dir DIR
+
+``train.py`` calls :func:`evaluate_model` for its final test evaluation, so the numbers in a model
+card and the numbers this command prints for the same model are computed by the same code.
+
+When the split has an ``image_sha256`` column (datasets built by ``dataset_scripts.build``), the
+metrics are also reported with exact duplicates collapsed to one image each
+(``metrics["exact_dedup"]``): Kermany's official test split contains a few byte-identical films,
+which count twice in the usual numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import groups_of, load_cxr_dataset, require_split
+from .labels import LABELS
+from .preprocessing import pixel_values
+
+
+def predict_logits(model, processor, split, *, batch_size: int = 32, progress: bool = True,
+                   desc: str = "predict") -> np.ndarray:
+    """Logits (N, 3) of ``model`` over the rows of a ``datasets`` split (its ``image`` column)."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(split), batch_size), desc=desc, disable=not progress, unit="batch"):
+            images = split[start:start + batch_size]["image"]
+            out.append(model(pixel_values=pixel_values(processor, images)).logits.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(LABELS)), dtype=np.float32)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def exact_dedup_index(split) -> np.ndarray | None:
+    """Row indices keeping the first row of each ``image_sha256`` (None without that column)."""
+    if "image_sha256" not in split.column_names:
+        return None
+    seen: set[str] = set()
+    keep = []
+    for i, h in enumerate(split["image_sha256"]):
+        if h not in seen:
+            seen.add(h)
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def evaluate_probs(probs: np.ndarray, labels: np.ndarray, groups: list[str], *, threshold: float,
+                   n_bootstrap: int = 1000, seed: int = 0, dedup_index: np.ndarray | None = None) -> dict:
+    """Metrics (with CIs), plus ``exact_dedup`` metrics over ``dedup_index`` when given."""
+    from .metrics import compute_metrics
+
+    metrics = compute_metrics(probs, labels, groups, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed)
+    if dedup_index is not None and len(dedup_index) < len(labels):
+        g = [groups[i] for i in dedup_index]
+        metrics["exact_dedup"] = compute_metrics(probs[dedup_index], labels[dedup_index], g, threshold=threshold,
+                                                 n_bootstrap=n_bootstrap, seed=seed)
+        metrics["exact_dedup"]["n_removed"] = int(len(labels) - len(dedup_index))
+    return metrics
+
+
+def evaluate_model(model, processor, split, output_dir: Path | None, *, threshold: float, split_name: str = "test",
+                   batch_size: int = 32, n_bootstrap: int = 1000, seed: int = 0, progress: bool = True,
+                   extra: dict | None = None) -> dict:
+    """Predict ``split``, compute metrics; with ``output_dir`` write ``metrics.json``,
+    ``predictions.csv`` and the plots. Returns the metrics dict."""
+    t0 = time.perf_counter()
+    logits = predict_logits(model, processor, split, batch_size=batch_size, progress=progress, desc=f"eval {split_name}")
+    seconds = time.perf_counter() - t0
+    probs = _softmax(logits.astype(np.float64))
+    labels = np.asarray(split["label"], dtype=np.int64)
+    groups = groups_of(split)
+    metrics = evaluate_probs(probs, labels, groups, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed,
+                             dedup_index=exact_dedup_index(split))
+    metrics["split"] = split_name
+    metrics["seconds"] = round(seconds, 2)
+    metrics["images_per_second"] = round(len(labels) / seconds, 2) if seconds > 0 else None
+    metrics.update(extra or {})
+    if output_dir is not None:
+        from .plots import save_plots
+
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_predictions(output_dir / "predictions.csv", split, probs, threshold)
+        save_plots(probs, labels, output_dir / "plots", threshold=threshold, title_prefix=f"{split_name}: ")
+    return metrics
+
+
+def write_predictions(path: Path, split, probs: np.ndarray, threshold: float) -> None:
+    """One row per image: identifiers (no pixels), truth, probabilities, decision."""
+    ids = {c: split[c] for c in ("source_path", "patient_id", "image_sha256") if c in split.column_names}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", *ids, "label", "predicted", *[f"p_{n}" for n in LABELS], "p_pneumonia", "pneumonia_call"])
+        for i, (p, y) in enumerate(zip(probs, split["label"])):
+            pp = float(p[1] + p[2])
+            w.writerow([i, *(ids[c][i] for c in ids), LABELS[y], LABELS[int(p.argmax())],
+                        *(f"{v:.6f}" for v in p), f"{pp:.6f}", int(pp >= threshold)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m modeling.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="Hub id or save_pretrained directory")
+    ap.add_argument("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
+    ap.add_argument("--dataset", required=True, help="dataset directory (dataset_scripts.build) or Hub id")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-samples", type=int, default=None, help="evaluate the first N rows only (smoke tests)")
+    ap.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0 = none)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="pneumonia threshold (default: the one stored with the model)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .metrics import format_summary
+    from .predict import Predictor
+
+    predictor = Predictor.from_pretrained(args.model, revision=args.revision)
+    ds = load_cxr_dataset(args.dataset)
+    split = require_split(ds, args.split)
+    if args.max_samples:
+        split = split.select(range(min(args.max_samples, len(split))))
+    threshold = predictor.threshold if args.threshold is None else args.threshold
+    metrics = evaluate_model(predictor.model, predictor.processor, split, Path(args.output_dir), threshold=threshold,
+                             split_name=args.split, batch_size=args.batch_size, n_bootstrap=args.n_bootstrap,
+                             seed=args.seed, progress=not args.no_progress,
+                             extra={"model": args.model, "model_revision": predictor.revision, "dataset": args.dataset})
+    print(format_summary(metrics))
+    print(f"wrote {Path(args.output_dir) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Prediction: load a saved model (Hub id or directory) and classify chest X-rays.
+
+One object, used by the Space, the evaluation CLI and developers::
+
+    from modeling.predict import Predictor
+    predictor = Predictor.from_pretrained("space/model")            # or a Hub id
+    [pred] = predictor.predict(["film.dcm"], heatmap=True)
+    pred.probabilities, pred.pneumonia_probability, pred.pneumonia, pred.heatmap
+
+The probabilities are calibrated because the temperature is baked into the saved head (see
+:mod:`modeling.calibration`); the pneumonia decision uses the threshold stored in the config. Images
+go through :mod:`modeling.image_io` (so DICOM, 16-bit PNG... are read the same way everywhere) and
+the model's own saved image processor (:mod:`modeling.preprocessing`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from .calibration import Calibration
+from .image_io import load_image, to_grayscale
+from .labels import LABELS
+from .preprocessing import is_letterbox, pixel_values
+
+ImageInput = Image.Image | str | os.PathLike | bytes | bytearray | io.IOBase
+
+
+@dataclass
+class Prediction:
+    """One image's result. ``heatmap`` (when asked for) is an (H, W) float32 map in [0, 1] in the
+    geometry of the input image, for class ``heatmap_class``."""
+
+    label: str
+    probabilities: dict[str, float]
+    pneumonia_probability: float
+    pneumonia: bool
+    threshold: float
+    image_size: tuple[int, int]
+    heatmap: np.ndarray | None = field(default=None, repr=False)
+    heatmap_class: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (no heatmap array)."""
+        return {
+            "label": self.label,
+            "probabilities": dict(self.probabilities),
+            "pneumonia_probability": self.pneumonia_probability,
+            "pneumonia": self.pneumonia,
+            "threshold": self.threshold,
+            "image_size": list(self.image_size),
+            "heatmap_class": self.heatmap_class,
+        }
+
+
+def resolve_revision(model_id_or_dir: str, revision: str | None = None) -> str:
+    """What exactly was loaded, for prediction records: the Hub commit hash of a Hub model (read
+    from the local snapshot path, so it also works offline from the cache), or ``sha256:<16 hex>``
+    of the weights file for a local directory (a directory has no commit, but its content does)."""
+    path = Path(model_id_or_dir)
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        digest = hashlib.sha256()
+        for w in weights:
+            with open(w, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        return "sha256:" + digest.hexdigest()[:16]
+    from huggingface_hub import hf_hub_download
+
+    config_path = Path(hf_hub_download(model_id_or_dir, "config.json", revision=revision))
+    return config_path.parent.name  # .../snapshots/<commit>/config.json
+
+
+def _as_gray(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return to_grayscale(image)
+    return load_image(image)
+
+
+class Predictor:
+    """A calibrated classifier with optional Grad-CAM. Build with :meth:`from_pretrained`."""
+
+    def __init__(self, model, processor, *, model_id: str | None = None, revision: str | None = None) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.model_id = model_id
+        self.revision = revision
+        self.calibration = Calibration.from_config(model.config)
+        labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
+        if labels != LABELS:
+            raise ValueError(f"model labels {labels} are not this project's {LABELS}")
+        self._cam = None
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_dir: str, *, revision: str | None = None, **kwargs) -> "Predictor":
+        """Load model + image processor from a Hub id or a ``save_pretrained`` directory. Weights
+        stored in fp16/bf16 are upcast to float32 for CPU inference."""
+        model = AutoModelForImageClassification.from_pretrained(
+            model_id_or_dir, revision=revision, dtype=torch.float32, **kwargs)
+        processor = AutoImageProcessor.from_pretrained(model_id_or_dir, revision=revision)
+        return cls(model, processor, model_id=str(model_id_or_dir),
+                   revision=resolve_revision(str(model_id_or_dir), revision))
+
+    @property
+    def threshold(self) -> float:
+        return float(self.calibration.pneumonia_threshold)
+
+    def class_index(self, target: int | str | None) -> int | None:
+        if target is None or isinstance(target, int):
+            return target
+        if target not in LABELS:
+            raise ValueError(f"unknown class {target!r}; choose one of {LABELS}")
+        return LABELS.index(target)
+
+    def _gradcam(self):
+        if self._cam is None:
+            from .gradcam import GradCam  # imported lazily: only heatmap users pay for pytorch-grad-cam
+
+            self._cam = GradCam(self.model)
+        return self._cam
+
+    def logits(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Raw (calibrated) logits for already-loaded PIL images, no heatmap."""
+        with torch.inference_mode():
+            return self.model(pixel_values=pixel_values(self.processor, list(images))).logits.float()
+
+    def predict(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        heatmap: bool = False,
+        target_class: int | str | None = None,
+        batch_size: int = 16,
+    ) -> list[Prediction]:
+        """Predict each image (path, bytes, file object or PIL image). A file that cannot be read
+        raises :class:`modeling.image_io.ImageLoadError` before any model work."""
+        grays = [_as_gray(im) for im in images]
+        target = self.class_index(target_class)
+        out: list[Prediction] = []
+        for start in range(0, len(grays), batch_size):
+            batch = grays[start:start + batch_size]
+            maps = classes = None
+            if heatmap:
+                from .gradcam import cam_to_image
+
+                pv = pixel_values(self.processor, batch)
+                res = self._gradcam().explain(pv, None if target is None else [target] * len(batch))
+                logits = res.logits.detach().float()
+                maps = [cam_to_image(m, im.size, is_letterbox(self.processor)) for m, im in zip(res.maps, batch)]
+                classes = res.target_classes
+            else:
+                logits = self.logits(batch)
+            probs = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
+            for i, (p, im) in enumerate(zip(probs, batch)):
+                p_pneu = float(p[1] + p[2])
+                out.append(Prediction(
+                    label=LABELS[int(p.argmax())],
+                    probabilities={name: float(v) for name, v in zip(LABELS, p)},
+                    pneumonia_probability=p_pneu,
+                    pneumonia=p_pneu >= self.threshold,
+                    threshold=self.threshold,
+                    image_size=im.size,
+                    heatmap=None if maps is None else maps[i].astype(np.float32),
+                    heatmap_class=None if classes is None else LABELS[int(classes[i])],
+                ))
+        return out
+
+    def predict_one(self, image: ImageInput, **kwargs) -> Prediction:
+        return self.predict([image], **kwargs)[0]

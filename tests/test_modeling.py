@@ -1,0 +1,287 @@
+"""modeling/: preprocessing saved as the image processor, model building for each family, layer-wise
+LR groups, temperature scaling and threshold, the predictor, and parity with transformers.pipeline."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+from conftest import shared_path
+from modeling.augment import AugmentConfig, augment
+from modeling.calibration import (Calibration, apply_temperature, binary_rates, calibrate, choose_threshold,
+                                  fit_temperature, nll)
+from modeling.image_io import ImageLoadError
+from modeling.labels import ID2LABEL, LABELS
+from modeling.models import build_model, classifier_head, param_groups, set_backbone_trainable
+from modeling.predict import Predictor
+from modeling.preprocessing import PreprocessConfig, build_image_processor, config_from_processor, pixel_values
+from synthetic import sixteen_bit, xray_like
+from tiny_models import FAMILIES, save_tiny_base
+
+
+@pytest.fixture(scope="module")
+def tiny_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return {f: save_tiny_base(f, root / f) for f in FAMILIES}
+
+
+def _saved_model(tmp_path, base, *, letterbox=False, size=32, temperature=None):
+    model = build_model(str(base))
+    if temperature:
+        apply_temperature(model, temperature)
+        Calibration(temperature=temperature, temperature_applied=True, pneumonia_threshold=0.4).to_config(model.config)
+    processor = build_image_processor(PreprocessConfig(size=size, letterbox=letterbox))
+    out = tmp_path / f"model-{'lb' if letterbox else 'rs'}"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# ---- preprocessing -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("letterbox", [False, True])
+def test_processor_round_trips_through_preprocessor_config(tmp_path, letterbox):
+    cfg = PreprocessConfig(size=48, letterbox=letterbox, image_mean=(0.4, 0.4, 0.4), image_std=(0.2, 0.2, 0.2))
+    build_image_processor(cfg).save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert config_from_processor(loaded) == cfg
+    img = xray_like(3, (70, 50))
+    assert torch.equal(pixel_values(build_image_processor(cfg), [img]), pixel_values(loaded, [img]))
+
+
+def test_letterbox_pads_with_black_and_keeps_aspect_resize_stretches():
+    img = Image.new("L", (100, 50), 255)  # 2:1 landscape, all white
+    mean, std = 0.5, 0.25
+    cfg = dict(size=40, image_mean=(mean,) * 3, image_std=(std,) * 3)
+    lb = pixel_values(build_image_processor(PreprocessConfig(letterbox=True, **cfg)), [img])[0, 0]
+    rs = pixel_values(build_image_processor(PreprocessConfig(letterbox=False, **cfg)), [img])[0, 0]
+    black, white = (0 - mean) / std, (1 - mean) / std
+    assert torch.allclose(rs, torch.full_like(rs, white))  # stretched: no padding
+    content_rows = (lb > 0).any(dim=1).nonzero().flatten()
+    assert len(content_rows) == 20  # 100x50 -> 40x20: aspect kept
+    assert 8 <= int(content_rows[0]) <= 12  # centred
+    assert torch.allclose(lb[0], torch.full_like(lb[0], black)) and torch.allclose(lb[-1], torch.full_like(lb[-1], black))
+
+
+def test_colour_and_16bit_inputs_reach_the_model_as_the_loader_sees_them():
+    gray = xray_like(5, (40, 40))
+    proc = build_image_processor(PreprocessConfig(size=32))
+    as_rgb = gray.convert("RGB")
+    assert torch.equal(pixel_values(proc, [gray]), pixel_values(proc, [as_rgb]))
+    # 16-bit: scaled min..max like modeling.image_io, not clipped like PIL's convert("L")
+    deep = sixteen_bit(gray)
+    buf = io.BytesIO()
+    deep.save(buf, format="PNG")
+    from modeling.image_io import load_image
+
+    assert torch.equal(pixel_values(proc, [deep]), pixel_values(proc, [load_image(buf.getvalue())]))
+
+
+def test_preprocess_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="size"):
+        PreprocessConfig(size=2)
+    with pytest.raises(ValueError, match="resample"):
+        PreprocessConfig(resample="lanczos9")
+
+
+# ---- augmentation --------------------------------------------------------------------------------
+
+def test_augment_is_seeded_keeps_mode_and_is_mild():
+    img = xray_like(1, (64, 48))
+    cfg = AugmentConfig()
+    a = augment(img, cfg, random.Random(7))
+    b = augment(img, cfg, random.Random(7))
+    c = augment(img, cfg, random.Random(8))
+    assert a.mode == "L" and np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    assert a.size[0] * a.size[1] >= 0.8 * 64 * 48 - 64  # crop keeps >= 80% of the area
+    off = AugmentConfig(crop_scale=(1.0, 1.0), max_rotation=0, brightness=0, contrast=0, gamma=0)
+    assert np.array_equal(np.asarray(augment(img, off, random.Random(0))), np.asarray(img))
+
+
+# ---- models --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_model_has_our_labels_and_save_load_gives_identical_logits(tmp_path, tiny_bases, family):
+    model = build_model(str(tiny_bases[family])).eval()
+    assert model.config.num_labels == 3
+    assert {int(k): v for k, v in model.config.id2label.items()} == ID2LABEL
+    assert classifier_head(model).out_features == 3
+    x = torch.randn(2, 3, 32, 32)
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits, loaded(pixel_values=x).logits)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "convnext"])
+def test_layerwise_lr_groups_cover_every_parameter_once(tiny_bases, family):
+    model = build_model(str(tiny_bases[family]))
+    groups = param_groups(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5, head_lr_scale=10)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    head = classifier_head(model)
+    head_group = next(g for g in groups if any(p is head.weight for p in g["params"]))
+    assert head_group["lr"] == pytest.approx(1e-2)
+    by_layer = {g["layer_id"]: g["lr"] for g in groups if not any(p is head.weight or p is head.bias for p in g["params"])}
+    layers = sorted(by_layer)
+    from modeling.models import num_layers
+
+    assert layers == list(range(num_layers(model) + 2))  # embeddings, every block/stage, final norm
+    # deeper layers learn faster, by exactly the decay factor per layer (below the head)
+    for a, b in zip(layers[:-2], layers[1:-1]):
+        assert by_layer[b] == pytest.approx(by_layer[a] / 0.5 ** (b - a))
+    bias_groups = [g for g in groups if any(p is head.bias for p in g["params"])]
+    assert bias_groups[0]["weight_decay"] == 0.0
+
+
+def test_freezing_the_backbone_leaves_only_the_head_trainable(tiny_bases):
+    model = build_model(str(tiny_bases["dinov2"]))
+    set_backbone_trainable(model, False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["classifier.weight", "classifier.bias"]
+    set_backbone_trainable(model, True)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+
+def _calibrated_logits(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 3)) * 2.0
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    return z, y
+
+
+def test_temperature_scaling_recovers_the_temperature_and_lowers_nll():
+    z, y = _calibrated_logits()
+    over = z * 4.0  # an overconfident model
+    t = fit_temperature(over, y)
+    assert t == pytest.approx(4.0, rel=0.1)
+    assert nll(over, y, t) < nll(over, y) - 0.1
+    under = z * 0.3
+    assert fit_temperature(under, y) == pytest.approx(0.3, rel=0.1)
+
+
+def test_threshold_meets_the_target_sensitivity_and_is_the_highest_that_does():
+    rng = np.random.default_rng(1)
+    pos = rng.random(2000) < 0.6
+    p = np.clip(np.where(pos, rng.beta(5, 2, 2000), rng.beta(2, 5, 2000)), 0, 1)
+    t = choose_threshold(p, pos, 0.95)
+    sens, spec = binary_rates(p, pos, t)
+    assert sens >= 0.95
+    kth = p[pos & (p >= t)].min()  # the last positive that had to be caught
+    assert binary_rates(p, pos, np.nextafter(kth, 1))[0] < 0.95  # any higher threshold misses the target
+    assert p[p < kth].max() < t <= kth  # and t sits in the gap below it, off the knife's edge
+    with pytest.raises(ValueError, match="no pneumonia"):
+        choose_threshold(p[~pos], pos[~pos], 0.9)
+
+
+def test_calibrate_bakes_temperature_into_the_head_and_stores_it(tmp_path, tiny_bases):
+    model = build_model(str(tiny_bases["dinov2"])).eval()
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        head = classifier_head(model)
+        head.weight.mul_(30)  # make it overconfident
+        head.bias.mul_(30)
+        raw = model(pixel_values=x).logits
+    y = raw.argmax(1).numpy()
+    y[:20] = (y[:20] + 1) % 3  # and wrong a third of the time
+    cal = calibrate(model, raw, y, target_sensitivity=0.9)
+    assert cal.temperature > 1 and cal.nll_after < cal.nll_before
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(pixel_values=x).logits, raw / cal.temperature, atol=1e-4)
+    assert Calibration.from_config(loaded.config) == cal
+    with pytest.raises(ValueError, match="already calibrated"):
+        calibrate(loaded, raw, y)
+
+
+# ---- predictor and pipeline parity ----------------------------------------------------------------
+
+@pytest.mark.parametrize("letterbox", [False, True])
+@pytest.mark.parametrize("family", ["dinov2", "convnext"])
+def test_pipeline_gives_the_predictors_probabilities(tmp_path, tiny_bases, family, letterbox):
+    model_dir = _saved_model(tmp_path, tiny_bases[family], letterbox=letterbox, temperature=2.5)
+    path = tmp_path / "film.png"
+    xray_like(11, (60, 45)).save(path)
+    ours = Predictor.from_pretrained(str(model_dir)).predict_one(path)
+    clf = pipeline("image-classification", model=str(model_dir), device="cpu")
+    theirs = {d["label"]: d["score"] for d in clf(str(path))}
+    assert set(theirs) == set(LABELS)
+    for name in LABELS:
+        assert theirs[name] == pytest.approx(ours.probabilities[name], abs=1e-5)
+
+
+def test_predictor_outputs_threshold_decision_and_heatmap(tmp_path, tiny_bases):
+    model_dir = _saved_model(tmp_path, tiny_bases["dinov2"], temperature=1.5)
+    pred = Predictor.from_pretrained(str(model_dir))
+    assert pred.threshold == 0.4 and pred.calibration.temperature == 1.5
+    images = [xray_like(i, (50 + 10 * i, 40)) for i in range(3)]
+    out = pred.predict(images, heatmap=True, batch_size=2)
+    assert len(out) == 3
+    for r, im in zip(out, images):
+        assert sum(r.probabilities.values()) == pytest.approx(1.0)
+        assert r.pneumonia_probability == pytest.approx(r.probabilities["bacterial_pneumonia"] + r.probabilities["viral_pneumonia"])
+        assert r.pneumonia == (r.pneumonia_probability >= 0.4)
+        assert r.label == max(r.probabilities, key=r.probabilities.get)
+        assert r.heatmap.shape == (im.size[1], im.size[0]) and np.isfinite(r.heatmap).all()
+        assert r.heatmap_class == r.label
+    plain = pred.predict(images)
+    for a, b in zip(out, plain):  # the Grad-CAM forward gives the same probabilities
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
+        assert b.heatmap is None
+    chosen = pred.predict_one(images[0], heatmap=True, target_class="viral_pneumonia")
+    assert chosen.heatmap_class == "viral_pneumonia"
+    with pytest.raises(ValueError, match="unknown class"):
+        pred.predict_one(images[0], heatmap=True, target_class="covid")
+
+
+def test_predictor_reads_files_bytes_and_dicom_and_rejects_bad_files(tmp_path, tiny_bases):
+    model_dir = _saved_model(tmp_path, tiny_bases["convnext"])
+    pred = Predictor.from_pretrained(str(model_dir))
+    img = xray_like(2, (64, 64))
+    path = tmp_path / "a.png"
+    img.save(path)
+    from_path = pred.predict_one(path)
+    from_bytes = pred.predict_one(path.read_bytes())
+    from_pil = pred.predict_one(img)
+    assert from_path.probabilities == from_bytes.probabilities == from_pil.probabilities
+    with pytest.raises(ImageLoadError) as e:
+        pred.predict([path, b"not an image at all"])
+    assert e.value.reason == "not_an_image"
+    with pytest.raises(ImageLoadError, match="empty"):
+        pred.predict_one(b"")
+
+
+def test_predictor_on_the_shared_dicom_files(tmp_path, tiny_bases):
+    dicom_dir = shared_path("data", "dicom")
+    files = sorted(p for p in dicom_dir.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", ""))
+    if not files:
+        pytest.skip(f"no DICOM files in {dicom_dir}")
+    pred = Predictor.from_pretrained(str(_saved_model(tmp_path, tiny_bases["dinov2"])))
+    ok = 0
+    for f in files:
+        try:
+            r = pred.predict_one(f, heatmap=True)
+        except ImageLoadError:
+            continue  # the loader's own tests pin which shared files are readable
+        assert math.isclose(sum(r.probabilities.values()), 1.0, rel_tol=1e-6)
+        assert r.heatmap.shape[::-1] == r.image_size
+        ok += 1
+    assert ok >= 1
+
+
+def test_predictor_refuses_a_model_with_other_labels(tmp_path, tiny_bases):
+    model = AutoModelForImageClassification.from_pretrained(str(tiny_bases["dinov2"]), num_labels=2)
+    with pytest.raises(ValueError, match="labels"):
+        Predictor(model, build_image_processor(PreprocessConfig(size=32)))

@@ -1,0 +1,247 @@
+"""train.py end to end (as a user runs it: a subprocess), resume, learning, the evaluation CLI and the
+push to the local Hub-compatible server; tiny random-weight bases and synthetic images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from hub_server import run_python_json
+from synthetic import make_class_dataset, xray_like
+from tiny_models import save_tiny_base
+
+
+def run_train(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def common(dataset: Path, base: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dataset", str(dataset), "--base-model", str(base), "--output-dir", str(out), "--image-size", "32",
+            "--batch-size", "16", "--learning-rate", "2e-3", "--n-bootstrap", "20", "--no-progress", *extra]
+
+
+def close(a, b, tol: float = 1e-6) -> bool:
+    """Recursive approximate equality for JSON-like values."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, abs=tol)
+    return a == b
+
+
+def log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "dataset": make_class_dataset(root / "ds", n_train=90, n_val=30, n_test=30),
+        **{f: save_tiny_base(f, root / f"base-{f}") for f in ("dinov2", "vit", "convnext")},
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def dinov2_run(data):
+    out = data["root"] / "run-dinov2"
+    run_train(*common(data["dataset"], data["dinov2"], out, "--epochs", "3", "--early-stopping-patience", "0"))
+    return out
+
+
+def test_train_writes_a_complete_calibrated_model_directory(dinov2_run):
+    out = dinov2_run
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "metrics.json",
+                 "train_log.jsonl", "training_config.json", "eval_test/metrics.json", "eval_test/predictions.csv",
+                 "eval_test/plots/confusion_matrix.png", "eval_test/plots/roc.png", "eval_test/plots/reliability.png"):
+        assert (out / name).is_file(), name
+    # checkpoints: the last two epochs (save_total_limit 2) and the best epoch
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "epoch-002", "epoch-003"]
+    lines = log(out)
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert all(r["train_images_per_second"] > 0 and "macro_f1" in r["val"] for r in lines)
+
+    cfg = json.loads((out / "config.json").read_text())
+    cal = cfg["cxr_calibration"]
+    assert cal["temperature_applied"] and cal["fitted_on"] == "validation" and cal["n_fit"] == 30
+    assert cal["fit_sensitivity"] >= 0.985
+    assert cfg["id2label"] == {"0": "normal", "1": "bacterial_pneumonia", "2": "viral_pneumonia"}
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 30 and metrics["validation"]["n"] == 30
+    best = max(lines, key=lambda r: r["val"]["macro_f1"])
+    assert metrics["training"]["best_epoch"] == best["epoch"]
+    # temperature scaling does not change the argmax: calibrated validation accuracy == best epoch's
+    assert metrics["validation"]["accuracy"] == pytest.approx(best["val"]["accuracy"])
+    assert metrics["validation"]["nll"] <= best["val"]["nll"] + 1e-6
+    assert "accuracy" in metrics["test"]["ci"]
+    # the metric module, recomputing on validation, agrees with the threshold fit
+    assert metrics["validation"]["binary"]["sensitivity"] == pytest.approx(cal["fit_sensitivity"])
+    assert metrics["validation"]["binary"]["specificity"] == pytest.approx(cal["fit_specificity"])
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "model-index:" in card and "pipeline_tag: image-classification" in card
+    assert "Not a medical device" in card and "## Limitations" in card
+    assert f"{metrics['test']['accuracy']:.4f}" in card  # the card shows the measured number
+
+
+def test_evaluate_cli_reproduces_the_training_test_metrics(dinov2_run, data, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "modeling.evaluate", "--model", str(dinov2_run), "--dataset", str(data["dataset"]),
+         "--split", "test", "--output-dir", str(tmp_path / "ev"), "--n-bootstrap", "20", "--seed", "42",
+         "--no-progress"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "macro F1" in proc.stdout
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    trained = json.loads((dinov2_run / "metrics.json").read_text())["test"]
+    for key in ("accuracy", "macro_f1", "auc_ovr_macro", "ece", "brier", "confusion_matrix", "binary", "ci"):
+        assert close(again[key], trained[key]), key
+
+
+def test_pipeline_loads_the_trained_directory(dinov2_run, tmp_path):
+    from transformers import pipeline
+
+    from modeling.predict import Predictor
+
+    path = tmp_path / "x.png"
+    xray_like(99, (40, 52)).save(path)
+    scores = {d["label"]: d["score"] for d in pipeline("image-classification", model=str(dinov2_run))(str(path))}
+    ours = Predictor.from_pretrained(str(dinov2_run)).predict_one(path)
+    assert scores == pytest.approx(ours.probabilities, abs=1e-5)
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(dinov2_run, data, tmp_path):
+    """Simulate a crash after epoch 2 of the 3-epoch run: copy its output, drop epoch 3 and the final
+    files, resume. The resumed epoch 3 must equal the uninterrupted one (same data order, RNG,
+    optimizer and scheduler state)."""
+    out = tmp_path / "crashed"
+    shutil.copytree(dinov2_run, out)
+    shutil.rmtree(out / "checkpoints" / "epoch-003")
+    for f in ("model.safetensors", "metrics.json", "README.md"):
+        (out / f).unlink()
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    (out / "train_log.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    best = json.loads((out / "checkpoints" / "epoch-002" / "trainer_state.json").read_text())["best_epoch"]
+    if best == 3:  # the best/ weights came from epoch 3: restore those of epoch <= 2 is impossible here
+        pytest.skip("best epoch was 3 in this run")
+
+    run_train(*common(data["dataset"], data["dinov2"], out, "--epochs", "3", "--early-stopping-patience", "0",
+                      "--resume"))
+    resumed, original = log(out), log(dinov2_run)
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    assert resumed[2]["train_loss"] == pytest.approx(original[2]["train_loss"], rel=1e-6)
+    assert resumed[2]["val"] == pytest.approx(original[2]["val"], rel=1e-6)
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(dinov2_run / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_a_checkpoint_starts_fresh_and_says_so(data, tmp_path):
+    proc = run_train(*common(data["dataset"], data["dinov2"], tmp_path / "o", "--epochs", "1", "--resume",
+                             "--max-train-samples", "20", "--max-eval-samples", "12"))
+    assert "no checkpoint" in proc.stderr
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 12 and metrics["test"]["subset"] is True
+    assert "not a result" in (tmp_path / "o" / "README.md").read_text()
+
+
+def test_loss_falls_and_the_model_learns_a_learnable_task(data, tmp_path):
+    out = tmp_path / "learn"
+    run_train(*common(data["dataset"], data["dinov2"], out, "--epochs", "8", "--early-stopping-patience", "0",
+                      "--no-test"))
+    lines = log(out)
+    first, last = lines[0]["train_loss"], (lines[-1]["train_loss"] + lines[-2]["train_loss"]) / 2
+    assert last < 0.75 * first, [r["train_loss"] for r in lines]
+    assert max(r["val"]["accuracy"] for r in lines) >= 0.6  # chance is 1/3
+    assert "test" not in json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("vit", ["--loss", "focal", "--mixup-alpha", "0.4", "--freeze-backbone-epochs", "1"]),
+    ("convnext", ["--letterbox", "--gradient-accumulation-steps", "2", "--mixed-precision", "no"]),
+])
+def test_other_families_and_options_train_end_to_end(data, tmp_path, family, extra):
+    out = tmp_path / family
+    run_train(*common(data["dataset"], data[family], out, "--epochs", "2", *extra))
+    lines = log(out)
+    assert len(lines) == 2
+    if "--freeze-backbone-epochs" in extra:
+        assert lines[0]["backbone_frozen"] and not lines[1]["backbone_frozen"]
+    proc_cfg = json.loads((out / "preprocessor_config.json").read_text())
+    assert proc_cfg["image_processor_type"] == ("DonutImageProcessor" if "--letterbox" in extra else "ViTImageProcessor")
+    assert json.loads((out / "metrics.json").read_text())["test"]["n"] == 30
+
+
+def test_vit_at_another_input_size_is_refused_with_a_reason(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = common(data["dataset"], data["vit"], tmp_path / "o", "--epochs", "1")
+    args[args.index("--image-size") + 1] = "48"
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "--image-size 32" in proc.stderr
+
+
+def test_push_to_hub_then_load_by_repo_id(data, hub, tmp_path):
+    server, env = hub
+    out = tmp_path / "pushed"
+    run_train(*common(data["dataset"], data["convnext"], out, "--epochs", "1", "--push-to-hub", "test-user/cxr-tiny"),
+              env=env)
+    image = tmp_path / "x.png"
+    xray_like(5, (48, 40)).save(image)
+    local = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k == "cxr_calibration"}
+    got = run_python_json(f"""
+import json
+from huggingface_hub import list_repo_files
+from transformers import pipeline
+from modeling.predict import Predictor
+files = sorted(list_repo_files("test-user/cxr-tiny"))
+p = Predictor.from_pretrained("test-user/cxr-tiny")
+r = p.predict_one({str(image)!r})
+pipe = {{d["label"]: d["score"] for d in pipeline("image-classification", model="test-user/cxr-tiny")({str(image)!r})}}
+print(json.dumps({{"files": files, "probs": r.probabilities, "pipe": pipe, "threshold": p.threshold,
+                   "cal": p.model.config.cxr_calibration, "revision": p.revision}}))
+""", {**env, "HF_HOME": str(tmp_path / "fresh-home"), "PYTHONPATH": str(ROOT)})
+    assert "model.safetensors" in got["files"] and "preprocessor_config.json" in got["files"]
+    assert "README.md" in got["files"] and "metrics.json" in got["files"]
+    assert not any(f.startswith("checkpoints/") for f in got["files"])
+    assert got["cal"] == local["cxr_calibration"] and got["threshold"] == local["cxr_calibration"]["pneumonia_threshold"]
+    assert got["pipe"] == pytest.approx(got["probs"], abs=1e-5)
+    # the commit the files came from (for the Space's prediction records): a 40-hex git oid
+    assert len(got["revision"]) == 40 and int(got["revision"], 16) >= 0
+
+
+def test_distributed_data_parallel_on_two_cpu_processes(data, tmp_path):
+    """What `accelerate launch` does on several GPUs, on two CPU processes (gloo): one log line per
+    epoch, every validation/test image counted once (gather_for_metrics drops the padding), and the
+    frozen-then-unfrozen backbone works under DDP."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+         *common(data["dataset"], data["dinov2"], out, "--epochs", "2", "--freeze-backbone-epochs", "1",
+                 "--max-eval-samples", "29")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
+    lines = log(out)
+    assert [r["epoch"] for r in lines] == [1, 2]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["validation"]["n"] == 29 and metrics["test"]["n"] == 29  # odd: padding must not count

@@ -1,0 +1,475 @@
+#!/usr/bin/env python
+"""Fine-tune any ``AutoModelForImageClassification`` base (DINOv2, ViT, ConvNeXt...) on the merged
+chest X-ray dataset, then calibrate on validation, evaluate once on test, write the model card and
+optionally push to the Hub.
+
+    python train.py --dataset data/cxr-pneumonia --base-model ../shared/models/dinov2-small \
+        --output-dir outputs/dinov2-s [--epochs 10] [--push-to-hub USER/cxr-pneumonia-dinov2-s]
+    accelerate launch train.py ...      # multi-GPU / multi-node: Accelerate does the distribution
+
+Every flag is a field of :class:`TrainConfig`; ``train(TrainConfig(...))`` is the same run from
+Python. The loop follows transformers' ``examples/pytorch/image-classification/
+run_image_classification_no_trainer.py`` (Accelerate, gradient accumulation, state checkpoints),
+with what a medical classifier needs on top: class-imbalance handling, layer-wise LR decay,
+epoch checkpoints with ``--resume``, early stopping on validation macro-F1, temperature scaling and a
+sensitivity-targeted threshold fit on validation only, one test evaluation at the end.
+
+Output directory::
+
+    config.json, model.safetensors, preprocessor_config.json   calibrated model (save_pretrained)
+    README.md             model card (rendered from modeling/model_card_template.md)
+    metrics.json          validation (calibrated) and test metrics with bootstrap CIs
+    eval_test/            test predictions.csv and plots (confusion matrix, ROC, reliability)
+    train_log.jsonl       one line per epoch
+    training_config.json  the TrainConfig of the run, plus versions and hardware
+    checkpoints/epoch-NNN Accelerate state for --resume (the last --save-total-limit kept)
+    checkpoints/best      best epoch by validation macro-F1 (uncalibrated)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+from transformers import get_cosine_schedule_with_warmup
+
+from modeling.augment import AugmentConfig, augment
+from modeling.calibration import calibrate, nll
+from modeling.data import groups_of, load_cxr_dataset, require_split
+from modeling.image_io import to_grayscale
+from modeling.labels import LABELS
+from modeling.models import build_model, param_groups, set_backbone_trainable
+from modeling.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, build_image_processor,
+                                    pixel_values)
+
+logger = logging.getLogger("train")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = field(metadata={"help": "dataset directory from dataset_scripts.build, or a Hub dataset id"})
+    base_model: str = field(metadata={"help": "Hub id or directory of any AutoModelForImageClassification base"})
+    output_dir: str = field(metadata={"help": "where the model, card, metrics and checkpoints go"})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision"})
+    base_model_revision: str | None = field(default=None, metadata={"help": "Hub model revision"})
+    # data
+    image_size: int = field(default=224, metadata={"help": "square input side (multiple of the patch size for ViTs)"})
+    letterbox: bool = field(default=False, metadata={"help": "keep aspect ratio, pad with black (else stretch)"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use N training images (seeded shuffle)"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "use N validation and test images (smoke runs; not a result)"})
+    crop_scale_min: float = field(default=0.8, metadata={"help": "smallest crop area fraction (1 = no crop)"})
+    max_rotation: float = field(default=7.0, metadata={"help": "rotation range in degrees"})
+    brightness: float = field(default=0.15, metadata={"help": "brightness jitter (fraction)"})
+    contrast: float = field(default=0.15, metadata={"help": "contrast jitter (fraction)"})
+    hflip: bool = field(default=False, metadata={"help": "random horizontal flips (off: mirrored chests are not real films)"})
+    # loss
+    loss: str = field(default="weighted_ce", metadata={"choices": ["ce", "weighted_ce", "focal"],
+                      "help": "class imbalance: inverse-frequency weighted CE (default), focal loss, or plain CE"})
+    focal_gamma: float = field(default=2.0, metadata={"help": "focal loss gamma"})
+    label_smoothing: float = field(default=0.0)
+    mixup_alpha: float = field(default=0.0, metadata={"help": "MixUp Beta(alpha, alpha); 0 = off"})
+    # optimisation
+    epochs: int = field(default=10)
+    batch_size: int = field(default=32, metadata={"help": "per device"})
+    eval_batch_size: int = field(default=64)
+    gradient_accumulation_steps: int = field(default=1)
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak LR of the head; blocks get layer_decay powers of it"})
+    weight_decay: float = field(default=0.05)
+    layer_decay: float = field(default=0.75, metadata={"help": "layer-wise LR decay (1 = off)"})
+    head_lr_scale: float = field(default=10.0, metadata={"help": "head LR multiplier (new layer learns faster)"})
+    warmup_ratio: float = field(default=0.1)
+    max_grad_norm: float = field(default=1.0)
+    drop_path_rate: float | None = field(default=None, metadata={"help": "stochastic depth (ViT/DINOv2/ConvNeXt)"})
+    freeze_backbone_epochs: int = field(default=0, metadata={"help": "train only the head for the first N epochs"})
+    mixed_precision: str = field(default="auto", metadata={"choices": ["auto", "no", "bf16", "fp16"],
+                                 "help": "auto = bf16 on CPU and on GPUs that support it"})
+    seed: int = field(default=42)
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
+    # selection, calibration, evaluation
+    early_stopping_patience: int = field(default=3, metadata={"help": "epochs without validation macro-F1 gain; 0 = off"})
+    target_sensitivity: float = field(default=0.985, metadata={"help": "pneumonia sensitivity the threshold is set for on validation"})
+    n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for CIs"})
+    no_test: bool = field(default=False, metadata={"help": "skip the final test evaluation"})
+    # checkpoints, output
+    resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in output_dir"})
+    resume_from: str | None = field(default=None, metadata={"help": "resume from this checkpoint directory"})
+    save_total_limit: int = field(default=2, metadata={"help": "epoch checkpoints to keep"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the model to"})
+    hub_private: bool = field(default=False)
+    no_progress: bool = field(default=False)
+
+    def augment_config(self) -> AugmentConfig:
+        return AugmentConfig(crop_scale=(self.crop_scale_min, 1.0), max_rotation=self.max_rotation,
+                             brightness=self.brightness, contrast=self.contrast, hflip=self.hflip)
+
+
+class XrayDataset(Dataset):
+    """A ``datasets`` split as (pixel_values, label); training items are augmented with an RNG seeded
+    by (seed, epoch, index) so a resumed run sees the same images as an uninterrupted one."""
+
+    def __init__(self, split, processor, aug: AugmentConfig | None, seed: int) -> None:
+        self.split, self.processor, self.aug, self.seed = split, processor, aug, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        row = self.split[int(i)]
+        img = to_grayscale(row["image"])
+        if self.aug is not None:
+            img = augment(img, self.aug, random.Random(hash((self.seed, self.epoch, int(i)))))
+        return pixel_values(self.processor, [img])[0], int(row["label"])
+
+
+def collate(batch):
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long)
+
+
+def class_weights(labels: list[int]) -> torch.Tensor:
+    """Inverse-frequency weights normalised to mean 1 (n / (k * count)); absent classes get 0."""
+    counts = np.bincount(labels, minlength=len(LABELS)).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (len(LABELS) * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, cfg: TrainConfig, weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-batch loss. ``target`` is class indices or (MixUp) a soft (B, C) distribution."""
+    logits = logits.float()
+    if target.ndim == 1:
+        target = F.one_hot(target, len(LABELS)).float()
+    if cfg.label_smoothing > 0:
+        target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / len(LABELS)
+    logp = F.log_softmax(logits, dim=-1)
+    per_class = -target * logp
+    if cfg.loss == "focal":  # Lin et al. 2017: down-weights easy examples
+        per_class = per_class * (1 - logp.exp()) ** cfg.focal_gamma
+    if weights is not None:
+        per_class = per_class * weights.to(logits.device)
+        # weighted mean as in F.cross_entropy(weight=...): normalise by the targets' total weight
+        return per_class.sum() / (target * weights.to(logits.device)).sum().clamp_min(1e-12)
+    return per_class.sum(dim=-1).mean()
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"  # CPU autocast in bf16: 1.2-2x faster on recent x86 (measured on our machines)
+
+
+def base_normalisation(base: str, revision: str | None) -> tuple[tuple, tuple]:
+    """The base model's own mean/std (its processor), ImageNet's when it has none."""
+    try:
+        proc = AutoImageProcessor.from_pretrained(base, revision=revision)
+        return tuple(proc.image_mean), tuple(proc.image_std)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return IMAGENET_MEAN, IMAGENET_STD
+
+
+def check_input_size(model, size: int) -> None:
+    """ViT/DeiT/BEiT position embeddings are fixed to the checkpoint's image size (the pipeline does
+    not interpolate them), so a different size must be refused rather than silently degraded."""
+    cfg = model.config
+    if cfg.model_type in ("vit", "deit", "beit") and int(cfg.image_size) != size:
+        raise SystemExit(f"{cfg.model_type} base was trained at {cfg.image_size} px; use --image-size {cfg.image_size}")
+    patch = getattr(cfg, "patch_size", None)
+    if cfg.model_type.startswith("dinov2") and patch and size % patch:
+        raise SystemExit(f"--image-size {size} is not a multiple of the patch size {patch}")
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    ckpts = sorted((output_dir / "checkpoints").glob("epoch-*"))
+    ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
+    return ckpts[-1] if ckpts else None
+
+
+def subset(split, n: int | None, seed: int):
+    if n is None or n >= len(split):
+        return split
+    return split.shuffle(seed=seed).select(range(n))
+
+
+@torch.no_grad()
+def predict(accelerator: Accelerator, model, loader, desc: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Validation logits in float32, without autocast: selection and calibration must see the numbers
+    the saved (float32) model will produce, not bf16 approximations of them."""
+    model.eval()
+    inner = accelerator.unwrap_model(model)
+    # accelerator.prepare wraps forward in autocast under mixed precision and keeps the original
+    # as `_original_forward`; use that one here.
+    forward = getattr(inner, "_original_forward", inner.forward)
+    all_logits, all_labels = [], []
+    for pv, y in tqdm(loader, desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False):
+        logits = forward(pixel_values=pv).logits
+        logits, y = accelerator.gather_for_metrics((logits.float(), y))
+        all_logits.append(logits.cpu().numpy())
+        all_labels.append(y.cpu().numpy())
+    return np.concatenate(all_logits), np.concatenate(all_labels)
+
+
+def quick_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Per-epoch validation summary used for selection (no bootstrap: it runs every epoch)."""
+    from modeling.metrics import compute_metrics
+
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    m = compute_metrics(probs, labels, None, threshold=0.5, n_bootstrap=0)
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "nll": nll(logits, labels), "ece": m["ece"],
+            "auc_ovr_macro": m["auc_ovr_macro"], "binary_auc": m["binary"]["auc"]}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the whole recipe; returns the final metrics dict (also written to ``metrics.json``)."""
+    out = Path(cfg.output_dir)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    precision = resolve_mixed_precision(cfg.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # Under DDP: some backbones own parameters a classification forward never uses (DINOv2's
+        # mask_token), and --freeze-backbone-epochs switches gradients off after wrapping.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    set_seed(cfg.seed)
+    progress = not cfg.no_progress
+
+    # ---- data and preprocessing ------------------------------------------------------------------
+    ds = load_cxr_dataset(cfg.dataset, revision=cfg.dataset_revision)
+    train_split = subset(require_split(ds, "train"), cfg.max_train_samples, cfg.seed)
+    val_split = subset(require_split(ds, "validation"), cfg.max_eval_samples, cfg.seed)
+    test_split = None if cfg.no_test or "test" not in ds else subset(ds["test"], cfg.max_eval_samples, cfg.seed)
+    mean, std = base_normalisation(cfg.base_model, cfg.base_model_revision)
+    pcfg = PreprocessConfig(size=cfg.image_size, letterbox=cfg.letterbox, image_mean=mean, image_std=std)
+    processor = build_image_processor(pcfg)
+
+    model = build_model(cfg.base_model, revision=cfg.base_model_revision, drop_path_rate=cfg.drop_path_rate)
+    check_input_size(model, cfg.image_size)
+
+    train_ds = XrayDataset(train_split, processor, cfg.augment_config(), cfg.seed)
+    train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+                          num_workers=cfg.num_workers, drop_last=len(train_ds) > cfg.batch_size)
+    val_dl = DataLoader(XrayDataset(val_split, processor, None, cfg.seed), batch_size=cfg.eval_batch_size,
+                        collate_fn=collate, num_workers=cfg.num_workers)
+    weights = class_weights(list(train_split["label"])) if cfg.loss in ("weighted_ce", "focal") else None
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.layer_decay,
+                                               cfg.head_lr_scale), lr=cfg.learning_rate)
+    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    updates_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
+    total_updates = updates_per_epoch * cfg.epochs
+    # Accelerate steps a prepared scheduler once per process per update (see the HF example).
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_updates) * accelerator.num_processes,
+        num_training_steps=total_updates * accelerator.num_processes)
+    scheduler = accelerator.prepare(scheduler)
+
+    # ---- resume ----------------------------------------------------------------------------------
+    state = {"epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "bad_epochs": 0}
+    resume_path = Path(cfg.resume_from) if cfg.resume_from else (latest_checkpoint(out) if cfg.resume else None)
+    if cfg.resume and resume_path is None:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", out / "checkpoints")
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        state = json.loads((resume_path / "trainer_state.json").read_text())
+        logger.info("resumed from %s (epoch %d done)", resume_path, state["epoch"])
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints").mkdir(exist_ok=True)
+        (out / "training_config.json").write_text(json.dumps(run_info(cfg, precision, accelerator, pcfg,
+                                                                      len(train_split), len(val_split)), indent=2) + "\n")
+    log_path = out / "train_log.jsonl"
+
+    # ---- epochs ----------------------------------------------------------------------------------
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if cfg.early_stopping_patience and state["bad_epochs"] >= cfg.early_stopping_patience:
+            stopped_early = True
+            break
+        frozen = epoch <= cfg.freeze_backbone_epochs
+        set_backbone_trainable(accelerator.unwrap_model(model), not frozen)
+        train_ds.epoch = epoch
+        train_dl.set_epoch(epoch)
+        model.train()
+        t0, seen, loss_sum, n_batches = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress or not accelerator.is_local_main_process)
+        for pv, y in bar:
+            with accelerator.accumulate(model):
+                target = y
+                if cfg.mixup_alpha > 0:
+                    lam = float(np.random.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+                    perm = torch.randperm(pv.shape[0], device=pv.device)
+                    pv = lam * pv + (1 - lam) * pv[perm]
+                    onehot = F.one_hot(y, len(LABELS)).float()
+                    target = lam * onehot + (1 - lam) * onehot[perm]
+                with accelerator.autocast():
+                    logits = model(pixel_values=pv).logits
+                loss = loss_fn(logits, target, cfg, weights)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                state["global_step"] += 1
+            seen += pv.shape[0] * accelerator.num_processes
+            loss_sum += loss.item()
+            n_batches += 1
+            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
+        train_seconds = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        val_logits, val_labels = predict(accelerator, model, val_dl, "validation", progress)
+        val_seconds = time.perf_counter() - t1
+        val = quick_metrics(val_logits, val_labels)
+        improved = state["best_metric"] is None or val["macro_f1"] > state["best_metric"] + 1e-6
+        if improved:
+            state.update(best_metric=val["macro_f1"], best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        state["wall_seconds"] = state.get("wall_seconds", 0.0) + (time.perf_counter() - t0)
+        record = {"epoch": epoch, "global_step": state["global_step"], "train_loss": loss_sum / max(n_batches, 1),
+                  "lr": scheduler.get_last_lr()[-1], "backbone_frozen": frozen,
+                  "train_images_per_second": round(seen / train_seconds, 3),
+                  "eval_images_per_second": round(len(val_labels) / val_seconds, 3),
+                  "train_seconds": round(train_seconds, 1), "val": val, "best_epoch": state["best_epoch"]}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if improved:
+                best = out / "checkpoints" / "best"
+                accelerator.unwrap_model(model).save_pretrained(best)
+                processor.save_pretrained(best)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            logger.info("epoch %d: loss %.4f val macro-F1 %.4f acc %.4f nll %.4f (best epoch %s) %.2f img/s",
+                        epoch, record["train_loss"], val["macro_f1"], val["accuracy"], val["nll"],
+                        state["best_epoch"], record["train_images_per_second"])
+        ckpt = out / "checkpoints" / f"epoch-{epoch:03d}"
+        accelerator.save_state(str(ckpt))
+        if accelerator.is_main_process:
+            (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            old = sorted((out / "checkpoints").glob("epoch-*"))[:-cfg.save_total_limit] if cfg.save_total_limit else []
+            for c in old:
+                shutil.rmtree(c, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    # ---- calibrate, evaluate, save, card, push ----------------------------------------------------
+    result = {}
+    if accelerator.is_main_process:
+        result = finish(cfg, out, processor, val_split, test_split, state, stopped_early, progress)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def finish(cfg: TrainConfig, out: Path, processor, val_split, test_split, state: dict, stopped_early: bool,
+           progress: bool) -> dict:
+    """Load the best epoch, calibrate on validation, save, evaluate on test once, write the card."""
+    from modeling.card import write_model_card
+    from modeling.evaluate import evaluate_model, predict_logits
+
+    best_dir = out / "checkpoints" / "best"
+    model = AutoModelForImageClassification.from_pretrained(best_dir, dtype=torch.float32)
+    val_logits = predict_logits(model, processor, val_split, batch_size=cfg.eval_batch_size, progress=progress,
+                                desc="calibrate")
+    val_labels = np.asarray(val_split["label"])
+    cal = calibrate(model, val_logits, val_labels, target_sensitivity=cfg.target_sensitivity)
+    logger.info("temperature %.3f (val NLL %.4f -> %.4f); pneumonia threshold %.4f for sensitivity >= %.3f",
+                cal.temperature, cal.nll_before, cal.nll_after, cal.pneumonia_threshold, cfg.target_sensitivity)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+    from modeling.evaluate import evaluate_probs
+
+    z = val_logits / cal.temperature
+    val_probs = np.exp(z - z.max(1, keepdims=True))
+    val_probs /= val_probs.sum(1, keepdims=True)
+    metrics = {
+        "validation": evaluate_probs(val_probs, val_labels, groups_of(val_split), threshold=cal.pneumonia_threshold,
+                                     n_bootstrap=cfg.n_bootstrap, seed=cfg.seed),
+        "calibration": asdict(cal),
+        "training": {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "stopped_early": stopped_early,
+                     "best_val_macro_f1_uncalibrated": state["best_metric"],
+                     "wall_seconds": round(state.get("wall_seconds", 0.0), 1)},
+    }
+    if test_split is not None:
+        metrics["test"] = evaluate_model(model, processor, test_split, out / "eval_test",
+                                         threshold=cal.pneumonia_threshold, split_name="test",
+                                         batch_size=cfg.eval_batch_size, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
+                                         progress=progress)
+        metrics["test"]["subset"] = cfg.max_eval_samples is not None
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_model_card(out, cfg=asdict(cfg), metrics=metrics)
+    if cfg.push_to_hub:
+        metrics["hub_commit"] = push(out, cfg.push_to_hub, private=cfg.hub_private)
+    return metrics
+
+
+def push(out: Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload the model folder (not the checkpoints) in one commit with the real Hub client."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(out),
+                             ignore_patterns=["checkpoints/*", "checkpoints/**"],
+                             commit_message="Upload model, image processor, calibration and card (train.py)")
+    logger.info("pushed to %s (%s)", repo_id, info.oid)
+    return info.oid
+
+
+def run_info(cfg: TrainConfig, precision: str, accelerator: Accelerator, pcfg: PreprocessConfig,
+             n_train: int, n_val: int) -> dict:
+    import accelerate
+    import transformers
+
+    return {
+        "config": asdict(cfg), "preprocessing": pcfg.to_dict(), "augmentation": cfg.augment_config().to_dict(),
+        "mixed_precision": precision, "num_processes": accelerator.num_processes, "device": str(accelerator.device),
+        "n_train": n_train, "n_validation": n_val, "command": " ".join(sys.argv),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+        "hardware": {"machine": platform.machine(), "processor": platform.processor(),
+                     "cpu_threads": torch.get_num_threads(),
+                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(argv)
+    metrics = train(cfg)
+    if metrics.get("test"):
+        from modeling.metrics import format_summary
+
+        print(format_summary(metrics["test"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
