@@ -50,8 +50,8 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Hf
 from transformers import get_cosine_schedule_with_warmup
 
 from modeling.augment import AugmentConfig, augment
-from modeling.calibration import calibrate, nll
-from modeling.data import groups_of, load_cxr_dataset, require_split
+from modeling.calibration import calibrate, nll, softmax
+from modeling.data import groups_of, load_cxr_dataset, require_split, stratified_subset
 from modeling.image_io import to_grayscale
 from modeling.labels import LABELS
 from modeling.models import build_model, param_groups, set_backbone_trainable
@@ -89,7 +89,7 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"help": "per device"})
     eval_batch_size: int = field(default=64)
     gradient_accumulation_steps: int = field(default=1)
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak LR of the head; blocks get layer_decay powers of it"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak LR of the last block; earlier blocks get layer_decay powers of it, the head head_lr_scale times it"})
     weight_decay: float = field(default=0.05)
     layer_decay: float = field(default=0.75, metadata={"help": "layer-wise LR decay (1 = off)"})
     head_lr_scale: float = field(default=10.0, metadata={"help": "head LR multiplier (new layer learns faster)"})
@@ -110,6 +110,7 @@ class TrainConfig:
     # checkpoints, output
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in output_dir"})
     resume_from: str | None = field(default=None, metadata={"help": "resume from this checkpoint directory"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "delete an earlier run's checkpoints and log in output_dir"})
     save_total_limit: int = field(default=2, metadata={"help": "epoch checkpoints to keep"})
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the model to"})
     hub_private: bool = field(default=False)
@@ -196,16 +197,45 @@ def check_input_size(model, size: int) -> None:
         raise SystemExit(f"--image-size {size} is not a multiple of the patch size {patch}")
 
 
+def check_validation(val_split) -> None:
+    """Selection, temperature and threshold need normal and pneumonia cases in validation; fail at
+    the start, not after hours of training."""
+    counts = np.bincount(np.asarray(val_split["label"]), minlength=len(LABELS))
+    if counts[0] == 0 or counts[1:].sum() == 0:
+        raise SystemExit(f"validation needs normal and pneumonia images to calibrate; has {dict(zip(LABELS, counts.tolist()))}")
+
+
+# Fields that may differ between a run and its resumption (they do not change what is trained).
+RESUME_MAY_CHANGE = {"output_dir", "resume", "resume_from", "overwrite_output_dir", "no_progress", "num_workers", "num_threads",
+                     "push_to_hub", "hub_private", "n_bootstrap", "no_test", "early_stopping_patience", "eval_batch_size"}
+
+
+def prepare_output_dir(cfg: "TrainConfig", out: Path) -> None:
+    """Refuse to mix a new run into an earlier run's directory (its checkpoints would be rotated
+    together and a later --resume would pick up the wrong state)."""
+    if cfg.resume or cfg.resume_from:
+        return
+    earlier = [p for p in (out / "checkpoints", out / "train_log.jsonl") if p.exists()]
+    if not earlier:
+        return
+    if not cfg.overwrite_output_dir:
+        raise SystemExit(f"{out} holds an earlier run ({', '.join(p.name for p in earlier)}); "
+                         "use --resume to continue it or --overwrite-output-dir to start over")
+    for p in earlier:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def check_resume_config(cfg: "TrainConfig", saved: dict) -> None:
+    diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
+    if diff:
+        raise SystemExit("--resume with other training settings than the checkpoint's: "
+                         + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items())))
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     ckpts = sorted((output_dir / "checkpoints").glob("epoch-*"))
     ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
     return ckpts[-1] if ckpts else None
-
-
-def subset(split, n: int | None, seed: int):
-    if n is None or n >= len(split):
-        return split
-    return split.shuffle(seed=seed).select(range(n))
 
 
 @torch.no_grad()
@@ -230,10 +260,8 @@ def quick_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     """Per-epoch validation summary used for selection (no bootstrap: it runs every epoch)."""
     from modeling.metrics import compute_metrics
 
-    z = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    m = compute_metrics(probs, labels, None, threshold=0.5, n_bootstrap=0)
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "nll": nll(logits, labels), "ece": m["ece"],
+    m = compute_metrics(softmax(logits.astype(np.float64)), labels, None, threshold=0.5, n_bootstrap=0)
+    return {"n": int(len(labels)), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "nll": nll(logits, labels), "ece": m["ece"],
             "auc_ovr_macro": m["auc_ovr_macro"], "binary_auc": m["binary"]["auc"]}
 
 
@@ -259,9 +287,11 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- data and preprocessing ------------------------------------------------------------------
     ds = load_cxr_dataset(cfg.dataset, revision=cfg.dataset_revision)
-    train_split = subset(require_split(ds, "train"), cfg.max_train_samples, cfg.seed)
-    val_split = subset(require_split(ds, "validation"), cfg.max_eval_samples, cfg.seed)
-    test_split = None if cfg.no_test or "test" not in ds else subset(ds["test"], cfg.max_eval_samples, cfg.seed)
+    train_split = stratified_subset(require_split(ds, "train"), cfg.max_train_samples, cfg.seed)
+    val_split = stratified_subset(require_split(ds, "validation"), cfg.max_eval_samples, cfg.seed)
+    test_split = None if cfg.no_test or "test" not in ds else stratified_subset(ds["test"], cfg.max_eval_samples, cfg.seed)
+    test_subset = test_split is not None and len(test_split) < len(ds["test"])
+    check_validation(val_split)
     mean, std = base_normalisation(cfg.base_model, cfg.base_model_revision)
     pcfg = PreprocessConfig(size=cfg.image_size, letterbox=cfg.letterbox, image_mean=mean, image_std=std)
     processor = build_image_processor(pcfg)
@@ -288,20 +318,34 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = accelerator.prepare(scheduler)
 
     # ---- resume ----------------------------------------------------------------------------------
-    state = {"epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "bad_epochs": 0}
+    if accelerator.is_main_process:
+        prepare_output_dir(cfg, out)
+    accelerator.wait_for_everyone()
+    state = {"epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "bad_epochs": 0,
+             "finished": False, "config": asdict(cfg)}
     resume_path = Path(cfg.resume_from) if cfg.resume_from else (latest_checkpoint(out) if cfg.resume else None)
     if cfg.resume and resume_path is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", out / "checkpoints")
     if resume_path is not None:
+        saved = json.loads((resume_path / "trainer_state.json").read_text())
+        check_resume_config(cfg, saved.get("config", {}))
+        if saved.get("finished"):
+            logger.warning("%s: this run already finished (calibrated, evaluated); nothing to resume", resume_path)
+            return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
         accelerator.load_state(str(resume_path))
-        state = json.loads((resume_path / "trainer_state.json").read_text())
+        state = {**saved, "config": asdict(cfg)}
         logger.info("resumed from %s (epoch %d done)", resume_path, state["epoch"])
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "checkpoints").mkdir(exist_ok=True)
-        (out / "training_config.json").write_text(json.dumps(run_info(cfg, precision, accelerator, pcfg,
-                                                                      len(train_split), len(val_split)), indent=2) + "\n")
+        info_path = out / "training_config.json"
+        info = run_info(cfg, precision, accelerator, pcfg, len(train_split), len(val_split))
+        if resume_path is not None and info_path.exists():  # keep the original command; list the resumes
+            first = json.loads(info_path.read_text())
+            first.setdefault("resumed", []).append({"command": info["command"], "from": str(resume_path)})
+            info = first
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
     log_path = out / "train_log.jsonl"
 
     # ---- epochs ----------------------------------------------------------------------------------
@@ -355,13 +399,15 @@ def train(cfg: TrainConfig) -> dict:
         state["epoch"] = epoch
         state["wall_seconds"] = state.get("wall_seconds", 0.0) + (time.perf_counter() - t0)
         record = {"epoch": epoch, "global_step": state["global_step"], "train_loss": loss_sum / max(n_batches, 1),
-                  "lr": scheduler.get_last_lr()[-1], "backbone_frozen": frozen,
+                  "lr": lr_of(optimizer, head=False), "head_lr": lr_of(optimizer, head=True), "backbone_frozen": frozen,
                   "train_images_per_second": round(seen / train_seconds, 3),
                   "eval_images_per_second": round(len(val_labels) / val_seconds, 3),
                   "train_seconds": round(train_seconds, 1), "val": val, "best_epoch": state["best_epoch"]}
         accelerator.wait_for_everyone()
+        ckpt = out / "checkpoints" / f"epoch-{epoch:03d}"
+        accelerator.save_state(str(ckpt))
         if accelerator.is_main_process:
-            if improved:
+            if improved:  # after save_state: best/ never runs ahead of a resumable checkpoint
                 best = out / "checkpoints" / "best"
                 accelerator.unwrap_model(model).save_pretrained(best)
                 processor.save_pretrained(best)
@@ -370,8 +416,6 @@ def train(cfg: TrainConfig) -> dict:
             logger.info("epoch %d: loss %.4f val macro-F1 %.4f acc %.4f nll %.4f (best epoch %s) %.2f img/s",
                         epoch, record["train_loss"], val["macro_f1"], val["accuracy"], val["nll"],
                         state["best_epoch"], record["train_images_per_second"])
-        ckpt = out / "checkpoints" / f"epoch-{epoch:03d}"
-        accelerator.save_state(str(ckpt))
         if accelerator.is_main_process:
             (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
             old = sorted((out / "checkpoints").glob("epoch-*"))[:-cfg.save_total_limit] if cfg.save_total_limit else []
@@ -382,34 +426,40 @@ def train(cfg: TrainConfig) -> dict:
     # ---- calibrate, evaluate, save, card, push ----------------------------------------------------
     result = {}
     if accelerator.is_main_process:
-        result = finish(cfg, out, processor, val_split, test_split, state, stopped_early, progress)
+        result = finish(cfg, out, processor, val_split, test_split, state, stopped_early, progress,
+                        accelerator.device, test_subset)
+        last = latest_checkpoint(out)
+        if last is not None:  # a later --resume of this directory has nothing left to do
+            done = json.loads((last / "trainer_state.json").read_text())
+            (last / "trainer_state.json").write_text(json.dumps({**done, "finished": True}, indent=2) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
 
 
 def finish(cfg: TrainConfig, out: Path, processor, val_split, test_split, state: dict, stopped_early: bool,
-           progress: bool) -> dict:
-    """Load the best epoch, calibrate on validation, save, evaluate on test once, write the card."""
+           progress: bool, device: torch.device, test_subset: bool = False) -> dict:
+    """Load the best epoch, calibrate on validation, save, then evaluate on test once *the saved
+    folder* as users load it (Predictor.from_pretrained), and write the card."""
     from modeling.card import write_model_card
-    from modeling.evaluate import evaluate_model, predict_logits
+    from modeling.evaluate import evaluate_model, evaluate_probs, predict_logits
+    from modeling.predict import Predictor
 
     best_dir = out / "checkpoints" / "best"
-    model = AutoModelForImageClassification.from_pretrained(best_dir, dtype=torch.float32)
+    model = AutoModelForImageClassification.from_pretrained(best_dir, dtype=torch.float32).to(device)
     val_logits = predict_logits(model, processor, val_split, batch_size=cfg.eval_batch_size, progress=progress,
                                 desc="calibrate")
     val_labels = np.asarray(val_split["label"])
     cal = calibrate(model, val_logits, val_labels, target_sensitivity=cfg.target_sensitivity)
     logger.info("temperature %.3f (val NLL %.4f -> %.4f); pneumonia threshold %.4f for sensitivity >= %.3f",
                 cal.temperature, cal.nll_before, cal.nll_after, cal.pneumonia_threshold, cfg.target_sensitivity)
+    if not 0.06 < cal.temperature < 19.0:
+        logger.warning("temperature %.3f is at the edge of its search range: validation is probably too small or "
+                       "perfectly separated for calibration to mean much", cal.temperature)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
-    from modeling.evaluate import evaluate_probs
-
-    z = val_logits / cal.temperature
-    val_probs = np.exp(z - z.max(1, keepdims=True))
-    val_probs /= val_probs.sum(1, keepdims=True)
+    val_probs = softmax(val_logits.astype(np.float64) / cal.temperature)
     metrics = {
         "validation": evaluate_probs(val_probs, val_labels, groups_of(val_split), threshold=cal.pneumonia_threshold,
                                      n_bootstrap=cfg.n_bootstrap, seed=cfg.seed),
@@ -419,16 +469,23 @@ def finish(cfg: TrainConfig, out: Path, processor, val_split, test_split, state:
                      "wall_seconds": round(state.get("wall_seconds", 0.0), 1)},
     }
     if test_split is not None:
-        metrics["test"] = evaluate_model(model, processor, test_split, out / "eval_test",
-                                         threshold=cal.pneumonia_threshold, split_name="test",
+        saved = Predictor.from_pretrained(str(out))
+        saved.model.to(device)
+        metrics["test"] = evaluate_model(saved.model, saved.processor, test_split, out / "eval_test",
+                                         threshold=saved.threshold, split_name="test",
                                          batch_size=cfg.eval_batch_size, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
-                                         progress=progress)
-        metrics["test"]["subset"] = cfg.max_eval_samples is not None
+                                         progress=progress, extra={"subset": test_subset})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_model_card(out, cfg=asdict(cfg), metrics=metrics)
     if cfg.push_to_hub:
         metrics["hub_commit"] = push(out, cfg.push_to_hub, private=cfg.hub_private)
     return metrics
+
+
+def lr_of(optimizer, *, head: bool) -> float:
+    """Current LR of the head, or of the last backbone block (the largest non-head LR)."""
+    lrs = [g["lr"] for g in optimizer.param_groups if bool(g.get("is_head")) == head]
+    return max(lrs) if lrs else float("nan")
 
 
 def push(out: Path, repo_id: str, *, private: bool = False) -> str:

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from .models import classifier_head
+from .models import CALIBRATION_KEY, classifier_head
 
-CONFIG_KEY = "cxr_calibration"
+CONFIG_KEY = CALIBRATION_KEY
 
 
 def _as_numpy(x) -> np.ndarray:

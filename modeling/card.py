@@ -95,11 +95,12 @@ def render_model_card(out_dir: Path, *, cfg: dict, metrics: dict, model_id: str 
         if test.get("exact_dedup"):
             d = test["exact_dedup"]
             columns.append((f"test, exact duplicates removed (n={d.get('n')})", d))
-    columns.append((f"validation (n={val.get('n')})", val))
+    columns.append((f"validation (n={val.get('n')}; used for selection, T and threshold: optimistic)", val))
     results = results_table(columns)
-    notes = [f"Decision threshold on p(pneumonia): {cal.get('pneumonia_threshold', 0.5):.4f}. "
-             "Values are point estimates with 95% bootstrap CIs resampling patients "
-             f"({(test or val).get('ci_method', '')})."]
+    shown = test or val
+    ci_text = (f"Values are point estimates with 95% bootstrap CIs ({shown.get('ci_method')})."
+               if shown.get("ci") else "No confidence intervals were computed (--n-bootstrap 0).")
+    notes = [f"Decision threshold on p(pneumonia): {cal.get('pneumonia_threshold', 0.5):.4f}.", ci_text]
     if test and test.get("subset"):
         notes.append("**Smoke run: the test numbers are on a subset of the test split (--max-eval-samples); "
                      "they are not a result.**")
@@ -114,7 +115,8 @@ def render_model_card(out_dir: Path, *, cfg: dict, metrics: dict, model_id: str 
         "(`config.cxr_calibration` records it). The pneumonia threshold "
         f"{cal.get('pneumonia_threshold', 0.5):.4f} gives validation sensitivity "
         f"{cal.get('fit_sensitivity', float('nan')):.4f} / specificity {cal.get('fit_specificity', float('nan')):.4f} "
-        f"(target sensitivity {cal.get('target_sensitivity')}). Reliability diagram: `eval_test/plots/reliability.png`.")
+        f"(target sensitivity {cal.get('target_sensitivity')})."
+        + (" Test reliability diagram: `eval_test/plots/reliability.png`." if test else ""))
 
     pre = info.get("preprocessing", {})
     aug = info.get("augmentation", {})

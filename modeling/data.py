@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from datasets import ClassLabel, DatasetDict, load_dataset, load_from_disk
 
 from .labels import LABELS
@@ -43,8 +45,21 @@ def require_split(ds: DatasetDict, name: str):
     return ds[name]
 
 
-def groups_of(split) -> list[str]:
-    """Patient ids for grouped statistics; rows without one count as their own patient."""
+def groups_of(split) -> list[str] | None:
+    """Patient ids for grouped statistics, or None when the split has no ``patient_id`` column (the
+    metrics then resample images and say so). Rows with an empty id count as their own patient."""
     if "patient_id" not in split.column_names:
-        return [f"row:{i}" for i in range(len(split))]
+        return None
     return [pid if pid else f"row:{i}" for i, pid in enumerate(split["patient_id"])]
+
+
+def stratified_subset(split, n: int | None, seed: int):
+    """``n`` rows keeping the class mix (a plain head or shuffle of a small subset can miss a class,
+    which would make calibration and the threshold meaningless)."""
+    if n is None or n >= len(split):
+        return split
+    counts = np.bincount(np.asarray(split["label"]), minlength=len(LABELS))
+    k = int((counts > 0).sum())
+    if n >= k and len(split) - n >= k and (counts[counts > 0] >= 2).all():  # what train_test_split needs
+        return split.train_test_split(train_size=n, stratify_by_column="label", seed=seed)["train"]
+    return split.shuffle(seed=seed).select(range(n))

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import groups_of, load_cxr_dataset, require_split
+from .calibration import softmax
+from .data import groups_of, load_cxr_dataset, require_split, stratified_subset
 from .labels import LABELS
 from .preprocessing import pixel_values
 
@@ -34,18 +35,14 @@ def predict_logits(model, processor, split, *, batch_size: int = 32, progress: b
                    desc: str = "predict") -> np.ndarray:
     """Logits (N, 3) of ``model`` over the rows of a ``datasets`` split (its ``image`` column)."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     with torch.inference_mode():
         for start in tqdm(range(0, len(split), batch_size), desc=desc, disable=not progress, unit="batch"):
             images = split[start:start + batch_size]["image"]
-            out.append(model(pixel_values=pixel_values(processor, images)).logits.float().cpu().numpy())
+            pv = pixel_values(processor, images).to(device)
+            out.append(model(pixel_values=pv).logits.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(LABELS)), dtype=np.float32)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def exact_dedup_index(split) -> np.ndarray | None:
@@ -61,14 +58,14 @@ def exact_dedup_index(split) -> np.ndarray | None:
     return np.asarray(keep, dtype=np.int64)
 
 
-def evaluate_probs(probs: np.ndarray, labels: np.ndarray, groups: list[str], *, threshold: float,
+def evaluate_probs(probs: np.ndarray, labels: np.ndarray, groups: list[str] | None, *, threshold: float,
                    n_bootstrap: int = 1000, seed: int = 0, dedup_index: np.ndarray | None = None) -> dict:
     """Metrics (with CIs), plus ``exact_dedup`` metrics over ``dedup_index`` when given."""
     from .metrics import compute_metrics
 
     metrics = compute_metrics(probs, labels, groups, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed)
     if dedup_index is not None and len(dedup_index) < len(labels):
-        g = [groups[i] for i in dedup_index]
+        g = None if groups is None else [groups[i] for i in dedup_index]
         metrics["exact_dedup"] = compute_metrics(probs[dedup_index], labels[dedup_index], g, threshold=threshold,
                                                  n_bootstrap=n_bootstrap, seed=seed)
         metrics["exact_dedup"]["n_removed"] = int(len(labels) - len(dedup_index))
@@ -83,7 +80,7 @@ def evaluate_model(model, processor, split, output_dir: Path | None, *, threshol
     t0 = time.perf_counter()
     logits = predict_logits(model, processor, split, batch_size=batch_size, progress=progress, desc=f"eval {split_name}")
     seconds = time.perf_counter() - t0
-    probs = _softmax(logits.astype(np.float64))
+    probs = softmax(logits.astype(np.float64))
     labels = np.asarray(split["label"], dtype=np.int64)
     groups = groups_of(split)
     metrics = evaluate_probs(probs, labels, groups, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed,
@@ -123,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--split", default="test")
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-samples", type=int, default=None, help="evaluate the first N rows only (smoke tests)")
+    ap.add_argument("--max-samples", type=int, default=None,
+                    help="evaluate a stratified subset of N rows (smoke tests; marked subset=true, not a result)")
+    ap.add_argument("--dataset-revision", default=None, help="dataset revision on the Hub")
     ap.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0 = none)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="pneumonia threshold (default: the one stored with the model)")
@@ -138,15 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     from .predict import Predictor
 
     predictor = Predictor.from_pretrained(args.model, revision=args.revision)
-    ds = load_cxr_dataset(args.dataset)
+    ds = load_cxr_dataset(args.dataset, revision=args.dataset_revision)
     split = require_split(ds, args.split)
-    if args.max_samples:
-        split = split.select(range(min(args.max_samples, len(split))))
+    subset = bool(args.max_samples) and args.max_samples < len(split)
+    if subset:
+        split = stratified_subset(split, args.max_samples, args.seed)
     threshold = predictor.threshold if args.threshold is None else args.threshold
     metrics = evaluate_model(predictor.model, predictor.processor, split, Path(args.output_dir), threshold=threshold,
                              split_name=args.split, batch_size=args.batch_size, n_bootstrap=args.n_bootstrap,
                              seed=args.seed, progress=not args.no_progress,
-                             extra={"model": args.model, "model_revision": predictor.revision, "dataset": args.dataset})
+                             extra={"model": args.model, "model_revision": predictor.revision, "dataset": args.dataset,
+                                    "subset": subset})
     print(format_summary(metrics))
     print(f"wrote {Path(args.output_dir) / 'metrics.json'}")
     return 0

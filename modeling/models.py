@@ -12,11 +12,12 @@ import warnings
 
 import torch
 from torch import nn
-from transformers import AutoModelForImageClassification, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from .labels import ID2LABEL, LABEL2ID, LABELS
 
+CALIBRATION_KEY = "cxr_calibration"  # modeling.calibration.CONFIG_KEY (that module imports this one)
 TOKEN_FAMILIES = ("vit", "dinov2", "dinov2_with_registers", "deit", "beit")
 CONV_FAMILIES = ("convnext", "convnextv2")
 
@@ -28,12 +29,18 @@ def build_model(
     drop_path_rate: float | None = None,
     quiet: bool = True,
 ) -> PreTrainedModel:
-    """Load ``base`` with a fresh 3-class head (normal, bacterial, viral).
+    """Load ``base`` with a freshly initialised 3-class head (normal, bacterial, viral).
 
-    The base may be a headless backbone (e.g. ``facebook/dinov2-small``, saved as ``Dinov2Model``) or
-    a classifier with another label set (an ImageNet head): ``ignore_mismatched_sizes`` replaces a
-    head of the wrong shape. ``drop_path_rate`` (stochastic depth) is set when the config has it.
+    The base may be a headless backbone (e.g. ``facebook/dinov2-small``, saved as ``Dinov2Model``), a
+    classifier with another label set (an ImageNet head), or one of our own calibrated models: the
+    head is always re-initialised and any stored calibration dropped, since neither the temperature
+    nor the threshold holds for the model that training will produce. ``drop_path_rate``
+    (stochastic depth) is applied when the architecture has it, and refused with a clear error
+    otherwise.
     """
+    config = AutoConfig.from_pretrained(base, revision=revision)
+    if drop_path_rate is not None and not hasattr(config, "drop_path_rate"):
+        raise ValueError(f"{config.model_type} has no stochastic depth (drop_path_rate); leave --drop-path-rate unset")
     kwargs = dict(
         num_labels=len(LABELS),
         id2label=dict(ID2LABEL),
@@ -54,6 +61,13 @@ def build_model(
             model = AutoModelForImageClassification.from_pretrained(base, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if hasattr(model.config, CALIBRATION_KEY):
+        delattr(model.config, CALIBRATION_KEY)
+    head = classifier_head(model)
+    with torch.no_grad():  # a checkpoint's 3-way head may be ours (scaled by 1/T) or in another order
+        nn.init.trunc_normal_(head.weight, std=float(getattr(model.config, "initializer_range", 0.02) or 0.02))
+        if head.bias is not None:
+            head.bias.zero_()
     return model
 
 
@@ -124,6 +138,10 @@ def param_groups(
     ``lr_scale`` so schedulers keep the ratios."""
     n = num_layers(model)
     head_ids = set(id(p) for p in classifier_head(model).parameters())
+    if layer_decay != 1.0 and not any(layer_id(name, n) not in (0, n + 1) for name, _ in model.named_parameters()):
+        warnings.warn(f"layer-wise LR decay: no block of {model.config.model_type} matched the known layer names; "
+                      "using one learning rate for the backbone (layer_decay=1)")
+        layer_decay = 1.0
     groups: dict[tuple[int, bool, bool], dict] = {}
     for name, p in model.named_parameters():
         is_head = id(p) in head_ids
@@ -133,6 +151,6 @@ def param_groups(
         key = (lid, is_head, nd)
         if key not in groups:
             groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale,
-                           "weight_decay": 0.0 if nd else weight_decay, "layer_id": lid}
+                           "weight_decay": 0.0 if nd else weight_decay, "layer_id": lid, "is_head": is_head}
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]

@@ -107,7 +107,9 @@ class Predictor:
         stored in fp16/bf16 are upcast to float32 for CPU inference."""
         model = AutoModelForImageClassification.from_pretrained(
             model_id_or_dir, revision=revision, dtype=torch.float32, **kwargs)
-        processor = AutoImageProcessor.from_pretrained(model_id_or_dir, revision=revision)
+        # backend="pil": the backend training used; with torchvision installed transformers would
+        # otherwise pick its torchvision resize, which differs slightly (train/serve skew).
+        processor = AutoImageProcessor.from_pretrained(model_id_or_dir, revision=revision, backend="pil")
         return cls(model, processor, model_id=str(model_id_or_dir),
                    revision=resolve_revision(str(model_id_or_dir), revision))
 

@@ -285,3 +285,40 @@ def test_predictor_refuses_a_model_with_other_labels(tmp_path, tiny_bases):
     model = AutoModelForImageClassification.from_pretrained(str(tiny_bases["dinov2"]), num_labels=2)
     with pytest.raises(ValueError, match="labels"):
         Predictor(model, build_image_processor(PreprocessConfig(size=32)))
+
+
+def test_predictor_pins_the_pil_backend_used_in_training(tmp_path, tiny_bases):
+    pred = Predictor.from_pretrained(str(_saved_model(tmp_path, tiny_bases["dinov2"])))
+    assert type(pred.processor).__name__.endswith("Pil")
+
+
+def test_fine_tuning_from_a_calibrated_model_starts_with_a_fresh_uncalibrated_head(tmp_path, tiny_bases):
+    released = _saved_model(tmp_path, tiny_bases["dinov2"], temperature=3.0)
+    old = AutoModelForImageClassification.from_pretrained(released)
+    model = build_model(str(released))
+    assert not hasattr(model.config, "cxr_calibration")
+    assert not torch.equal(classifier_head(model).weight, classifier_head(old).weight)
+    assert torch.count_nonzero(classifier_head(model).bias) == 0
+    # the backbone is kept
+    assert torch.equal(model.dinov2.embeddings.cls_token, old.dinov2.embeddings.cls_token)
+
+
+def test_drop_path_rate_is_applied_where_it_exists_and_refused_where_not(tiny_bases):
+    assert build_model(str(tiny_bases["dinov2"]), drop_path_rate=0.1).config.drop_path_rate == 0.1
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        build_model(str(tiny_bases["vit"]), drop_path_rate=0.1)
+
+
+def test_stratified_subset_keeps_every_class_and_handles_edge_sizes():
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    from modeling.data import groups_of, stratified_subset
+
+    labels = [0] * 80 + [1] * 15 + [2] * 5
+    ds = Dataset.from_dict({"label": labels, "x": list(range(100))},
+                           features=Features({"label": ClassLabel(names=list(LABELS)), "x": Value("int64")}))
+    small = stratified_subset(ds, 20, seed=0)
+    assert len(small) == 20 and set(small["label"]) == {0, 1, 2}  # a plain head(20) would be all normal
+    assert len(stratified_subset(ds, 99, seed=0)) == 99  # too few left over to stratify: still n rows
+    assert stratified_subset(ds, None, seed=0) is ds and stratified_subset(ds, 500, seed=0) is ds
+    assert groups_of(ds) is None  # no patient ids: the metrics resample images, and say so

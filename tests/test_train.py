@@ -139,18 +139,20 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(dinov2_run, d
         (out / f).unlink()
     lines = (out / "train_log.jsonl").read_text().splitlines()
     (out / "train_log.jsonl").write_text("\n".join(lines[:2]) + "\n")
-    best = json.loads((out / "checkpoints" / "epoch-002" / "trainer_state.json").read_text())["best_epoch"]
-    if best == 3:  # the best/ weights came from epoch 3: restore those of epoch <= 2 is impossible here
-        pytest.skip("best epoch was 3 in this run")
-
     run_train(*common(data["dataset"], data["dinov2"], out, "--epochs", "3", "--early-stopping-patience", "0",
                       "--resume"))
     resumed, original = log(out), log(dinov2_run)
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
     assert resumed[2]["train_loss"] == pytest.approx(original[2]["train_loss"], rel=1e-6)
     assert resumed[2]["val"] == pytest.approx(original[2]["val"], rel=1e-6)
-    a = load_file(str(out / "model.safetensors"))
-    b = load_file(str(dinov2_run / "model.safetensors"))
+    # the epoch-3 state itself (weights and optimizer moments), not only the best/ copy
+    a = load_file(str(out / "checkpoints" / "epoch-003" / "model.safetensors"))
+    b = load_file(str(dinov2_run / "checkpoints" / "epoch-003" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = torch.load(out / "checkpoints" / "epoch-003" / "optimizer.bin", weights_only=False)["state"]
+    opt_b = torch.load(dinov2_run / "checkpoints" / "epoch-003" / "optimizer.bin", weights_only=False)["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(dinov2_run / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -185,6 +187,10 @@ def test_other_families_and_options_train_end_to_end(data, tmp_path, family, ext
     assert len(lines) == 2
     if "--freeze-backbone-epochs" in extra:
         assert lines[0]["backbone_frozen"] and not lines[1]["backbone_frozen"]
+    accumulation = 2 if "--gradient-accumulation-steps" in extra else 1
+    batches = 90 // 16  # drop_last
+    assert lines[-1]["global_step"] == 2 * -(-batches // accumulation)  # optimizer updates, not batches
+    assert lines[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine schedule ends exactly at the end
     proc_cfg = json.loads((out / "preprocessor_config.json").read_text())
     assert proc_cfg["image_processor_type"] == ("DonutImageProcessor" if "--letterbox" in extra else "ViTImageProcessor")
     assert json.loads((out / "metrics.json").read_text())["test"]["n"] == 30
@@ -243,5 +249,71 @@ def test_distributed_data_parallel_on_two_cpu_processes(data, tmp_path):
     assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
     lines = log(out)
     assert [r["epoch"] for r in lines] == [1, 2]
+    assert [r["val"]["n"] for r in lines] == [29, 29]  # gathered over both ranks, padding dropped
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["validation"]["n"] == 29 and metrics["test"]["n"] == 29  # odd: padding must not count
+    assert metrics["validation"]["n"] == 29 and metrics["test"]["n"] == 29
+
+
+def test_a_new_run_refuses_an_earlier_runs_directory(dinov2_run, data, tmp_path):
+    out = tmp_path / "reused"
+    shutil.copytree(dinov2_run, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = common(data["dataset"], data["dinov2"], out, "--epochs", "1")
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "--overwrite-output-dir" in proc.stderr
+    run_train(*args, "--overwrite-output-dir")
+    assert [r["epoch"] for r in log(out)] == [1]  # the old log is gone, not appended to
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "epoch-001"]
+
+
+def test_resume_of_a_finished_run_does_nothing_and_other_settings_are_refused(dinov2_run, data, tmp_path):
+    out = tmp_path / "finished"
+    shutil.copytree(dinov2_run, out)
+    before = (out / "metrics.json").read_text()
+    args = common(data["dataset"], data["dinov2"], out, "--epochs", "3", "--early-stopping-patience", "0", "--resume")
+    proc = run_train(*args)
+    assert "already finished" in proc.stderr
+    assert (out / "metrics.json").read_text() == before  # the test split was not evaluated again
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    other = list(args)
+    other[other.index("--learning-rate") + 1] = "1e-4"
+    proc = subprocess.run([sys.executable, "train.py", *other], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "learning_rate" in proc.stderr
+
+
+def test_early_stopping_stops_after_patience_epochs_without_gain(data, tmp_path):
+    out = tmp_path / "early"
+    run_train(*common(data["dataset"], data["dinov2"], out, "--epochs", "6", "--early-stopping-patience", "2",
+                      "--no-test"))
+    lines = log(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = metrics["training"]["best_epoch"]  # the last epoch that improved; then 2 without gain, then stop
+    assert len(lines) == min(6, best + 2) and metrics["training"]["stopped_early"] == (len(lines) < 6)
+    assert all(r["val"]["macro_f1"] <= lines[best - 1]["val"]["macro_f1"] + 1e-6 for r in lines)
+
+
+def test_loss_function_matches_torch_reference_losses():
+    import torch.nn.functional as F
+
+    import train
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(12, 3), torch.randint(0, 3, (12,))
+    w = train.class_weights([0, 0, 0, 0, 1, 1, 2])
+    assert w.tolist() == pytest.approx([7 / 12, 7 / 6, 7 / 3])
+    cfg = train.TrainConfig(dataset="d", base_model="b", output_dir="o")
+    assert train.loss_fn(logits, y, cfg, w) == pytest.approx(F.cross_entropy(logits, y, weight=w).item())
+    assert train.loss_fn(logits, y, cfg, None) == pytest.approx(F.cross_entropy(logits, y).item())
+    y2, lam = torch.randint(0, 3, (12,)), 0.3
+    soft = lam * F.one_hot(y, 3).float() + (1 - lam) * F.one_hot(y2, 3).float()
+    mixed = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y2)
+    assert train.loss_fn(logits, soft, cfg, None) == pytest.approx(mixed.item(), rel=1e-5)
+    focal0 = train.TrainConfig(dataset="d", base_model="b", output_dir="o", loss="focal", focal_gamma=0.0)
+    assert train.loss_fn(logits, y, focal0, None) == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    focal = train.TrainConfig(dataset="d", base_model="b", output_dir="o", loss="focal", focal_gamma=2.0)
+    assert train.loss_fn(logits, y, focal, None) < F.cross_entropy(logits, y).item()  # easy examples count less
+    smooth = train.TrainConfig(dataset="d", base_model="b", output_dir="o", label_smoothing=0.1)
+    ref = F.cross_entropy(logits, y, label_smoothing=0.1)
+    assert train.loss_fn(logits, y, smooth, None) == pytest.approx(ref.item(), rel=1e-5)
