@@ -328,7 +328,10 @@ def train(cfg: TrainConfig) -> dict:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", out / "checkpoints")
     if resume_path is not None:
         saved = json.loads((resume_path / "trainer_state.json").read_text())
-        check_resume_config(cfg, saved.get("config", {}))
+        if "config" in saved:
+            check_resume_config(cfg, saved["config"])
+        else:
+            logger.warning("%s records no training settings; cannot check they match", resume_path)
         if saved.get("finished"):
             logger.warning("%s: this run already finished (calibrated, evaluated); nothing to resume", resume_path)
             return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}

@@ -29,12 +29,13 @@ def build_model(
     drop_path_rate: float | None = None,
     quiet: bool = True,
 ) -> PreTrainedModel:
-    """Load ``base`` with a freshly initialised 3-class head (normal, bacterial, viral).
+    """Load ``base`` as a 3-class classifier (normal, bacterial, viral) ready for training.
 
     The base may be a headless backbone (e.g. ``facebook/dinov2-small``, saved as ``Dinov2Model``), a
-    classifier with another label set (an ImageNet head), or one of our own calibrated models: the
-    head is always re-initialised and any stored calibration dropped, since neither the temperature
-    nor the threshold holds for the model that training will produce. ``drop_path_rate``
+    classifier with another label set (an ImageNet head: replaced), one of our calibrated models
+    (head re-initialised and the stored calibration dropped: neither the temperature nor the
+    threshold holds for the model training will produce), or an uncalibrated checkpoint of ours
+    (kept whole, to continue training). ``drop_path_rate``
     (stochastic depth) is applied when the architecture has it, and refused with a clear error
     otherwise.
     """
@@ -61,14 +62,25 @@ def build_model(
             model = AutoModelForImageClassification.from_pretrained(base, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    if hasattr(model.config, CALIBRATION_KEY):
+    calibrated = hasattr(config, CALIBRATION_KEY)
+    if calibrated:
         delattr(model.config, CALIBRATION_KEY)
-    head = classifier_head(model)
-    with torch.no_grad():  # a checkpoint's 3-way head may be ours (scaled by 1/T) or in another order
-        nn.init.trunc_normal_(head.weight, std=float(getattr(model.config, "initializer_range", 0.02) or 0.02))
-        if head.bias is not None:
-            head.bias.zero_()
+    if calibrated or not _has_our_labels(config):
+        # A 3-way head of another label order, or ours scaled by 1/T, must not be reused as-is.
+        # An uncalibrated checkpoint of ours (train.py's checkpoints/best) keeps its head, so a
+        # run can continue from it (e.g. a resolution schedule: 112 px, then 224 px).
+        head = classifier_head(model)
+        with torch.no_grad():
+            nn.init.trunc_normal_(head.weight, std=float(getattr(model.config, "initializer_range", 0.02) or 0.02))
+            if head.bias is not None:
+                head.bias.zero_()
     return model
+
+
+def _has_our_labels(config) -> bool:
+    id2label = getattr(config, "id2label", None) or {}
+    return len(id2label) == len(LABELS) and all(id2label.get(i, id2label.get(str(i))) == name
+                                                  for i, name in enumerate(LABELS))
 
 
 def family(model: PreTrainedModel) -> str:

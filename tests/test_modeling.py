@@ -322,3 +322,14 @@ def test_stratified_subset_keeps_every_class_and_handles_edge_sizes():
     assert len(stratified_subset(ds, 99, seed=0)) == 99  # too few left over to stratify: still n rows
     assert stratified_subset(ds, None, seed=0) is ds and stratified_subset(ds, 500, seed=0) is ds
     assert groups_of(ds) is None  # no patient ids: the metrics resample images, and say so
+
+
+def test_an_uncalibrated_checkpoint_of_ours_is_continued_with_its_head(tmp_path, tiny_bases):
+    first = build_model(str(tiny_bases["convnext"]))
+    first.save_pretrained(tmp_path / "stage1")  # what train.py writes to checkpoints/best
+    again = build_model(str(tmp_path / "stage1"))
+    assert torch.equal(classifier_head(again).weight, classifier_head(first).weight)
+    other = AutoModelForImageClassification.from_pretrained(
+        str(tiny_bases["convnext"]), num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    other.save_pretrained(tmp_path / "other")
+    assert not torch.equal(classifier_head(build_model(str(tmp_path / "other"))).weight, classifier_head(other).weight)
