@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import random
 import shutil
@@ -100,7 +101,7 @@ class TrainConfig:
     mixed_precision: str = field(default="auto", metadata={"choices": ["auto", "no", "bf16", "fp16"],
                                  "help": "auto = bf16 on CPU and on GPUs that support it"})
     seed: int = field(default=42)
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers (default: 0 on CPU, where they would compete with the model for cores; up to 8 with a GPU)"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
     # selection, calibration, evaluation
     early_stopping_patience: int = field(default=3, metadata={"help": "epochs without validation macro-F1 gain; 0 = off"})
@@ -299,11 +300,13 @@ def train(cfg: TrainConfig) -> dict:
     model = build_model(cfg.base_model, revision=cfg.base_model_revision, drop_path_rate=cfg.drop_path_rate)
     check_input_size(model, cfg.image_size)
 
+    workers = cfg.num_workers if cfg.num_workers is not None else (
+        min(8, os.cpu_count() or 1) if accelerator.device.type != "cpu" else 0)
     train_ds = XrayDataset(train_split, processor, cfg.augment_config(), cfg.seed)
     train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                          num_workers=cfg.num_workers, drop_last=len(train_ds) > cfg.batch_size)
+                          num_workers=workers, drop_last=len(train_ds) > cfg.batch_size)
     val_dl = DataLoader(XrayDataset(val_split, processor, None, cfg.seed), batch_size=cfg.eval_batch_size,
-                        collate_fn=collate, num_workers=cfg.num_workers)
+                        collate_fn=collate, num_workers=workers)
     weights = class_weights(list(train_split["label"])) if cfg.loss in ("weighted_ce", "focal") else None
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.layer_decay,

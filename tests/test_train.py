@@ -178,7 +178,7 @@ def test_loss_falls_and_the_model_learns_a_learnable_task(data, tmp_path):
 
 @pytest.mark.parametrize("family,extra", [
     ("vit", ["--loss", "focal", "--mixup-alpha", "0.4", "--freeze-backbone-epochs", "1"]),
-    ("convnext", ["--letterbox", "--gradient-accumulation-steps", "2", "--mixed-precision", "no"]),
+    ("convnext", ["--letterbox", "--gradient-accumulation-steps", "2", "--mixed-precision", "no", "--num-workers", "1"]),
 ])
 def test_other_families_and_options_train_end_to_end(data, tmp_path, family, extra):
     out = tmp_path / family
