@@ -72,7 +72,7 @@ class TrainConfig:
     # data
     image_size: int = field(default=224, metadata={"help": "square input side (multiple of the patch size for ViTs)"})
     letterbox: bool = field(default=False, metadata={"help": "keep aspect ratio, pad with black (else stretch)"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "use N training images (seeded shuffle)"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use N training images (stratified by class, seeded)"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use N validation and test images (smoke runs; not a result)"})
     crop_scale_min: float = field(default=0.8, metadata={"help": "smallest crop area fraction (1 = no crop)"})
     max_rotation: float = field(default=7.0, metadata={"help": "rotation range in degrees"})
@@ -90,13 +90,13 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"help": "per device"})
     eval_batch_size: int = field(default=64)
     gradient_accumulation_steps: int = field(default=1)
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak LR of the last block; earlier blocks get layer_decay powers of it, the head head_lr_scale times it"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak LR after warmup of the layers above the last block (final norm); block i of n gets lr * layer_decay**(n+1-i), the head lr * head_lr_scale"})
     weight_decay: float = field(default=0.05)
     layer_decay: float = field(default=0.75, metadata={"help": "layer-wise LR decay (1 = off)"})
     head_lr_scale: float = field(default=10.0, metadata={"help": "head LR multiplier (new layer learns faster)"})
     warmup_ratio: float = field(default=0.1)
     max_grad_norm: float = field(default=1.0)
-    drop_path_rate: float | None = field(default=None, metadata={"help": "stochastic depth (ViT/DINOv2/ConvNeXt)"})
+    drop_path_rate: float | None = field(default=None, metadata={"help": "stochastic depth, for architectures that have it (DINOv2, ConvNeXt, BEiT...; not HF's ViT)"})
     freeze_backbone_epochs: int = field(default=0, metadata={"help": "train only the head for the first N epochs"})
     mixed_precision: str = field(default="auto", metadata={"choices": ["auto", "no", "bf16", "fp16"],
                                  "help": "auto = bf16 on CPU and on GPUs that support it"})
@@ -206,28 +206,49 @@ def check_validation(val_split) -> None:
         raise SystemExit(f"validation needs normal and pneumonia images to calibrate; has {dict(zip(LABELS, counts.tolist()))}")
 
 
-# Fields that may differ between a run and its resumption (they do not change what is trained).
-RESUME_MAY_CHANGE = {"output_dir", "resume", "resume_from", "overwrite_output_dir", "no_progress", "num_workers", "num_threads",
-                     "push_to_hub", "hub_private", "n_bootstrap", "no_test", "early_stopping_patience", "eval_batch_size"}
+# Fields that may differ between a run and its resumption: they do not change how an epoch is
+# trained (patience only changes when training stops; the others where things go or what is
+# reported after training).
+RESUME_MAY_CHANGE = {"output_dir", "resume", "resume_from", "overwrite_output_dir", "no_progress", "num_workers",
+                     "num_threads", "push_to_hub", "hub_private", "n_bootstrap", "no_test", "early_stopping_patience",
+                     "eval_batch_size", "target_sensitivity"}
+# What an earlier run leaves in output_dir (all of it is removed by --overwrite-output-dir).
+RUN_FILES = ("checkpoints", "train_log.jsonl", "metrics.json", "model.safetensors", "eval_test", "config.json",
+             "preprocessor_config.json", "README.md", "training_config.json")
 
 
 def prepare_output_dir(cfg: "TrainConfig", out: Path) -> None:
     """Refuse to mix a new run into an earlier run's directory (its checkpoints would be rotated
     together and a later --resume would pick up the wrong state)."""
     if cfg.resume or cfg.resume_from:
+        if cfg.overwrite_output_dir:
+            raise SystemExit("--overwrite-output-dir and --resume/--resume-from contradict each other")
         return
-    earlier = [p for p in (out / "checkpoints", out / "train_log.jsonl") if p.exists()]
+    earlier = [out / name for name in RUN_FILES[:5] if (out / name).exists()]
     if not earlier:
         return
     if not cfg.overwrite_output_dir:
         raise SystemExit(f"{out} holds an earlier run ({', '.join(p.name for p in earlier)}); "
                          "use --resume to continue it or --overwrite-output-dir to start over")
-    for p in earlier:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in (out / name for name in RUN_FILES):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _same_setting(a, b) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()  # the same local dataset/base written another way
+    return False
 
 
 def check_resume_config(cfg: "TrainConfig", saved: dict) -> None:
-    diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
+    """Refuse to resume with other training settings (fields a checkpoint predates are not compared)."""
+    diff = {k: (saved[k], v) for k, v in asdict(cfg).items()
+            if k not in RESUME_MAY_CHANGE and k in saved and not _same_setting(saved[k], v)}
     if diff:
         raise SystemExit("--resume with other training settings than the checkpoint's: "
                          + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items())))
@@ -301,7 +322,7 @@ def train(cfg: TrainConfig) -> dict:
     check_input_size(model, cfg.image_size)
 
     workers = cfg.num_workers if cfg.num_workers is not None else (
-        min(8, os.cpu_count() or 1) if accelerator.device.type != "cpu" else 0)
+        min(8, max(1, (os.cpu_count() or 1) // accelerator.num_processes)) if accelerator.device.type != "cpu" else 0)
     train_ds = XrayDataset(train_split, processor, cfg.augment_config(), cfg.seed)
     train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
                           num_workers=workers, drop_last=len(train_ds) > cfg.batch_size)
@@ -335,12 +356,23 @@ def train(cfg: TrainConfig) -> dict:
             check_resume_config(cfg, saved["config"])
         else:
             logger.warning("%s records no training settings; cannot check they match", resume_path)
-        if saved.get("finished"):
-            logger.warning("%s: this run already finished (calibrated, evaluated); nothing to resume", resume_path)
-            return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+        finished = [c for c in sorted((resume_path.parent).glob("epoch-*"))
+                    if json.loads(((c / "trainer_state.json").read_text()) if (c / "trainer_state.json").exists()
+                                  else "{}").get("finished")]
+        if saved.get("finished") or finished:
+            logger.warning("%s: this run already finished (calibrated, evaluated); nothing to resume. Start a new "
+                           "run in another directory to train again.", resume_path)
+            done = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+            if cfg.push_to_hub and accelerator.is_main_process and (out / "model.safetensors").exists():
+                done["hub_commit"] = push(out, cfg.push_to_hub, private=cfg.hub_private)
+            return done
         accelerator.load_state(str(resume_path))
         state = {**saved, "config": asdict(cfg)}
         logger.info("resumed from %s (epoch %d done)", resume_path, state["epoch"])
+        if accelerator.is_main_process and (out / "train_log.jsonl").exists():  # drop epochs after the checkpoint
+            kept = [ln for ln in (out / "train_log.jsonl").read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["epoch"] <= state["epoch"]]
+            (out / "train_log.jsonl").write_text("".join(ln + "\n" for ln in kept))
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -417,6 +449,7 @@ def train(cfg: TrainConfig) -> dict:
                 best = out / "checkpoints" / "best"
                 accelerator.unwrap_model(model).save_pretrained(best)
                 processor.save_pretrained(best)
+                (best / "best_epoch.json").write_text(json.dumps({"epoch": epoch}) + "\n")
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             logger.info("epoch %d: loss %.4f val macro-F1 %.4f acc %.4f nll %.4f (best epoch %s) %.2f img/s",
@@ -431,6 +464,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- calibrate, evaluate, save, card, push ----------------------------------------------------
     result = {}
+    model = optimizer = scheduler = train_dl = val_dl = None  # free the training copies before finish() loads
+    accelerator.free_memory()
     if accelerator.is_main_process:
         result = finish(cfg, out, processor, val_split, test_split, state, stopped_early, progress,
                         accelerator.device, test_subset)
@@ -452,6 +487,10 @@ def finish(cfg: TrainConfig, out: Path, processor, val_split, test_split, state:
     from modeling.predict import Predictor
 
     best_dir = out / "checkpoints" / "best"
+    written = json.loads((best_dir / "best_epoch.json").read_text())["epoch"] if (best_dir / "best_epoch.json").exists() else None
+    if written is not None and written != state["best_epoch"]:
+        raise SystemExit(f"{best_dir} holds epoch {written} but the training state says the best epoch is "
+                         f"{state['best_epoch']} (a crash between the two writes?); resume from an earlier checkpoint")
     model = AutoModelForImageClassification.from_pretrained(best_dir, dtype=torch.float32).to(device)
     val_logits = predict_logits(model, processor, val_split, batch_size=cfg.eval_batch_size, progress=progress,
                                 desc="calibrate")
@@ -489,7 +528,8 @@ def finish(cfg: TrainConfig, out: Path, processor, val_split, test_split, state:
 
 
 def lr_of(optimizer, *, head: bool) -> float:
-    """Current LR of the head, or of the last backbone block (the largest non-head LR)."""
+    """Current LR of the head, or the largest non-head LR (the layers above the last block: the
+    un-decayed --learning-rate times the schedule)."""
     lrs = [g["lr"] for g in optimizer.param_groups if bool(g.get("is_head")) == head]
     return max(lrs) if lrs else float("nan")
 

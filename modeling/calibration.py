@@ -76,7 +76,9 @@ def choose_threshold(p_pneumonia, is_pneumonia, target_sensitivity: float = 0.98
     # Any t in (next lower score, kth] gives the same calls on this data; the midpoint keeps the
     # decision off a knife's edge (a float32 re-computation of kth's probability must not flip it).
     below = p[p < kth]
-    return float((kth + below.max()) / 2) if below.size else float(kth)
+    mid = (kth + below.max()) / 2 if below.size else 0.0
+    t = min(mid, np.nextafter(kth, -np.inf)) if below.size else np.nextafter(kth, -np.inf)
+    return float(min(max(t, 1e-9), 1 - 1e-9))  # the metric module (and common sense) want 0 < t < 1
 
 
 def binary_rates(p_pneumonia, is_pneumonia, threshold: float) -> tuple[float, float]:

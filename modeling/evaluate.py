@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0 = none)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="pneumonia threshold (default: the one stored with the model)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=42,
+                    help="bootstrap and --max-samples seed (train.py's default, so its subsets are reproduced)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 

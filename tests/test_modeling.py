@@ -287,8 +287,18 @@ def test_predictor_refuses_a_model_with_other_labels(tmp_path, tiny_bases):
         Predictor(model, build_image_processor(PreprocessConfig(size=32)))
 
 
-def test_predictor_pins_the_pil_backend_used_in_training(tmp_path, tiny_bases):
+def test_predictor_pins_the_pil_backend_used_in_training(tmp_path, tiny_bases, monkeypatch):
+    """Without torchvision transformers falls back to PIL anyway, so check what is asked for."""
+    asked = {}
+    original = AutoImageProcessor.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        asked.update(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoImageProcessor, "from_pretrained", classmethod(spy))
     pred = Predictor.from_pretrained(str(_saved_model(tmp_path, tiny_bases["dinov2"])))
+    assert asked.get("backend") == "pil"
     assert type(pred.processor).__name__.endswith("Pil")
 
 
