@@ -555,7 +555,8 @@ def run_info(cfg: TrainConfig, precision: str, accelerator: Accelerator, pcfg: P
     return {
         "config": asdict(cfg), "preprocessing": pcfg.to_dict(), "augmentation": cfg.augment_config().to_dict(),
         "mixed_precision": precision, "num_processes": accelerator.num_processes, "device": str(accelerator.device),
-        "n_train": n_train, "n_validation": n_val, "command": " ".join(sys.argv),
+        "n_train": n_train, "n_validation": n_val,
+        "command": " ".join(["python" if sys.argv[0].endswith(".py") else "", *sys.argv]).strip(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "accelerate": accelerate.__version__},
         "hardware": {"machine": platform.machine(), "processor": platform.processor(),

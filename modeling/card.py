@@ -156,6 +156,8 @@ def render_model_card(out_dir: Path, *, cfg: dict, metrics: dict, model_id: str 
                  f"{info.get('num_processes', 1)} process(es)",
         wall_time=f"{wall / 60:.1f} min" if wall else "n/a",
         command=info.get("command", "python train.py ..."),
+        test_protocol=("The test split was evaluated once, after training, on the saved model."
+                       if test else "The test split was not evaluated for this model."),
         results_text=results_text, calibration_text=calibration_text,
     )
 

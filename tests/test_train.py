@@ -99,6 +99,7 @@ def test_train_writes_a_complete_calibrated_model_directory(dinov2_run):
     assert card.startswith("---\n") and "model-index:" in card and "pipeline_tag: image-classification" in card
     assert "Not a medical device" in card and "## Limitations" in card
     assert f"{metrics['test']['accuracy']:.4f}" in card  # the card shows the measured number
+    assert "test split was evaluated once" in card and "\npython train.py --dataset" in card
 
 
 def test_evaluate_cli_reproduces_the_training_test_metrics(dinov2_run, data, tmp_path):
@@ -174,6 +175,8 @@ def test_loss_falls_and_the_model_learns_a_learnable_task(data, tmp_path):
     assert last < 0.75 * first, [r["train_loss"] for r in lines]
     assert max(r["val"]["accuracy"] for r in lines) >= 0.6  # chance is 1/3
     assert "test" not in json.loads((out / "metrics.json").read_text())
+    card = (out / "README.md").read_text()
+    assert "test split was not evaluated" in card and "model-index" not in card
 
 
 @pytest.mark.parametrize("family,extra", [
