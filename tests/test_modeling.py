@@ -343,3 +343,32 @@ def test_an_uncalibrated_checkpoint_of_ours_is_continued_with_its_head(tmp_path,
         str(tiny_bases["convnext"]), num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
     other.save_pretrained(tmp_path / "other")
     assert not torch.equal(classifier_head(build_model(str(tmp_path / "other"))).weight, classifier_head(other).weight)
+
+
+def test_predict_cli_reports_bad_files_and_keeps_going(tmp_path, tiny_bases):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    model_dir = _saved_model(tmp_path, tiny_bases["dinov2"], temperature=1.3)
+    good, bad, missing = tmp_path / "good.png", tmp_path / "bad.jpeg", tmp_path / "missing.png"
+    xray_like(4, (50, 40)).save(good)
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    heat = tmp_path / "heat"
+    proc = subprocess.run(
+        [sys.executable, "-m", "modeling.predict", "--model", str(model_dir), "--heatmap-dir", str(heat),
+         str(good), str(bad), str(missing), str(good)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 1 and "2 of 4 file(s) could not be read" in proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [("error" in r) for r in rows] == [False, True, True, False]
+    assert rows[1]["error"]["reason"] in ("truncated", "not_an_image") and rows[2]["error"]["reason"] == "io_error"
+    ours = Predictor.from_pretrained(str(model_dir)).predict_one(good)
+    assert rows[0]["probabilities"] == pytest.approx(ours.probabilities) and rows[3] == {**rows[0], "file": str(good),
+                                                                                          "heatmap_file": rows[3]["heatmap_file"]}
+    overlay_png = Image.open(rows[0]["heatmap_file"])
+    assert overlay_png.size == (50, 40) and overlay_png.mode == "RGB"
