@@ -98,6 +98,9 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0)
     drop_path_rate: float | None = field(default=None, metadata={"help": "stochastic depth, for architectures that have it (DINOv2, ConvNeXt, BEiT...; not HF's ViT)"})
     freeze_backbone_epochs: int = field(default=0, metadata={"help": "train only the head for the first N epochs"})
+    ema_decay: float = field(default=0.0, metadata={"help": "exponential moving average of the weights after each "
+                             "update (e.g. 0.995); validation, selection and the saved model then use the averaged "
+                             "weights; 0 = off"})
     mixed_precision: str = field(default="auto", metadata={"choices": ["auto", "no", "bf16", "fp16"],
                                  "help": "auto = bf16 on CPU and on GPUs that support it"})
     seed: int = field(default=42)
@@ -332,6 +335,13 @@ def train(cfg: TrainConfig) -> dict:
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.layer_decay,
                                                cfg.head_lr_scale), lr=cfg.learning_rate)
+    ema = None
+    if cfg.ema_decay > 0:  # built from the plain model, before Accelerate wraps its forward
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)  # saved and restored with every epoch state
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     updates_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
     total_updates = updates_per_epoch * cfg.epochs
@@ -419,6 +429,8 @@ def train(cfg: TrainConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 state["global_step"] += 1
+                if ema is not None:
+                    ema.update_parameters(accelerator.unwrap_model(model))
             seen += pv.shape[0] * accelerator.num_processes
             loss_sum += loss.item()
             n_batches += 1
@@ -426,7 +438,8 @@ def train(cfg: TrainConfig) -> dict:
         train_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        val_logits, val_labels = predict(accelerator, model, val_dl, "validation", progress)
+        val_logits, val_labels = predict(accelerator, ema.module if ema is not None else model, val_dl, "validation",
+                                         progress)
         val_seconds = time.perf_counter() - t1
         val = quick_metrics(val_logits, val_labels)
         improved = state["best_metric"] is None or val["macro_f1"] > state["best_metric"] + 1e-6
@@ -447,7 +460,7 @@ def train(cfg: TrainConfig) -> dict:
         if accelerator.is_main_process:
             if improved:  # after save_state: best/ never runs ahead of a resumable checkpoint
                 best = out / "checkpoints" / "best"
-                accelerator.unwrap_model(model).save_pretrained(best)
+                (ema.module if ema is not None else accelerator.unwrap_model(model)).save_pretrained(best)
                 processor.save_pretrained(best)
                 (best / "best_epoch.json").write_text(json.dumps({"epoch": epoch}) + "\n")
             with open(log_path, "a") as f:
@@ -464,7 +477,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- calibrate, evaluate, save, card, push ----------------------------------------------------
     result = {}
-    model = optimizer = scheduler = train_dl = val_dl = None  # free the training copies before finish() loads
+    model = optimizer = scheduler = train_dl = val_dl = ema = None  # free the training copies before finish()
     accelerator.free_memory()
     if accelerator.is_main_process:
         result = finish(cfg, out, processor, val_split, test_split, state, stopped_early, progress,

@@ -327,3 +327,18 @@ def test_loss_function_matches_torch_reference_losses():
     smooth = train.TrainConfig(dataset="d", base_model="b", output_dir="o", label_smoothing=0.1)
     ref = F.cross_entropy(logits, y, label_smoothing=0.1)
     assert train.loss_fn(logits, y, smooth, None) == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_ema_weights_are_what_is_validated_and_saved(data, tmp_path):
+    out = tmp_path / "ema"
+    run_train(*common(data["dataset"], data["dinov2"], out, "--epochs", "2", "--ema-decay", "0.9", "--no-test",
+                      "--early-stopping-patience", "0"))
+    best_epoch = json.loads((out / "checkpoints" / "best" / "best_epoch.json").read_text())["epoch"]
+    ckpt = out / "checkpoints" / f"epoch-{best_epoch:03d}"
+    best = load_file(str(out / "checkpoints" / "best" / "model.safetensors"))
+    raw = load_file(str(ckpt / "model.safetensors"))
+    ema = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)
+    key = "dinov2.embeddings.patch_embeddings.projection.weight"
+    assert not torch.equal(best[key], raw[key])  # not the raw weights of that epoch...
+    assert torch.equal(best[key], ema[f"module.{key}"])  # ...but their moving average
+    assert int(ema["n_averaged"]) == json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
