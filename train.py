@@ -51,7 +51,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Hf
 from transformers import get_cosine_schedule_with_warmup
 
 from modeling.augment import AugmentConfig, augment
-from modeling.calibration import calibrate, nll, softmax
+from modeling.calibration import calibrate, softmax
 from modeling.data import groups_of, load_cxr_dataset, require_split, stratified_subset
 from modeling.image_io import to_grayscale
 from modeling.labels import LABELS
@@ -286,7 +286,7 @@ def quick_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     from modeling.metrics import compute_metrics
 
     m = compute_metrics(softmax(logits.astype(np.float64)), labels, None, threshold=0.5, n_bootstrap=0)
-    return {"n": int(len(labels)), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "nll": nll(logits, labels), "ece": m["ece"],
+    return {"n": int(len(labels)), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "nll": m["nll"], "ece": m["ece"],
             "auc_ovr_macro": m["auc_ovr_macro"], "binary_auc": m["binary"]["auc"]}
 
 

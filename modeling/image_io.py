@@ -261,9 +261,7 @@ def to_grayscale(image: Image.Image, *, name: str | None = None) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
     gray = _pil_to_gray(image, _Log(), name)
-    out = Image.new("L", gray.size)  # a fresh image: pixels only, no info/EXIF/ICC carried over
-    out.paste(gray)
-    return out
+    return Image.frombytes("L", gray.size, gray.tobytes())  # fresh image: no EXIF/ICC/text chunks
 
 
 def read_dicom_metadata(source: Source, *, name: str | None = None) -> dict[str, Any]:

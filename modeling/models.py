@@ -18,7 +18,6 @@ from transformers.utils import logging as hf_logging
 from .labels import ID2LABEL, LABEL2ID, LABELS
 
 CALIBRATION_KEY = "cxr_calibration"  # modeling.calibration.CONFIG_KEY (that module imports this one)
-TOKEN_FAMILIES = ("vit", "dinov2", "dinov2_with_registers", "deit", "beit")
 CONV_FAMILIES = ("convnext", "convnextv2")
 
 
@@ -81,10 +80,6 @@ def _has_our_labels(config) -> bool:
     id2label = getattr(config, "id2label", None) or {}
     return len(id2label) == len(LABELS) and all(id2label.get(i, id2label.get(str(i))) == name
                                                   for i, name in enumerate(LABELS))
-
-
-def family(model: PreTrainedModel) -> str:
-    return model.config.model_type
 
 
 def classifier_head(model: nn.Module) -> nn.Linear:

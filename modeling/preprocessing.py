@@ -96,7 +96,7 @@ def config_from_processor(processor: BaseImageProcessor) -> PreprocessConfig:
     size = processor.size or {}
     side = size.get("height") or size.get("shortest_edge") or 224
     resample = {v: k for k, v in _RESAMPLE.items()}.get(Image.Resampling(int(processor.resample)), "bicubic")
-    letterbox = bool(getattr(processor, "do_thumbnail", False) and getattr(processor, "do_pad", False))
+    letterbox = is_letterbox(processor)
     return PreprocessConfig(
         size=int(side),
         letterbox=letterbox,
@@ -104,12 +104,6 @@ def config_from_processor(processor: BaseImageProcessor) -> PreprocessConfig:
         image_mean=tuple(processor.image_mean or IMAGENET_MEAN),
         image_std=tuple(processor.image_std or IMAGENET_STD),
     )
-
-
-def input_size(processor: BaseImageProcessor) -> tuple[int, int]:
-    """(height, width) of the tensor the processor produces."""
-    size = processor.size
-    return int(size["height"]), int(size["width"])
 
 
 def is_letterbox(processor: BaseImageProcessor) -> bool:
