@@ -30,11 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import imagehash
-import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from modeling.image_io import ImageLoadError, load_image_with_info
+from modeling.image_io import ImageLoadError, load_image_with_info, pixel_sha256
 
 FINGERPRINT_VERSION = 1
 HASH_SIZE = 16
@@ -87,8 +86,7 @@ def fingerprint_bytes(data: bytes, file_sha256: str | None = None, name: str | N
         img, info = load_image_with_info(data, name=name)
     except ImageLoadError as e:
         return Fingerprint(file_sha256=sha, ok=False, error_reason=e.reason, error_message=e.detail)
-    arr = np.asarray(img, dtype=np.uint8)
-    pixel_sha = hashlib.sha256(f"{arr.shape}".encode() + arr.tobytes()).hexdigest()
+    pixel_sha = pixel_sha256(img)
     ph, variants = perceptual_hashes(img)
     return Fingerprint(
         file_sha256=sha, ok=True, format=info.format, mode=info.mode, width=info.width,

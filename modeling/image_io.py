@@ -93,6 +93,7 @@ __all__ = [
     "ImageLoadError",
     "load_image",
     "load_image_with_info",
+    "pixel_sha256",
     "read_dicom_metadata",
 ]
 
@@ -262,6 +263,18 @@ def to_grayscale(image: Image.Image, *, name: str | None = None) -> Image.Image:
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
     gray = _pil_to_gray(image, _Log(), name)
     return Image.frombytes("L", gray.size, gray.tobytes())  # fresh image: no EXIF/ICC/text chunks
+
+
+def pixel_sha256(image: Image.Image) -> str:
+    """SHA-256 of a loaded image's 8-bit pixels and shape: the project's image identity.
+
+    The dataset's ``image_sha256`` column, the Space's prediction records and the contributor
+    validator all use it, so the same picture has the same hash whatever file format carried it
+    (a DICOM and its PNG export, a re-saved JPEG of identical pixels)."""
+    import hashlib
+
+    arr = np.asarray(image, dtype=np.uint8)
+    return hashlib.sha256(f"{arr.shape}".encode() + arr.tobytes()).hexdigest()
 
 
 def read_dicom_metadata(source: Source, *, name: str | None = None) -> dict[str, Any]:
