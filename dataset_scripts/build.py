@@ -85,9 +85,11 @@ def plan(cfg: BuildConfig) -> BuildResult:
         records.extend(listing.records)
         ignored.extend({"source": spec, **x} for x in listing.ignored)
         first = listing.records[0] if listing.records else None
+        licenses = sorted({r.license for r in listing.records})
         sources_report.append({
             "spec": spec, "name": first.source if first else "", "kind": spec.split(":", 1)[0],
-            "license": first.license if first else "", "files": len(listing.records),
+            "license": licenses[0] if len(licenses) == 1 else "mixed", "licenses": licenses,
+            "files": len(listing.records),
             "by_label": dict(Counter(r.label for r in listing.records)),
             "ignored": len(listing.ignored),
         })
@@ -254,8 +256,37 @@ def _report(cfg, recs, fps, decisions, conflicts, clusters, pairs, study_pairs, 
         "test_exact_duplicate_groups": sum(1 for c in Counter(fps[i].pixel_sha256 for i, x in split_of.items()
                                                               if x == "test").values() if c > 1),
         "leak_check": leak,
+        "contributions": _contributions_report(recs, decisions, split_of, unreadable),
         "dropped": dropped,
     }
+
+
+def _contributions_report(recs, decisions, split_of, unreadable) -> list[dict]:
+    """One entry per merged contribution (``contributions:`` source): who, which licence, and what
+    became of its images, for the dataset card."""
+    out: dict[str, dict] = {}
+    for i, r in enumerate(recs):
+        cid = r.extra.get("contribution")
+        if not cid:
+            continue
+        c = out.setdefault(cid, {"id": cid, "contributors": set(), "licenses": set(), "images": 0,
+                                 "by_label": Counter(), "train": 0, "validation": 0, "dropped": 0,
+                                 "unreadable": 0})
+        c["images"] += 1
+        c["by_label"][r.label] += 1
+        c["licenses"].add(r.license)
+        if r.contributor:
+            c["contributors"].add(r.contributor)
+        if not decisions[i].keep:
+            c["dropped"] += 1
+        elif split_of.get(i) in ("train", "validation"):
+            c[split_of[i]] += 1
+    for u in unreadable:
+        src = u["image"].split(":", 1)[0]
+        if src.startswith("contrib-") and src[len("contrib-"):] in out:
+            out[src[len("contrib-"):]]["unreadable"] += 1
+    return [{**c, "contributors": sorted(c["contributors"]), "licenses": sorted(c["licenses"]),
+             "by_label": dict(c["by_label"])} for _, c in sorted(out.items())]
 
 
 def to_dataset_dict(result: BuildResult):
@@ -334,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dataset_scripts.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
-                    help="kermany:PATH, folders:PATH or manifest:CSV (repeatable; order = preference)")
+                    help="kermany:PATH, folders:PATH, manifest:CSV or contributions:DIR_OR_REPO_ID "
+                         "(merged contributions; repeatable; order = preference)")
     ap.add_argument("--out", required=True, type=Path, help="output folder (save_to_disk)")
     ap.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                     help="skip files whose path relative to their source matches, e.g. 'TrainData/*' "

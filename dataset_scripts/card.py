@@ -7,7 +7,8 @@ import yaml
 
 from modeling.labels import LABELS
 
-_LICENSE_NAMES = {"cc-by-4.0": "CC BY 4.0", "mit": "MIT", "apache-2.0": "Apache-2.0",
+_LICENSE_NAMES = {"cc-by-4.0": "CC BY 4.0", "cc0-1.0": "CC0 1.0", "mit": "MIT", "apache-2.0": "Apache-2.0",
+                  "mixed": "mixed (per image)",
                   "unknown": "unknown (no licence file found: check before redistributing)"}
 
 
@@ -63,10 +64,27 @@ def _reproduce(report: dict) -> str:
     return f"\nRebuild it with:\n\n```bash\n{cmd}\n```\n" if cmd else ""
 
 
+def _contributions(report: dict) -> str:
+    contribs = report.get("contributions") or []
+    if not contribs:
+        return ""
+    rows = [[f"`{c['id']}`", ", ".join(c["contributors"]) or "-",
+             ", ".join(_LICENSE_NAMES.get(x, x) for x in c["licenses"]), c["images"],
+             ", ".join(f"{k} {v}" for k, v in sorted(c["by_label"].items())), c["train"], c["validation"],
+             c["dropped"] + c.get("unreadable", 0)]
+            for c in contribs]
+    return ("\n### Contributions\n\nMerged community contributions (`contributions/<id>/` in the dataset repo, "
+            "each validated by `dataset_scripts.contribute` and reviewed in a pull request; the PR "
+            "description holds its validation report). They go to train/validation only, never test, "
+            "after the same duplicate and leak checks as every source.\n\n"
+            + _table(["contribution", "contributor", "licence", "images", "by label", "train", "validation",
+                      "dropped"], rows) + "\n")
+
+
 def render_card(report: dict, repo_id: str | None = None) -> str:
     splits = report["splits"]
     total = sum(s["images"] for s in splits.values())
-    licenses = sorted({s["license"] or "unknown" for s in report["sources"]})
+    licenses = sorted({x or "unknown" for s in report["sources"] for x in s.get("licenses", [s["license"]])})
     single = len(licenses) == 1 and licenses[0] not in ("unknown", "other")
     meta = {
         "pretty_name": "Pediatric chest X-ray pneumonia (merged, deduplicated, patient-grouped)",
@@ -142,6 +160,7 @@ gives none), `official_split` (Kermany's own split), `license`, `image_sha256` (
 {_table(["source", "reader", "licence", "images", "by label", "files ignored"], source_rows)}
 {_exclusions(excl)}
 
+{_contributions(report)}
 ## Deduplication
 
 - Exact duplicates: same SHA-256 of the decoded 8-bit grayscale pixels (re-saved, renamed or

@@ -69,6 +69,13 @@ def _phash(img: Image.Image) -> str:
     return str(imagehash.phash(img, hash_size=HASH_SIZE))
 
 
+def image_phash(img: Image.Image) -> str:
+    """The phash of an 8-bit grayscale image exactly as :func:`perceptual_hashes` computes it, without
+    the variants (22x cheaper): what an index of reference images needs, since the variants of the
+    *query* image already cover mirrored and rotated copies."""
+    return _phash(img.resize((_WORK_SIZE, _WORK_SIZE), Image.Resampling.BILINEAR))
+
+
 def perceptual_hashes(img: Image.Image) -> tuple[str, list[str]]:
     """(phash of the image, phashes of its variants) for an 8-bit grayscale image."""
     small = img.resize((_WORK_SIZE, _WORK_SIZE), Image.Resampling.BILINEAR)

@@ -9,12 +9,15 @@ Source specs on the command line are ``KIND:PATH``:
 - ``kermany:PATH``  official layout ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}``
 - ``folders:PATH``  class-named folders at any depth (names through ``modeling.labels.LABEL_ALIASES``)
 - ``manifest:CSV``  a CSV with ``path,label[,patient_id,license,contributor,note,source]``
+- ``contributions:DIR_OR_REPO_ID``  every merged contribution ``contributions/<id>/manifest.csv`` of
+  a local copy of the dataset repo, or of the Hub dataset repo itself (see dataset_scripts.contribute)
 """
 
 from __future__ import annotations
 
 import csv
 import fnmatch
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +68,8 @@ def parse_source_spec(spec: str) -> tuple[str, Path]:
     if not sep or kind not in READERS or not path.strip():
         raise SourceError(f"bad --source {spec!r}: expected KIND:PATH with KIND one of {sorted(READERS)}")
     p = Path(path).expanduser()
+    if not p.exists() and kind == "contributions" and _REPO_ID.match(path):
+        return kind, download_contributions(path)
     if not p.exists():
         raise SourceError(f"--source {spec!r}: {p} does not exist")
     return kind, p.resolve()
@@ -193,9 +198,9 @@ def read_folders(root: Path, exclude: list[str]) -> SourceListing:
 
 # --- manifest ------------------------------------------------------------------------------------
 
-def read_manifest(csv_path: Path, exclude: list[str]) -> SourceListing:
+def read_manifest(csv_path: Path, exclude: list[str], source_name: str | None = None) -> SourceListing:
     """The exchange format of contributions and Space feedback exports. Paths are relative to the
-    CSV's folder. ``source`` defaults to the CSV's folder name."""
+    CSV's folder. ``source`` defaults to the CSV's folder name; ``source_name`` overrides both."""
     if csv_path.is_dir():
         csv_path = csv_path / "manifest.csv"
         if not csv_path.is_file():
@@ -224,7 +229,7 @@ def read_manifest(csv_path: Path, exclude: list[str]) -> SourceListing:
         if not p.is_file():
             ignored.append({"path": rel, "reason": f"file listed in manifest not found (line {i})"})
             continue
-        source = (row.get("source") or "").strip() or root.name
+        source = source_name or (row.get("source") or "").strip() or root.name
         patient = (row.get("patient_id") or "").strip()
         records.append(Record(
             path=p, label=label, source=source, source_kind="manifest", source_path=rel,
@@ -235,4 +240,47 @@ def read_manifest(csv_path: Path, exclude: list[str]) -> SourceListing:
     return SourceListing(records, ignored)
 
 
-READERS = {"kermany": read_kermany, "folders": read_folders, "manifest": read_manifest}
+# --- contributions -------------------------------------------------------------------------------
+
+CONTRIBUTIONS_DIR = "contributions"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def download_contributions(repo_id: str) -> Path:
+    """The ``contributions/`` folder of a Hub dataset repo (main branch: merged PRs only), through
+    the ``huggingface_hub`` cache; returns the local snapshot root."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(repo_id, repo_type="dataset", allow_patterns=[f"{CONTRIBUTIONS_DIR}/**"],
+                                  token=os.environ.get("HF_TOKEN"))
+    except Exception as e:  # not found, no access, offline: a source that cannot be read as declared
+        raise SourceError(f"contributions:{repo_id}: cannot download it ({type(e).__name__}: {e})") from e
+    return Path(local)
+
+
+def read_contributions(root: Path, exclude: list[str]) -> SourceListing:
+    """Every merged contribution: ``ROOT/contributions/<id>/manifest.csv`` (a dataset repo checkout or
+    snapshot) or ``ROOT/<id>/manifest.csv``. Each is a manifest source named ``contrib-<id>`` (so
+    pseudonymous patient ids of different submissions never collide), with ``source_kind
+    "contribution"`` and the id in ``extra["contribution"]``; ``source_path`` is ``<id>/<path>`` and
+    ``--exclude`` globs match it. Contributions are never official test images, so the build puts
+    them in train/validation only, after the usual duplicate and leak checks."""
+    base = root / CONTRIBUTIONS_DIR if (root / CONTRIBUTIONS_DIR).is_dir() else root
+    manifests = sorted(p for p in base.glob("*/manifest.csv") if p.is_file())
+    if not manifests:
+        raise SourceError(f"contributions source {root}: no {CONTRIBUTIONS_DIR}/<id>/manifest.csv found")
+    records, ignored = [], []
+    for m in manifests:
+        cid = m.parent.name
+        listing = read_manifest(m, [], source_name=f"contrib-{cid}")
+        for r in listing.records:
+            r.source_kind, r.source_path = "contribution", f"{cid}/{r.source_path}"
+            r.extra["contribution"] = cid
+        records.extend(r for r in listing.records if not _excluded(r.source_path, exclude))
+        ignored.extend({**x, "path": f"{cid}/{x['path']}"} for x in listing.ignored)
+    return SourceListing(records, ignored)
+
+
+READERS = {"kermany": read_kermany, "folders": read_folders, "manifest": read_manifest,
+           "contributions": read_contributions}

@@ -373,7 +373,7 @@ def test_parse_source_spec_errors(tmp_path, spec):
 
 
 def test_parse_source_spec_error_names_the_kinds(tmp_path):
-    with pytest.raises(SourceError, match=r"\['folders', 'kermany', 'manifest'\]"):
+    with pytest.raises(SourceError, match=r"\['contributions', 'folders', 'kermany', 'manifest'\]"):
         parse_source_spec(f"csv:{tmp_path}")
 
 

@@ -1,0 +1,815 @@
+"""Check, de-identify and submit a contributor's dataset update (a folder of images + ``manifest.csv``).
+
+    python -m dataset_scripts.contribute validate SUBMISSION_DIR [--dataset DIR_OR_HUB_ID] [--output DIR]
+    python -m dataset_scripts.contribute submit   SUBMISSION_DIR --repo REPO_ID [--dataset ...]
+    python -m dataset_scripts.contribute index-test-images KERMANY_DIR   # maintainers: refresh the index
+
+Why a gate: one careless upload (a copy of a test image, a mislabelled batch, a DICOM with a
+patient's name in it) silently poisons every later model and leaks personal data. ``validate`` runs
+on the contributor's machine, before anything leaves it, and writes a *cleaned copy* that is the only
+thing ``submit`` ever uploads.
+
+Input: ``SUBMISSION_DIR/manifest.csv`` in the ``manifest`` format that ``dataset_scripts.build``
+reads and the Space's feedback export writes (``path,label[,patient_id,license,contributor,note,
+source]``, paths relative to the CSV) and the image files it lists (JPEG/PNG/TIFF/BMP/WebP/DICOM).
+
+Per file (statuses ``ok`` / ``warning`` / ``dropped`` / ``blocked``):
+
+- blocked: path unsafe (absolute, ``..``, symlink, outside the folder) or missing; undecodable by
+  :func:`modeling.image_io.load_image` (empty, truncated, not an image, decompression bomb, ...);
+  label outside our three classes; no licence; exact or near duplicate of an **official test image**
+  (the committed :data:`TEST_INDEX` of the 624 Kermany test images, or the ``test`` split of
+  ``--dataset``); same image as an existing dataset image with *another* label; copies inside the
+  submission that disagree on the label; a DICOM flagged ``BurnedInAnnotation=YES`` (identifying text
+  in the pixels, which no tag removal fixes); a note that repeats a value of the file's
+  patient-identifying DICOM tags.
+- dropped: duplicate of an image already in ``--dataset`` (same label) or of an earlier line of the
+  submission: reported, not submitted.
+- warning: does not look like a frontal chest X-ray (:func:`chest_xray_warnings`), DICOM not CR/DX,
+  not a chest, or a lateral view; no patient id; a licence id we do not recognise.
+
+Duplicates use the build's own fingerprints and threshold (:mod:`dataset_scripts.fingerprint`,
+:data:`dataset_scripts.dedup.DEFAULT_NEAR_THRESHOLD`: 256-bit phash within 28 bits, with mirror and
++-2..10 degree rotations), so the gate and the build agree on what a copy is.
+
+De-identification is by construction: every accepted image is re-encoded to PNG from the decoded
+pixels (no DICOM header, EXIF, ICC or text chunk survives), renamed to its pixel hash (no
+identifying file names), and ``patient_id`` values are replaced by per-submission pseudonyms (kept
+equal within the submission so the build still groups a patient's images). The report names the
+identifying DICOM tags that were present and removed, never their values. The manifest's free-text
+``note`` is passed through: do not put personal data in it.
+
+Output (``--output``, default ``SUBMISSION_DIR/_clean``; what ``submit`` uploads is exactly the
+first four)::
+
+    manifest.csv          cleaned manifest (paths images/<hash>.png, canonical labels, pseudonyms)
+    images/<hash16>.png   accepted images, re-encoded from pixels
+    report.json           the validation report
+    REPORT.md             the same as a summary table (the pull request description)
+
+Reports and console output name files by their manifest line (and new name), never by the original
+path: a file name can itself be personal data (``Doe_Jane_1970.dcm``).
+
+Exit codes: 0 nothing blocking (warnings allowed), 1 blocking problems (``submit``: nothing was
+uploaded), 2 usage errors (no such folder, no manifest.csv, unusable ``--dataset``), 3 the Hub
+refused the upload.
+
+On the dataset repo, a merged submission lives in ``contributions/<submission-id>/`` (the four files
+above); ``python -m dataset_scripts.build --source contributions:DIR_OR_REPO_ID`` takes every merged
+contribution as a source (train/validation only, never test) and the dataset card lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import hmac
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from modeling.image_io import ImageInfo, ImageLoadError, load_image_with_info, pixel_sha256
+from modeling.labels import LABELS, parse_label
+
+from . import dedup
+from .fingerprint import Fingerprint, image_phash, perceptual_hashes
+from .sources import MANIFEST_COLUMNS, read_kermany
+
+CONTRIBUTIONS_DIR = "contributions"  # folder of merged submissions in the dataset repo
+CLEAN_DIRNAME = "_clean"
+TEST_INDEX = Path(__file__).with_name("official_test_index.csv.gz")
+UPLOADED_FILES = ("manifest.csv", "report.json", "REPORT.md")  # + images/*.png
+REPORT_VERSION = 1
+
+STATUSES = ("ok", "warning", "dropped", "blocked")
+
+# Licence ids we recognise (SPDX, lower case). Others are accepted with a warning: the maintainer
+# must check that the licence allows redistribution in a CC BY 4.0 dataset.
+KNOWN_LICENSES = frozenset({
+    "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-3.0", "cc-by-2.0", "pddl", "odc-by", "odbl",
+    "mit", "apache-2.0", "bsd-3-clause", "cdla-permissive-2.0", "public-domain",
+})
+
+# --- "does this look like a frontal chest X-ray?" (warnings only) ---------------------------------
+# Measured on the 624 official Kermany test images (224x224) and 20 full-resolution Kermany films:
+# left-right correlation at 64x64: 1st percentile 0.32, 5th 0.55, median 0.80 (so the 0.30 cut
+# warns for about 1 in 100 real films; random textures score about 0); intensity std >= 24;
+# width/height 1.0-1.70. Colour: X-rays are gray; a photo or a colour figure is not.
+MIN_SYMMETRY = 0.30
+MIN_STD = 15.0
+ASPECT_RANGE = (0.5, 2.0)  # width / height
+MIN_SIDE = 100  # px
+MAX_COLOUR = 6.0  # mean |channel - gray| over 0..255 above which an RGB file is "colour"
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "PORTABLE CHEST"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "XTABLE"})
+XRAY_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
+
+# DICOM attributes that identify a patient, an encounter or a place (after DICOM PS3.15 Annex E,
+# basic profile). Every tag is dropped anyway (pixels only); this list only decides which tag
+# *names* the report shows as "identifying tags removed" and which values must not reappear in the
+# manifest note. Any person name (VR PN), date/time (DA/DT/TM), patient-module element (group 0010)
+# and private tag counts as identifying too.
+IDENTIFYING_DICOM_KEYWORDS = frozenset({
+    "AccessionNumber", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "ReferringPhysicianName", "ReferringPhysicianAddress", "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy", "OperatorsName", "PhysiciansOfRecord", "RequestingPhysician",
+    "StationName", "DeviceSerialNumber", "StudyID", "StudyInstanceUID", "SeriesInstanceUID",
+    "SOPInstanceUID", "MediaStorageSOPInstanceUID", "FrameOfReferenceUID", "StudyDescription",
+    "SeriesDescription", "RequestedProcedureID", "ScheduledProcedureStepID", "PerformedProcedureStepID",
+    "AdmissionID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientNames", "PatientAddress",
+    "PatientTelephoneNumbers", "MilitaryRank", "EthnicGroup", "Occupation", "AdditionalPatientHistory",
+    "PatientComments", "ImageComments", "ContentCreatorName", "InstanceCreatorUID", "IrradiationEventUID",
+})
+_IDENTIFYING_VRS = frozenset({"PN", "DA", "DT", "TM"})
+
+
+class UsageError(ValueError):
+    """The command cannot run as asked (no folder, no manifest.csv, unusable --dataset): exit 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class FileResult:
+    """One manifest line. ``path`` is the contributor's own path: it can carry personal data
+    (``Doe_Jane.dcm``), so it stays in memory (Python API) and is never written or printed."""
+
+    line: int
+    path: str
+    label: str | None = None
+    status: str = "ok"
+    problems: list[str] = field(default_factory=list)  # blocking
+    warnings: list[str] = field(default_factory=list)
+    dropped: str = ""  # why it is not submitted although nothing is wrong with it
+    clean_name: str = ""  # images/<hash>.png in the cleaned copy
+    format: str = ""
+    width: int = 0
+    height: int = 0
+    pixel_sha256: str = ""
+    phash: str = ""
+    identifying_tags_removed: list[str] = field(default_factory=list)  # DICOM tag names, never values
+    metadata_removed: list[str] = field(default_factory=list)  # e.g. "EXIF", "PNG text chunk 'Author'"
+    matches: list[dict] = field(default_factory=list)  # duplicates found: {"kind", "ref", "distance"}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("path")
+        return d
+
+
+@dataclass
+class ValidationReport:
+    submission_dir: str
+    submission_id: str = ""
+    created_at: str = ""
+    dataset: str | None = None
+    test_index: str = ""
+    test_index_images: int = 0
+    near_threshold: int = dedup.DEFAULT_NEAR_THRESHOLD
+    problems: list[str] = field(default_factory=list)  # blocking, not tied to one file
+    warnings: list[str] = field(default_factory=list)
+    files: list[FileResult] = field(default_factory=list)
+    output_dir: str = ""
+
+    @property
+    def accepted(self) -> list[FileResult]:
+        return [f for f in self.files if f.status in ("ok", "warning")]
+
+    @property
+    def blocked(self) -> list[FileResult]:
+        return [f for f in self.files if f.status == "blocked"]
+
+    @property
+    def ok(self) -> bool:
+        """Nothing blocking: the cleaned copy may be submitted."""
+        return not self.problems and not self.blocked
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def counts(self) -> dict:
+        c = Counter(f.status for f in self.files)
+        by_label = Counter(f.label for f in self.accepted)
+        return {"files": len(self.files), **{s: c.get(s, 0) for s in STATUSES},
+                "submitted_by_label": {lab: by_label.get(lab, 0) for lab in LABELS}}
+
+    def to_dict(self) -> dict:
+        return {
+            "report_version": REPORT_VERSION, "submission_id": self.submission_id,
+            "created_at": self.created_at, "result": "passed" if self.ok else "blocked",
+            "counts": self.counts(), "problems": self.problems, "warnings": self.warnings,
+            "checks": {"dataset": self.dataset, "official_test_index": self.test_index,
+                       "official_test_images": self.test_index_images,
+                       "near_threshold_bits": self.near_threshold,
+                       "hash": "imagehash.phash hash_size=16 (256 bits), +mirror, +-2..10 deg rotations"},
+            "files": [f.to_dict() for f in self.files],
+        }
+
+    def markdown(self) -> str:
+        """Summary table (the pull request description, and what the CLI prints): files by manifest
+        line and new name."""
+        c = self.counts()
+        lines = [
+            f"## Contribution `{self.submission_id or '-'}`: validation {'passed' if self.ok else '**BLOCKED**'}",
+            "",
+            "| files | ok | warning | dropped | blocked | submitted: " + " / ".join(LABELS) + " |",
+            "|---|---|---|---|---|---|",
+            f"| {c['files']} | {c['ok']} | {c['warning']} | {c['dropped']} | {c['blocked']} | "
+            + " / ".join(str(c["submitted_by_label"][lab]) for lab in LABELS) + " |",
+            "",
+            f"Checked against the official test index ({self.test_index_images} images) and "
+            f"{'dataset `' + self.dataset + '`' if self.dataset else 'no existing dataset (`--dataset` not given)'}; "
+            f"near duplicate = 256-bit phash within {self.near_threshold} bits (mirror and rotations included). "
+            "Images re-encoded to PNG from pixels; every DICOM tag, EXIF and text chunk removed; patient ids pseudonymised.",
+            "",
+        ]
+        for title, items in (("Blocking problems", self.problems), ("Warnings", self.warnings)):
+            if items:
+                lines += [f"**{title}:**", "", *[f"- {x}" for x in items], ""]
+        head = ["line", "status", "label", "file", "details"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for f in self.files:
+            details = "; ".join([*f.problems, *([f.dropped] if f.dropped else []), *f.warnings])
+            if f.identifying_tags_removed:
+                details += ("; " if details else "") + "identifying DICOM tags removed: " + ", ".join(f.identifying_tags_removed)
+            row = [str(f.line), f.status, f.label or "-",
+                   f"`{f.clean_name}`" if f.clean_name else "-", _md(details) or "-"]
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+# --------------------------------------------------------------------------------------------------
+# Official test index
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class RefImage:
+    """An image the submission is compared against: an official test image or a dataset row."""
+
+    ref: str  # how the report names it: "kermany-test:test/NORMAL/IM-0001-0001.jpeg"
+    label: str
+    pixel_sha256: str
+    phash: str
+    is_test: bool
+
+
+def compute_test_index(kermany_root: Path) -> list[dict]:
+    """Rows of the official test index from a Kermany copy (``chest_xray/test/...``): name, label,
+    pixel SHA-256 and 256-bit phash, decoded by the one loader and hashed exactly as the build does."""
+    rows = []
+    for r in read_kermany(Path(kermany_root), exclude=[]).records:
+        if r.official_split != "test":
+            continue
+        img = load_image_with_info(r.path.read_bytes(), name=r.source_path)[0]
+        rows.append({"path": r.source_path, "label": r.label, "pixel_sha256": pixel_sha256(img),
+                     "phash": image_phash(img)})
+    return sorted(rows, key=lambda x: x["path"])
+
+
+def write_test_index(rows: list[dict], out: Path = TEST_INDEX) -> Path:
+    """Deterministic gzip (no time stamp, no file name), so regenerating gives identical bytes."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=("path", "label", "pixel_sha256", "phash"), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    with open(out, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        gz.write(buf.getvalue().encode())
+    return out
+
+
+def read_test_index(path: Path = TEST_INDEX) -> list[dict]:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _test_refs(path: Path) -> list[RefImage]:
+    return [RefImage(f"kermany-test:{r['path']}", r["label"], r["pixel_sha256"], r["phash"], True)
+            for r in read_test_index(path)]
+
+
+def load_dataset_refs(dataset: str) -> list[RefImage]:
+    """Reference images of an existing dataset built by ``dataset_scripts.build`` (a ``save_to_disk``
+    folder or a Hub dataset id), from its ``image_sha256``/``phash``/``label`` columns: no image is
+    decoded. Rows of its ``test`` split count as test images."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    try:
+        if Path(dataset).exists():
+            dsd = load_from_disk(str(dataset))
+        else:
+            dsd = load_dataset(dataset)
+    except Exception as e:  # not found, not a dataset, offline...: say so, do not guess
+        raise UsageError(f"--dataset {dataset!r}: cannot load it ({type(e).__name__}: {e})") from e
+    if not isinstance(dsd, DatasetDict):
+        dsd = DatasetDict({"train": dsd})
+    refs = []
+    for split, ds in dsd.items():
+        missing = {"image_sha256", "phash", "label"} - set(ds.column_names)
+        if missing:
+            raise UsageError(f"--dataset {dataset!r}: split {split!r} has no column(s) {sorted(missing)}; "
+                             "expected a dataset built by dataset_scripts.build")
+        names = ds.features["label"].names
+        cols = [c for c in ("image_sha256", "phash", "label", "source", "source_path") if c in ds.column_names]
+        for row in ds.select_columns(cols):
+            where = f"{row.get('source', '')}:{row.get('source_path', '')}".strip(":")
+            refs.append(RefImage(f"dataset-{split}:{where}", names[row["label"]], row["image_sha256"],
+                                 row["phash"], split == "test"))
+    return refs
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-file checks
+# --------------------------------------------------------------------------------------------------
+
+def chest_xray_warnings(img: Image.Image, info: ImageInfo, colour: float | None = None) -> list[str]:
+    """Warnings for images that do not look like a frontal chest X-ray.
+
+    A cheap screen, not a classifier: gray (not a photo or colour figure), not tiny, a film-like
+    aspect ratio, not flat, and roughly left-right symmetric (a frontal chest is: spine in the middle,
+    a lung each side; a lateral film, a hand, a knee or a screenshot mostly is not). Thresholds are
+    set on the real films (see the constants). Limits: a symmetric non-chest image (a skull, a
+    pelvis, a frontal abdomen) passes; about 1% of real frontal films (rotated patients, large
+    unilateral consolidations) get a symmetry warning. DICOM tags, when present, are checked too.
+    Warnings do not block: the maintainer looks at the flagged files.
+    """
+    out = []
+    if colour is not None and colour > MAX_COLOUR:
+        out.append(f"colour image (mean colour deviation {colour:.1f} > {MAX_COLOUR}): X-rays are grayscale")
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        out.append(f"very small image ({w}x{h} px, shorter side < {MIN_SIDE})")
+    aspect = w / h
+    if not ASPECT_RANGE[0] <= aspect <= ASPECT_RANGE[1]:
+        out.append(f"unusual aspect ratio {aspect:.2f} (width/height outside {ASPECT_RANGE[0]}-{ASPECT_RANGE[1]})")
+    small = np.asarray(img.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float64)
+    std = float(small.std())
+    if std < MIN_STD:
+        out.append(f"nearly flat image (intensity std {std:.1f} < {MIN_STD})")
+    else:
+        sym = float(np.corrcoef(small.ravel(), small[:, ::-1].ravel())[0, 1])
+        if sym < MIN_SYMMETRY:
+            out.append(f"not left-right symmetric (correlation with its mirror {sym:.2f} < {MIN_SYMMETRY}): "
+                       "lateral view, heavily rotated, or not a chest film?")
+    if info.is_dicom:
+        if info.modality and info.modality.upper() not in XRAY_MODALITIES:
+            out.append(f"DICOM modality {info.modality} is not a radiograph (CR/DX)")
+        if info.body_part and info.body_part.upper() not in CHEST_BODY_PARTS:
+            out.append(f"DICOM BodyPartExamined {info.body_part} is not the chest")
+        if info.view_position and info.view_position.upper() in LATERAL_VIEWS:
+            out.append(f"DICOM ViewPosition {info.view_position}: a lateral view, not frontal")
+    return out
+
+
+def _colour_deviation(data: bytes, info: ImageInfo) -> float | None:
+    """Mean |channel - luminance| of a colour raster file (None for gray files and DICOM)."""
+    if info.is_dicom or not any(m in info.mode for m in ("RGB", "CMYK", "YCbCr", "P", "LAB", "HSV")):
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=[info.format]) as im:
+            im.draft("RGB", (128, 128))
+            rgb = np.asarray(im.convert("RGB").resize((64, 64)), dtype=np.float64)
+    except Exception:
+        return None
+    return float(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean())
+
+
+def _raster_metadata(data: bytes, info: ImageInfo) -> list[str]:
+    """Names of the metadata blocks a raster file carries (EXIF, XMP, comments, text chunks): all are
+    dropped by the re-encode; the report says which were there (names, never contents)."""
+    if info.is_dicom:
+        return []
+    try:
+        with Image.open(io.BytesIO(data), formats=[info.format]) as im:
+            keys = sorted(str(k) for k in im.info if k not in ("dpi", "jfif", "jfif_version", "jfif_unit",
+                                                                 "jfif_density", "progressive", "progression",
+                                                                 "gamma", "aspect", "compression", "interlace",
+                                                                 "transparency", "adobe", "adobe_transform"))
+            if im.getexif():
+                keys.append("EXIF")
+    except Exception:
+        return []
+    return sorted(set(keys))
+
+
+def dicom_identifying_tags(data: bytes) -> tuple[list[str], list[str], str | None]:
+    """(names of the identifying tags present, their values as text, BurnedInAnnotation).
+
+    The values are for an in-memory check only (that the manifest note does not repeat them); they
+    are never written anywhere. Names are keywords, or ``(gggg,eeee)`` for private/unknown tags."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception:
+        return [], [], None
+    names, values = set(), []
+    elements = list(ds.iterall())
+    if getattr(ds, "file_meta", None) is not None:
+        elements += list(ds.file_meta)
+    for el in elements:
+        kw = el.keyword or ""
+        identifying = (el.tag.is_private or el.tag.group == 0x0010 or el.VR in _IDENTIFYING_VRS
+                       or kw in IDENTIFYING_DICOM_KEYWORDS)
+        if not identifying or el.VR == "SQ":
+            continue
+        names.add(kw if kw and not el.tag.is_private else f"({el.tag.group:04X},{el.tag.element:04X})")
+        try:
+            v = el.value
+            for part in (v if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [v]):
+                text = str(part).strip()
+                if isinstance(part, (str, pydicom.valuerep.PersonName)) and len(text) >= 3:
+                    values.append(text)
+                    values.extend(p for p in re.split(r"[\^\s]+", text) if len(p) >= 3)
+        except Exception:
+            pass
+    burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() or None
+    return sorted(names), values, burned
+
+
+def _safe_path(root: Path, rel: str) -> tuple[Path | None, str]:
+    """The file a manifest path names, or (None, why it is refused). Absolute paths, ``..``, symlinks
+    and anything resolving outside the submission folder are refused: the manifest must not make the
+    validator read (and then upload) a file from elsewhere on the contributor's machine."""
+    if not rel:
+        return None, "empty path"
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", rel):
+        return None, "unsafe path: absolute paths are not allowed"
+    if ".." in p.parts or ".." in rel.replace("\\", "/").split("/"):
+        return None, "unsafe path: '..' is not allowed"
+    full = root / p
+    cur = root
+    for part in p.parts:
+        cur = cur / part
+        if cur.is_symlink():
+            return None, "unsafe path: symbolic links are not allowed"
+    if not full.exists():
+        return None, "file not found"
+    if not full.is_file():
+        return None, "not a regular file"
+    try:
+        full.resolve().relative_to(root.resolve())
+    except ValueError:
+        return None, "unsafe path: outside the submission folder"
+    return full, ""
+
+
+def _pseudonymiser():
+    """patient_id -> ``p-<12 hex>``: HMAC with a random key that is never stored, so ids stay equal
+    within one submission (the build groups a patient's images) but cannot be traced back or linked
+    across submissions."""
+    key = secrets.token_bytes(32)
+    return lambda pid: "p-" + hmac.new(key, pid.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:24]
+
+
+# --------------------------------------------------------------------------------------------------
+# validate
+# --------------------------------------------------------------------------------------------------
+
+def _read_manifest_rows(root: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    csv_path = root / "manifest.csv"
+    if not csv_path.is_file():
+        raise UsageError(f"{root}: no manifest.csv (expected columns {','.join(MANIFEST_COLUMNS)}); "
+                         "see README 'Contributing data'")
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        missing = {"path", "label"} - set(cols)
+        if missing:
+            raise UsageError(f"{csv_path}: missing column(s) {sorted(missing)}; expected {','.join(MANIFEST_COLUMNS)}")
+        rows = [(i, {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()})
+                for i, row in enumerate(reader, start=2)]
+    warnings = []
+    extra = [c for c in cols if c not in MANIFEST_COLUMNS]
+    if extra:
+        warnings.append(f"manifest column(s) {extra} are not part of the format and were not submitted")
+    if "license" not in cols:
+        warnings.append("manifest has no 'license' column")
+    return rows, warnings
+
+
+def _matches(fp_words: np.ndarray, refs: list[RefImage], ref_words: np.ndarray, pixel: str,
+             threshold: int) -> list[tuple[RefImage, int]]:
+    """Reference images within ``threshold`` bits of the query (its phash or any variant), or with
+    identical pixels; nearest first."""
+    if not refs:
+        return []
+    d = dedup.hamming_matrix(fp_words, ref_words).min(axis=0)
+    hits = {i: int(d[i]) for i in np.nonzero(d <= threshold)[0]}
+    for i, r in enumerate(refs):
+        if r.pixel_sha256 == pixel:
+            hits[i] = 0
+    return sorted(((refs[i], dist) for i, dist in hits.items()), key=lambda x: (x[1], x[0].ref))
+
+
+def validate(submission_dir: str | os.PathLike, dataset: str | None = None, output: str | os.PathLike | None = None,
+             near_threshold: int = dedup.DEFAULT_NEAR_THRESHOLD, test_index: str | os.PathLike = TEST_INDEX,
+             write_output: bool = True) -> ValidationReport:
+    """Check every manifest line (see the module docstring) and, unless ``write_output`` is False,
+    write the cleaned copy and the reports to ``output`` (default ``SUBMISSION_DIR/_clean``, replaced
+    if it exists). Raises :class:`UsageError` for a folder that is not a submission."""
+    root = Path(submission_dir)
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such folder")
+    root = root.resolve()
+    out = Path(output) if output else root / CLEAN_DIRNAME
+    rows, manifest_warnings = _read_manifest_rows(root)
+    report = ValidationReport(submission_dir=str(root), dataset=dataset, near_threshold=near_threshold,
+                              test_index=Path(test_index).name,
+                              created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    report.warnings += manifest_warnings
+    if not rows:
+        report.problems.append("manifest.csv lists no files")
+
+    refs = _test_refs(Path(test_index))
+    report.test_index_images = len(refs)
+    if dataset:
+        refs += load_dataset_refs(dataset)
+    ref_words = dedup.hex_to_words([r.phash for r in refs]) if refs else np.zeros((0, 4), np.uint64)
+
+    pseudonym = _pseudonymiser()
+    seen_paths: dict[str, int] = {}
+    decoded: dict[int, tuple[Image.Image, Fingerprint, dict]] = {}  # file index -> pixels, fp, clean row
+    for line, row in rows:
+        rel = row.get("path", "")
+        fr = FileResult(line=line, path=rel)
+        report.files.append(fr)
+        label = parse_label(row.get("label", ""))
+        if label is None:
+            fr.problems.append(f"label {row.get('label', '')!r} is not one of {', '.join(LABELS)} "
+                               "(or an accepted spelling, see modeling.labels.LABEL_ALIASES)")
+        fr.label = label
+        licence = row.get("license", "")
+        if not licence:
+            fr.problems.append("no licence (license column empty): we cannot redistribute without one")
+        elif licence.lower() not in KNOWN_LICENSES:
+            fr.warnings.append(f"licence {licence!r} is not one we recognise: the maintainer will check it")
+        if not row.get("patient_id"):
+            fr.warnings.append("no patient_id: the build treats the image as its own patient")
+        norm = os.path.normpath(rel) if rel else rel
+        if norm in seen_paths:
+            fr.problems.append(f"the same file is listed twice (also on line {seen_paths[norm]})")
+        elif rel:
+            seen_paths[norm] = line
+        full, why = _safe_path(root, rel)
+        if full is None:
+            fr.problems.append(why)
+            continue
+        data = full.read_bytes()
+        try:
+            img, info = load_image_with_info(data, name=full.name)
+        except ImageLoadError as e:
+            fr.problems.append(f"cannot be decoded ({e.reason}): {e.detail}")
+            continue
+        fr.format, fr.width, fr.height = info.format, img.width, img.height
+        fr.pixel_sha256 = pixel_sha256(img)
+        ph, variants = perceptual_hashes(img)
+        fr.phash = ph
+        fr.warnings += chest_xray_warnings(img, info, _colour_deviation(data, info))
+        fr.metadata_removed = _raster_metadata(data, info)
+        if info.is_dicom:
+            names, values, burned = dicom_identifying_tags(data)
+            fr.identifying_tags_removed = names
+            if burned == "YES":
+                fr.problems.append("DICOM BurnedInAnnotation=YES: identifying text may be burned into the "
+                                   "pixels, which removing tags cannot fix")
+            note = row.get("note", "").lower()
+            if note and any(v.lower() in note for v in values):
+                fr.problems.append("the note repeats a value of this DICOM's patient-identifying tags: "
+                                   "remove personal data from the note")
+            del values
+        fp = Fingerprint(file_sha256="", ok=True, pixel_sha256=fr.pixel_sha256, phash=ph, variants=variants,
+                         width=img.width, height=img.height, format=info.format)
+        words = dedup.hex_to_words([ph, *variants])
+        for ref, dist in _matches(words, refs, ref_words, fr.pixel_sha256, near_threshold):
+            kind = "exact" if ref.pixel_sha256 == fr.pixel_sha256 else "near"
+            fr.matches.append({"kind": kind, "ref": ref.ref, "distance_bits": dist, "label": ref.label})
+            if ref.is_test:
+                fr.problems.append(f"{kind} duplicate of official test image {ref.ref} ({dist} bits): "
+                                   "test images must never reach training")
+            elif label is not None and ref.label != label:
+                fr.problems.append(f"label conflict: the dataset has this image ({ref.ref}, {dist} bits) as "
+                                   f"{ref.label}, the manifest says {label}. A relabelling needs a maintainer: "
+                                   "open a discussion on the dataset repo")
+            elif not fr.dropped:
+                fr.dropped = f"already in the dataset: {kind} duplicate of {ref.ref} ({dist} bits)"
+        fr.clean_name = f"images/{fr.pixel_sha256[:16]}.png"
+        pid = row.get("patient_id", "")
+        clean_row = {"path": fr.clean_name, "label": label, "patient_id": pseudonym(pid) if pid else "",
+                     "license": licence, "contributor": row.get("contributor", ""), "note": row.get("note", "")}
+        decoded[len(report.files) - 1] = (img, fp, clean_row)
+
+    _within_submission_duplicates(report, decoded, near_threshold)
+    for fr in report.files:
+        fr.status = "blocked" if fr.problems else "dropped" if fr.dropped else "warning" if fr.warnings else "ok"
+        if fr.status in ("blocked", "dropped"):
+            fr.clean_name = ""
+    if rows and not report.accepted and not report.problems:
+        report.problems.append("nothing left to submit (every file is blocked or already in the dataset)")
+
+    accepted = [i for i, f in enumerate(report.files) if f.status in ("ok", "warning")]
+    content = hashlib.sha256("".join(sorted(report.files[i].pixel_sha256 for i in accepted)).encode()).hexdigest()
+    contributor = next((decoded[i][2]["contributor"] for i in accepted if decoded[i][2]["contributor"]), "")
+    report.submission_id = f"{_slug(contributor) or 'anonymous'}-{content[:10]}"
+    unlisted = _unlisted_files(root, out, {os.path.normpath(p) for p in seen_paths})
+    if unlisted:
+        report.warnings.append(f"{len(unlisted)} file(s) in the folder are not listed in manifest.csv and "
+                               "are not submitted")
+    if write_output:
+        _write_output(report, decoded, accepted, out)
+    return report
+
+
+def _within_submission_duplicates(report: ValidationReport, decoded: dict, threshold: int) -> None:
+    """Copies inside the submission: same label -> the later lines are dropped; different labels ->
+    every copy is blocked (which one is right is for the contributor to say)."""
+    idx = [i for i in sorted(decoded) if not report.files[i].problems and not report.files[i].dropped]
+    if len(idx) < 2:
+        return
+    clusters, _, _ = dedup.duplicate_clusters([decoded[i][1] for i in idx], threshold)
+    for members in clusters:
+        if len(members) < 2:
+            continue
+        files = [report.files[idx[m]] for m in members]
+        if len({f.label for f in files}) > 1:
+            lines = ", ".join(str(f.line) for f in files)
+            for f in files:
+                f.problems.append(f"copies of one image with different labels on lines {lines}")
+            continue
+        first = min(files, key=lambda f: f.line)
+        for f in files:
+            if f is not first:
+                f.dropped = f"duplicate of line {first.line} of this submission"
+
+
+def _unlisted_files(root: Path, out: Path, listed: set[str]) -> list[str]:
+    found = []
+    for p in root.rglob("*"):
+        if not p.is_file() or p.name == "manifest.csv" or CLEAN_DIRNAME in p.relative_to(root).parts:
+            continue
+        if out.resolve() in p.resolve().parents:
+            continue
+        rel = os.path.normpath(p.relative_to(root).as_posix())
+        if rel not in listed:
+            found.append(rel)
+    return found
+
+
+def _write_output(report: ValidationReport, decoded: dict, accepted: list[int], out: Path) -> None:
+    """The cleaned copy. Only pixels leave: each image is rebuilt from its decoded array and saved as
+    PNG with no metadata argument, so no DICOM tag, EXIF block or text chunk can come along."""
+    if out.exists():
+        if not (out / "report.json").exists() and any(out.iterdir()):
+            raise UsageError(f"--output {out} exists and is not an earlier validation output; "
+                             "refusing to replace it")
+        shutil.rmtree(out)
+    (out / "images").mkdir(parents=True)
+    rows = []
+    for i in accepted:
+        img, _, clean_row = decoded[i]
+        pixels = Image.frombytes("L", img.size, img.tobytes())
+        pixels.save(out / clean_row["path"], format="PNG")
+        rows.append({**clean_row, "source": f"contrib-{report.submission_id}"})
+    with (out / "manifest.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    report.output_dir = str(out)
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    (out / "REPORT.md").write_text(report.markdown())
+
+
+# --------------------------------------------------------------------------------------------------
+# submit
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class SubmitResult:
+    report: ValidationReport
+    pr_url: str | None = None
+    pr_num: int | None = None
+    path_in_repo: str = ""
+
+
+def submit(submission_dir: str | os.PathLike, repo_id: str, dataset: str | None = None,
+           output: str | os.PathLike | None = None, token: str | None = None,
+           near_threshold: int = dedup.DEFAULT_NEAR_THRESHOLD,
+           test_index: str | os.PathLike = TEST_INDEX) -> SubmitResult:
+    """Validate, then open a pull request on the Hub dataset repo ``repo_id`` that adds the cleaned
+    copy under ``contributions/<submission-id>/``, with the summary table as its description.
+    Nothing is uploaded when validation finds a blocking problem (``result.pr_url`` is None)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    report = validate(submission_dir, dataset=dataset, output=output, near_threshold=near_threshold,
+                      test_index=test_index)
+    result = SubmitResult(report)
+    if not report.ok:
+        return result
+    out = Path(report.output_dir)
+    base = f"{CONTRIBUTIONS_DIR}/{report.submission_id}"
+    api = HfApi(token=token)
+    if api.file_exists(repo_id, f"{base}/manifest.csv", repo_type="dataset"):
+        report.problems.append(f"{base} is already in {repo_id}: this submission was merged before")
+        return result
+    files = [*UPLOADED_FILES, *sorted(f"images/{p.name}" for p in (out / "images").glob("*.png"))]
+    ops = [CommitOperationAdd(path_in_repo=f"{base}/{rel}", path_or_fileobj=str(out / rel)) for rel in files]
+    c = report.counts()
+    info = api.create_commit(
+        repo_id, repo_type="dataset", operations=ops, create_pr=True,
+        commit_message=f"Contribution {report.submission_id}: {c['ok'] + c['warning']} images",
+        commit_description=report.markdown())
+    result.pr_url, result.pr_num, result.path_in_repo = info.pr_url, info.pr_num, base
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+def _print_report(report: ValidationReport) -> None:
+    print(report.markdown())
+    if report.output_dir:
+        print(f"cleaned copy and reports: {report.output_dir} (REPORT.md = what reviewers see)")
+    print("result:", "passed" if report.ok else "BLOCKED (fix the problems above and run validate again)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dataset_scripts.contribute", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("validate", "submit"):
+        p = sub.add_parser(name, help=f"{name} a submission folder (images + manifest.csv)")
+        p.add_argument("submission_dir", type=Path)
+        p.add_argument("--dataset", metavar="DIR_OR_HUB_ID",
+                       help="the existing dataset (built by dataset_scripts.build): duplicates of its "
+                            "images are dropped, label conflicts blocked")
+        p.add_argument("--output", type=Path, help=f"cleaned copy folder (default SUBMISSION_DIR/{CLEAN_DIRNAME})")
+        p.add_argument("--near-threshold", type=int, default=dedup.DEFAULT_NEAR_THRESHOLD,
+                       help="max Hamming distance (of 256 bits) for a near duplicate (default: the build's)")
+        p.add_argument("--test-index", type=Path, default=TEST_INDEX, help=argparse.SUPPRESS)
+        if name == "submit":
+            p.add_argument("--repo", required=True, metavar="REPO_ID", help="the Hub dataset repo")
+    p = sub.add_parser("index-test-images", help="recompute the committed official test index (maintainers)")
+    p.add_argument("kermany_dir", type=Path)
+    p.add_argument("--out", type=Path, default=TEST_INDEX)
+    args = ap.parse_args(argv)
+
+    try:
+        if args.command == "index-test-images":
+            rows = compute_test_index(args.kermany_dir)
+            if not rows:
+                raise UsageError(f"{args.kermany_dir}: no official test images found")
+            print(f"wrote {write_test_index(rows, args.out)} ({len(rows)} images)")
+            return 0
+        if args.command == "validate":
+            report = validate(args.submission_dir, dataset=args.dataset, output=args.output,
+                              near_threshold=args.near_threshold, test_index=args.test_index)
+            _print_report(report)
+            return report.exit_code
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            result = submit(args.submission_dir, args.repo, dataset=args.dataset, output=args.output,
+                            token=os.environ.get("HF_TOKEN"), near_threshold=args.near_threshold,
+                            test_index=args.test_index)
+        except HfHubHTTPError as e:
+            print(f"error: the Hub refused the upload: {e}", file=sys.stderr)
+            return 3
+        _print_report(result.report)
+        if result.pr_url is None:
+            print("nothing was uploaded", file=sys.stderr)
+            return 1
+        print(f"opened pull request #{result.pr_num}: {result.pr_url}")
+        return 0
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
