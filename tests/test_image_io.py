@@ -530,57 +530,7 @@ def test_image_extensions() -> None:
 # synthetic DICOM
 # --------------------------------------------------------------------------------------------------
 
-PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-12345", "PatientBirthDate": "19700101",
-           "StudyDate": "20240102", "InstitutionName": "Saint Example Hospital",
-           "AccessionNumber": "ACC-987"}
-
-
-def make_dicom(
-    pixels: np.ndarray | None,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int | None = None,
-    header: bool = True,
-    **tags,
-) -> bytes:
-    """Serialise a minimal CR dataset (with preamble + file meta unless header=False)."""
-    ds = Dataset()
-    ds.SOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "CR"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    if pixels is not None:
-        colour = photometric == "RGB"
-        frame_ndim = 3 if colour else 2
-        frames = pixels.shape[0] if pixels.ndim > frame_ndim else 1
-        rows, cols = pixels.shape[-3:-1] if colour else pixels.shape[-2:]
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel = 3 if colour else 1
-        if colour:
-            ds.PlanarConfiguration = 0
-        ds.PhotometricInterpretation = photometric
-        ds.BitsAllocated = pixels.dtype.itemsize * 8
-        ds.BitsStored = bits_stored or ds.BitsAllocated
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        ds.PixelData = np.ascontiguousarray(pixels).astype(pixels.dtype.newbyteorder("<")).tobytes()
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    buf = io.BytesIO()
-    if header:
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.save_as(buf, enforce_file_format=True)
-        assert buf.getvalue()[128:132] == b"DICM"
-    else:
-        pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True)
-        assert buf.getvalue()[128:132] != b"DICM"
-    return buf.getvalue()
+from synthetic import PATIENT, make_dicom  # noqa: E402  (shared with the Space and validator tests)
 
 
 def test_dicom_12bit_rescale_and_window() -> None:

@@ -45,3 +45,22 @@ def save_tiny_base(family: str, out_dir: Path, image_size: int = 32, seed: int =
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def save_tiny_classifier(out_dir: Path, family: str = "dinov2", image_size: int = 32, threshold: float = 0.4,
+                         temperature: float = 1.5, seed: int = 0) -> Path:
+    """A calibrated 3-class model saved like ``train.py``'s output (weights, config with
+    ``cxr_calibration``, image processor): what the Space and the predictor load."""
+    from modeling.calibration import Calibration, apply_temperature
+    from modeling.models import build_model
+    from modeling.preprocessing import PreprocessConfig, build_image_processor
+
+    out_dir = Path(out_dir)
+    base = save_tiny_base(family, out_dir.with_name(out_dir.name + "-base"), image_size=image_size, seed=seed)
+    model = build_model(str(base))
+    apply_temperature(model, temperature)
+    Calibration(temperature=temperature, temperature_applied=True, pneumonia_threshold=threshold,
+                target_sensitivity=0.985).to_config(model.config)
+    model.save_pretrained(out_dir)
+    build_image_processor(PreprocessConfig(size=image_size)).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,361 @@
+"""The Gradio Space: pediatric chest X-ray triage with calibrated probabilities, Grad-CAM and
+clinician feedback.
+
+    python space/app.py                      # the bundled model (space/model), http://127.0.0.1:7860
+    MODEL_ID=org/model python space/app.py   # any model saved by train.py (Hub id or folder)
+
+Settings (environment variables):
+
+* ``MODEL_ID``: Hub id or folder of the model (default: ``model/`` beside this file).
+* ``MODEL_REVISION``: Hub revision to pin.
+* ``CXR_DATA_DIR``: where the prediction/feedback database and de-identified images live
+  (default ``data/`` beside this file; on a Space use persistent storage, ``/data``).
+* ``CXR_PRECISION``: ``auto`` (default: bfloat16 where the CPU has it natively), ``float32``, ``bfloat16``.
+* ``CXR_UNCERTAIN_HIGH``: upper end of the "uncertain, refer" band (default 0.5).
+* ``FEEDBACK_REPO`` + ``HF_TOKEN``: push the feedback export to this Hub dataset every
+  ``FEEDBACK_SYNC_MINUTES`` (default 10) with huggingface_hub's CommitScheduler.
+* ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: Gradio's own.
+
+API (``gradio_client``): ``/predict`` (file, heatmap_class -> result dict, heatmap image),
+``/feedback`` (prediction_id, label, role, note -> dict), ``/batch`` (files -> table, CSV),
+``/export`` (-> zip of the manifest export). See the README.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if not (HERE / "modeling").is_dir() and str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))  # running from the repo: modeling/ is beside space/
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from modeling.labels import LABELS  # noqa: E402
+from modeling.predict import Predictor  # noqa: E402
+
+if __package__:
+    from .service import LABEL_NAMES, CxrService, InputError, heatmap_overlay, rows_to_csv
+    from .store import ROLES, FeedbackStore, StoreError
+else:  # python space/app.py, or app.py at the root of a Space
+    from service import LABEL_NAMES, CxrService, InputError, heatmap_overlay, rows_to_csv  # type: ignore
+    from store import ROLES, FeedbackStore, StoreError  # type: ignore
+
+DISCLAIMER = (
+    "**Research prototype, not a medical device.** It has not been cleared or approved for clinical use. "
+    "It was trained and tested on pediatric (age 1-5) frontal chest X-rays from one hospital; it does not "
+    "know other ages, views, devices or diseases. Do not use it to diagnose or treat anyone. "
+    "Do not upload images with names or other identifiers burned into the pixels."
+)
+HEATMAP_CHOICES = ["predicted"] + list(LABELS)
+FILE_TYPES = [".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm", ".dicom", ".bmp", ".webp"]
+
+
+@dataclass
+class AppConfig:
+    model_id: str
+    revision: str | None
+    data_dir: Path
+    precision: str = "auto"
+    uncertain_high: float | None = None
+    feedback_repo: str | None = None
+    sync_minutes: float = 10.0
+    feedback_license: str = "CC-BY-4.0"
+
+    @classmethod
+    def from_env(cls) -> "AppConfig":
+        env = os.environ
+        high = env.get("CXR_UNCERTAIN_HIGH")
+        return cls(
+            model_id=env.get("MODEL_ID") or str(HERE / "model"),
+            revision=env.get("MODEL_REVISION") or None,
+            data_dir=Path(env.get("CXR_DATA_DIR") or HERE / "data"),
+            precision=env.get("CXR_PRECISION", "auto"),
+            uncertain_high=float(high) if high else None,
+            feedback_repo=env.get("FEEDBACK_REPO") or None,
+            sync_minutes=float(env.get("FEEDBACK_SYNC_MINUTES", "10")),
+        )
+
+
+def examples() -> list[str]:
+    folder = HERE / "examples"
+    return sorted(str(p) for p in folder.glob("*") if p.suffix.lower() in {".jpeg", ".jpg", ".png", ".dcm"})
+
+
+def _label_dict(probabilities: dict) -> dict:
+    return {LABEL_NAMES[k]: float(v) for k, v in probabilities.items()}
+
+
+def _info_md(service: CxrService, a) -> str:
+    notes = "".join(f"\n- {n}" for n in a.notes)
+    return (f"Inference {a.latency_ms:.0f} ms (prediction + Grad-CAM, CPU) · heatmap for "
+            f"**{LABEL_NAMES[a.prediction.heatmap_class]}** · model `{service.predictor.model_id}` "
+            f"revision `{service.predictor.revision}` · prediction id `{a.prediction_id}`"
+            + (f"\n\nThe file was converted on loading:{notes}" if notes else ""))
+
+
+def build_app(service: CxrService, config: AppConfig) -> gr.Blocks:
+    """The Blocks app around a :class:`CxrService` (tests build it with a tiny model)."""
+    export_dir = config.data_dir / "export"
+
+    # ---------------- handlers (UI) ----------------
+    def ui_predict(file, heatmap_class, alpha):
+        if not file:
+            raise gr.Error("Upload a chest X-ray first (JPEG, PNG, TIFF or DICOM).")
+        try:
+            a = service.analyze(file, target_class=heatmap_class, channel="ui", delete_upload=not _is_example(file))
+        except InputError as exc:
+            raise gr.Error(str(exc), title="Input not accepted") from None
+        over = heatmap_overlay(a.image, a.prediction.heatmap, alpha)
+        verdict = f"### {LABEL_NAMES[a.prediction.label]}\n\n{a.verdict}"
+        state = {"prediction_id": a.prediction_id, "image": a.image, "heatmap": a.prediction.heatmap,
+                 "label": a.prediction.label}
+        return (_label_dict(a.prediction.probabilities), verdict, over, _info_md(service, a), state,
+                gr.update(value=a.prediction.label, interactive=True), gr.update(interactive=True), "")
+
+    def ui_heatmap_class(state, heatmap_class, alpha):
+        if not state:
+            return gr.skip()
+        pred = service.heatmap(state["image"], heatmap_class)
+        state = {**state, "heatmap": pred.heatmap}
+        return heatmap_overlay(state["image"], pred.heatmap, alpha), state
+
+    def ui_alpha(state, alpha):
+        if not state:
+            return gr.skip()
+        return heatmap_overlay(state["image"], state["heatmap"], alpha)
+
+    def ui_feedback(state, label, role, note, consent):
+        if not state:
+            raise gr.Error("Analyse an image first, then give your reading.")
+        if not consent:
+            raise gr.Error("Please confirm that the image carries no identifying information and that you agree "
+                           f"to share your reading and the de-identified image under {config.feedback_license}.")
+        try:
+            fid = service.feedback(state["prediction_id"], label, role, note, image=state["image"])
+        except StoreError as exc:
+            raise gr.Error(str(exc)) from None
+        verb = "confirmed" if label == state["label"] else f"corrected to {LABEL_NAMES[label]}"
+        return f"Thank you: feedback #{fid} stored ({verb})."
+
+    # ---------------- handlers (API) ----------------
+    def api_predict(file, heatmap_class="predicted"):
+        """Classify one chest X-ray file. Returns the result dict and the Grad-CAM overlay."""
+        if not file:
+            raise gr.Error("No file given.")
+        try:
+            a = service.analyze(file, target_class=heatmap_class, channel="api", delete_upload=True)
+        except InputError as exc:
+            raise gr.Error(str(exc), title="Input not accepted") from None
+        return a.to_dict(), heatmap_overlay(a.image, a.prediction.heatmap, 0.4)
+
+    def api_feedback(prediction_id, label, role="not specified", note=""):
+        """Store a clinician's label for a prediction id returned by /predict."""
+        try:
+            fid = service.feedback(str(prediction_id), label, role or "not specified", note or "")
+        except StoreError as exc:
+            raise gr.Error(str(exc)) from None
+        return {"feedback_id": fid, "prediction_id": prediction_id, "label": label}
+
+    def batch(files, progress=gr.Progress()):
+        if not files:
+            raise gr.Error("Upload one or more X-rays or a .zip of them.")
+        paths = [f if isinstance(f, str) else f.name for f in files]
+        rows = service.batch(paths, progress=lambda frac, desc: progress(frac, desc=desc), delete_uploads=True)
+        out = Path(tempfile.mkdtemp(prefix="cxr-batch-")) / "predictions.csv"
+        rows_to_csv(rows, out)
+        cols = ["#", "file", "label", "p_pneumonia", "decision", "error"]
+        return pd.DataFrame(rows).reindex(columns=cols).fillna(""), str(out)
+
+    def export():
+        summary = service.store.export_manifest(export_dir, license=config.feedback_license)
+        zpath = Path(tempfile.mkdtemp(prefix="cxr-export-")) / "feedback-manifest.zip"
+        with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in sorted(export_dir.rglob("*")):
+                if p.is_file():
+                    zf.write(p, p.relative_to(export_dir).as_posix())
+        summary["manifest"] = "manifest.csv"  # not the server's path
+        return str(zpath), summary
+
+    def history():
+        return analytics(service.store)
+
+    # ---------------- layout ----------------
+    with gr.Blocks(title="Pediatric chest X-ray pneumonia triage") as demo:
+        gr.Markdown("# Pediatric chest X-ray: normal, bacterial or viral pneumonia")
+        gr.Markdown(DISCLAIMER, elem_id="disclaimer")
+        state = gr.State(None)
+        with gr.Tab("Predict", id="predict"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    upload = gr.File(label="Chest X-ray (JPEG, PNG 8/16-bit, TIFF or DICOM)", type="filepath",
+                                     file_types=FILE_TYPES, elem_id="upload")
+                    heat_class = gr.Dropdown(HEATMAP_CHOICES, value="predicted", label="Heatmap for class",
+                                             elem_id="heatmap-class")
+                    alpha = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity", elem_id="opacity")
+                    run = gr.Button("Analyse", variant="primary", elem_id="analyse")
+                    if examples():
+                        gr.Examples(examples(), inputs=upload, label="Example X-rays (Kermany et al., CC BY 4.0)")
+                with gr.Column(scale=1):
+                    probs = gr.Label(label="Calibrated probabilities", num_top_classes=3, elem_id="probs")
+                    verdict = gr.Markdown(elem_id="verdict")
+                    heat = gr.Image(label="Grad-CAM: what drove the score", type="numpy", format="png",
+                                    interactive=False, elem_id="heatmap")
+                    info = gr.Markdown(elem_id="info")
+            with gr.Group():
+                gr.Markdown("### Clinician feedback\nConfirm or correct the model's reading. Stored with the "
+                            "prediction and a de-identified copy of the pixels (no file name, no DICOM header).")
+                with gr.Row():
+                    fb_label = gr.Radio(list(LABELS), label="Your reading", interactive=False, elem_id="fb-label")
+                    fb_role = gr.Dropdown(list(ROLES), value="not specified", label="Your role", elem_id="fb-role")
+                fb_note = gr.Textbox(label="Note (optional; no patient identifiers)", max_length=1000,
+                                     elem_id="fb-note")
+                fb_consent = gr.Checkbox(label=f"The image has no identifiers in it, and I share my reading and the "
+                                               f"de-identified image under {config.feedback_license}.",
+                                         elem_id="fb-consent")
+                fb_send = gr.Button("Submit feedback", interactive=False, elem_id="fb-send")
+                fb_status = gr.Markdown(elem_id="fb-status")
+
+        with gr.Tab("Batch", id="batch"):
+            gr.Markdown("Many files or a .zip (up to 200 images). No heatmaps. The CSV keeps row order and image "
+                        "hashes, not file names (names can carry patient names).")
+            b_files = gr.File(label="X-rays or .zip", file_count="multiple", type="filepath", elem_id="batch-files")
+            b_run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
+            b_table = gr.Dataframe(label="Results", interactive=False, elem_id="batch-table")
+            b_csv = gr.File(label="CSV", elem_id="batch-csv")
+
+        with gr.Tab("History", id="history"):
+            h_refresh = gr.Button("Refresh", elem_id="history-refresh")
+            h_summary = gr.Markdown(elem_id="history-summary")
+            with gr.Row():
+                h_time = gr.BarPlot(x="day", y="predictions", title="Predictions per day", elem_id="history-time")
+                h_mix = gr.BarPlot(x="label", y="count", title="Predicted class mix", elem_id="history-mix")
+            h_corr = gr.Dataframe(label="Model label (rows) vs clinician label (columns)", elem_id="history-agree")
+            h_recent = gr.Dataframe(label="Latest feedback", elem_id="history-recent")
+            with gr.Row():
+                h_export = gr.Button("Export feedback as a dataset manifest", elem_id="export")
+                h_zip = gr.File(label="manifest.csv + images (for dataset_scripts)")
+                h_export_info = gr.JSON(label="Export summary")
+
+        with gr.Tab("About", id="about"):
+            gr.Markdown(about_markdown(service, config))
+
+        # hidden components carrying the API endpoints
+        with gr.Row(visible=False):
+            api_file = gr.File(type="filepath")
+            api_class = gr.Dropdown(HEATMAP_CHOICES, value="predicted")
+            api_result = gr.JSON()
+            api_heat = gr.Image(type="numpy", format="png")
+            api_pid = gr.Textbox()
+            api_label = gr.Dropdown(list(LABELS))
+            api_role = gr.Dropdown(list(ROLES), value="not specified")
+            api_note = gr.Textbox()
+            api_fb_out = gr.JSON()
+            api_btn = gr.Button()
+            api_fb_btn = gr.Button()
+
+        # ---------------- events ----------------
+        model_events = {"concurrency_id": "model", "concurrency_limit": 1}
+        run.click(ui_predict, [upload, heat_class, alpha],
+                  [probs, verdict, heat, info, state, fb_label, fb_send, fb_status],
+                  api_visibility="private", **model_events)
+        heat_class.change(ui_heatmap_class, [state, heat_class, alpha], [heat, state], api_visibility="private",
+                          **model_events)
+        alpha.release(ui_alpha, [state, alpha], heat, api_visibility="private")
+        fb_send.click(ui_feedback, [state, fb_label, fb_role, fb_note, fb_consent], fb_status,
+                      api_visibility="private", concurrency_limit=8)
+        b_run.click(batch, b_files, [b_table, b_csv], api_name="batch", **model_events)
+        outs = [h_summary, h_time, h_mix, h_corr, h_recent]
+        h_refresh.click(history, None, outs, api_visibility="private")
+        demo.load(history, None, outs, api_visibility="private")
+        h_export.click(export, None, [h_zip, h_export_info], api_name="export")
+        api_btn.click(api_predict, [api_file, api_class], [api_result, api_heat], api_name="predict", **model_events)
+        api_fb_btn.click(api_feedback, [api_pid, api_label, api_role, api_note], api_fb_out, api_name="feedback",
+                         concurrency_limit=16)
+    return demo
+
+
+def _is_example(path) -> bool:
+    try:
+        return Path(path).resolve().parent == (HERE / "examples").resolve()
+    except OSError:
+        return False
+
+
+def analytics(store: FeedbackStore):
+    """Summary markdown and the four history views, from the store."""
+    preds = store.predictions_frame()
+    fb = store.feedback_frame()
+    if preds.empty:
+        empty = pd.DataFrame({"day": [], "predictions": []})
+        return ("No predictions yet.", empty, pd.DataFrame({"label": [], "count": []}), pd.DataFrame(),
+                pd.DataFrame())
+    preds["day"] = preds["created_at"].str.slice(0, 10)
+    per_day = preds.groupby("day").size().reset_index(name="predictions")
+    mix = preds["label"].value_counts().reindex(list(LABELS), fill_value=0).rename_axis("label").reset_index(name="count")
+    n_fb = len(fb)
+    agree = float(fb["agrees"].mean()) if n_fb else float("nan")
+    summary = (f"**{len(preds)}** predictions ({', '.join(f'{k}: {v}' for k, v in preds['channel'].value_counts().items())}), "
+               f"**{n_fb}** clinician readings"
+               + (f", model and clinician agree on **{agree:.0%}**; corrections: "
+                  + ", ".join(f"{LABEL_NAMES[k]} {int(v)}" for k, v in
+                              fb[fb['agrees'] == 0]['model_label'].value_counts().items()) if n_fb else "")
+               + ".")
+    if n_fb:
+        corr = pd.crosstab(fb["model_label"], fb["clinician_label"]).reindex(index=list(LABELS), columns=list(LABELS),
+                                                                            fill_value=0)
+        corr.insert(0, "model \\ clinician", corr.index)
+        recent = fb.tail(20).iloc[::-1][["created_at", "model_label", "clinician_label", "role", "p_pneumonia"]]
+    else:
+        corr, recent = pd.DataFrame(), pd.DataFrame()
+    return summary, per_day, mix, corr, recent
+
+
+def about_markdown(service: CxrService, config: AppConfig) -> str:
+    cal = service.predictor.calibration
+    return f"""
+**Model** `{service.predictor.model_id}` (revision `{service.predictor.revision}`), compute precision
+`{service.predictor.precision}`. Probabilities are temperature-calibrated on validation (T = {cal.temperature:.3f});
+the pneumonia call uses P(bacterial) + P(viral) >= {cal.pneumonia_threshold:.3f}, chosen on validation for a
+sensitivity of {cal.target_sensitivity}; from there up to {service.uncertain_high:.0%} the film is marked
+"uncertain, refer". The heatmap is Grad-CAM (pytorch-grad-cam) on the last transformer block.
+
+**Input gate.** Files go through one loader (JPEG, PNG 8/16-bit, TIFF, DICOM with its VOI LUT). Colour photos,
+non-chest or lateral DICOM, tiny, blank or oddly shaped images are refused with the reason. The gate is a set
+of simple rules, not a detector: a knee radiograph may pass it, and the model will still answer.
+
+**What is stored.** Each prediction (time, model and revision, image hash, probabilities, decision); with
+feedback, the clinician's label, role and note, and the image re-encoded from its pixels. Never the file name
+or DICOM header. Data folder: `{config.data_dir}`.
+"""
+
+
+def make_service(config: AppConfig) -> CxrService:
+    predictor = Predictor.from_pretrained(config.model_id, revision=config.revision, precision=config.precision)
+    if Path(config.model_id).resolve() == (HERE / "model").resolve():
+        predictor.model_id = "bundled:space/model"  # records and UI show a stable name, not a server path
+    return CxrService(predictor, FeedbackStore(config.data_dir), uncertain_high=config.uncertain_high)
+
+
+def main() -> None:
+    config = AppConfig.from_env()
+    service = make_service(config)
+    if config.feedback_repo:
+        if __package__:
+            from .sync import start_feedback_sync
+        else:
+            from sync import start_feedback_sync  # type: ignore
+        start_feedback_sync(service.store, config.feedback_repo, every_minutes=config.sync_minutes,
+                            license=config.feedback_license)
+    demo = build_app(service, config)
+    demo.queue(default_concurrency_limit=4).launch(theme=gr.themes.Soft())
+
+
+if __name__ == "__main__":
+    main()

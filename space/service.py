@@ -1,0 +1,278 @@
+"""What the Space does, without the UI: analyse a file, record it, take feedback, run a batch.
+
+Kept apart from :mod:`app` (Gradio layout) so each piece is a plain function that tests call directly
+and that the UI and the API endpoints share: the UI tab, ``/predict`` and the batch tab go through
+:meth:`CxrService.analyze`, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+import time
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image
+
+from modeling.image_io import ImageLoadError, load_image_with_info, pixel_sha256
+from modeling.labels import LABELS
+from modeling.predict import Prediction, Predictor
+from modeling.quality import xray_problems
+
+try:  # imported as the package ``space`` (tests) or as top-level modules (python space/app.py, the Space)
+    from .store import FeedbackStore, PredictionRecord
+except ImportError:  # pragma: no cover - exercised by the subprocess tests
+    from store import FeedbackStore, PredictionRecord  # type: ignore[no-redef]
+
+LABEL_NAMES = {"normal": "Normal", "bacterial_pneumonia": "Bacterial pneumonia", "viral_pneumonia": "Viral pneumonia"}
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a large uncompressed DICOM CR is ~30 MB
+MAX_BATCH_FILES = 200
+MAX_ZIP_UNCOMPRESSED = 1024 * 1024 * 1024
+
+
+class InputError(ValueError):
+    """An upload the Space will not analyse; ``str()`` is the message shown to the user."""
+
+
+@dataclass
+class Analysis:
+    prediction: Prediction
+    prediction_id: str
+    decision: str  # no_pneumonia | uncertain | pneumonia
+    verdict: str  # one readable sentence
+    latency_ms: float
+    image_sha256: str
+    notes: list[str] = field(default_factory=list)
+    image: Image.Image | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        p = self.prediction
+        return {
+            "prediction_id": self.prediction_id,
+            "label": p.label,
+            "probabilities": p.probabilities,
+            "pneumonia_probability": p.pneumonia_probability,
+            "threshold": p.threshold,
+            "decision": self.decision,
+            "verdict": self.verdict,
+            "heatmap_class": p.heatmap_class,
+            "latency_ms": round(self.latency_ms, 1),
+            "image_size": list(p.image_size),
+            "image_sha256": self.image_sha256,
+            "notes": self.notes,
+        }
+
+
+def decide(p_pneumonia: float, threshold: float, uncertain_high: float) -> tuple[str, str]:
+    """Three-way triage on the calibrated pneumonia probability.
+
+    Below the stored threshold (chosen on validation for ~98.5% sensitivity) the model has nothing to
+    flag. From the threshold to ``uncertain_high`` the film is flagged but the model is not confident:
+    "uncertain, refer for review". At or above it: "pneumonia, refer"."""
+    if p_pneumonia < threshold:
+        return "no_pneumonia", (f"No pneumonia detected: P(pneumonia) = {p_pneumonia:.1%}, below the triage "
+                                f"threshold {threshold:.1%}.")
+    if p_pneumonia < uncertain_high:
+        return "uncertain", (f"Uncertain, refer for review: P(pneumonia) = {p_pneumonia:.1%}, above the triage "
+                             f"threshold {threshold:.1%} but below {uncertain_high:.0%}.")
+    return "pneumonia", f"Pneumonia suspected, refer: P(pneumonia) = {p_pneumonia:.1%}."
+
+
+def read_upload(path_or_bytes: str | os.PathLike | bytes, *, delete: bool = False) -> bytes:
+    """The bytes of an upload, size-checked before reading. With ``delete`` the temporary copy
+    Gradio made (which carries the original file name, and for a DICOM its header) is removed."""
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        data = bytes(path_or_bytes)
+    else:
+        path = Path(path_or_bytes)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise InputError("The uploaded file is gone: uploads are deleted once analysed (they are never kept). "
+                             "Upload it again.") from None
+        if size > MAX_UPLOAD_BYTES:
+            if delete:
+                _remove_upload(path)
+            raise InputError(f"The file is {size / 2**20:.0f} MB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MB.")
+        data = path.read_bytes()
+        if delete:
+            _remove_upload(path)
+    if not data:
+        raise InputError("The file is empty (0 bytes).")
+    return data
+
+
+def _remove_upload(path: Path) -> None:
+    try:
+        path.unlink()
+        path.parent.rmdir()  # Gradio puts each upload in its own hash-named folder
+    except OSError:
+        pass
+
+
+class CxrService:
+    """The Space's behaviour. Thread-safe: the model is used by one call at a time (a lock; the
+    Gradio queue already serialises model events, this also covers direct Python use)."""
+
+    def __init__(self, predictor: Predictor, store: FeedbackStore, *, uncertain_high: float | None = None,
+                 image_cache_size: int = 128) -> None:
+        self.predictor = predictor
+        self.store = store
+        t = predictor.threshold
+        self.uncertain_high = max(0.5, t) if uncertain_high is None else max(float(uncertain_high), t)
+        self._model_lock = threading.Lock()
+        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._images_lock = threading.Lock()
+        self._cache_size = image_cache_size
+
+    # --- single image --------------------------------------------------------------------------
+    def load(self, data: bytes) -> tuple[Image.Image, list[str]]:
+        """Decode and gate an upload. Raises :class:`InputError` with a readable message."""
+        try:
+            gray, info = load_image_with_info(data)
+        except ImageLoadError as exc:
+            raise InputError(f"Cannot read this file: {exc.detail}") from None
+        problems = xray_problems(gray, info, data)
+        if problems:
+            raise InputError("This does not look like a frontal chest X-ray: " + "; ".join(problems) + ".")
+        notes = list(info.notes) if info.converted else []
+        return gray, notes
+
+    def analyze(self, upload: str | os.PathLike | bytes, *, target_class: str | None = None,
+                channel: str = "ui", heatmap: bool = True, delete_upload: bool = False) -> Analysis:
+        """Load, gate, predict (+ Grad-CAM), record. Nothing is recorded when anything fails."""
+        data = read_upload(upload, delete=delete_upload)
+        gray, notes = self.load(data)
+        if target_class in (None, "", "predicted"):
+            target_class = None
+        elif target_class not in LABELS:
+            raise InputError(f"Unknown heatmap class {target_class!r}; choose one of {', '.join(LABELS)}.")
+        t0 = time.perf_counter()
+        with self._model_lock:
+            pred = self.predictor.predict_one(gray, heatmap=heatmap, target_class=target_class)
+        latency = (time.perf_counter() - t0) * 1000
+        decision, verdict = decide(pred.pneumonia_probability, pred.threshold, self.uncertain_high)
+        sha = pixel_sha256(gray)
+        pid = self.store.record_prediction(PredictionRecord(
+            model_id=self.predictor.model_id or "unknown", model_revision=self.predictor.revision or "unknown",
+            image_sha256=sha, width=gray.size[0], height=gray.size[1], probabilities=pred.probabilities,
+            pneumonia_probability=pred.pneumonia_probability, label=pred.label, decision=decision,
+            threshold=pred.threshold, latency_ms=latency, channel=channel))
+        with self._images_lock:
+            self._images[pid] = gray
+            while len(self._images) > self._cache_size:
+                self._images.popitem(last=False)
+        return Analysis(prediction=pred, prediction_id=pid, decision=decision, verdict=verdict, latency_ms=latency,
+                        image_sha256=sha, notes=notes, image=gray)
+
+    def heatmap(self, image: Image.Image, target_class: str | None) -> Prediction:
+        """Grad-CAM for another class on an already-analysed image (not recorded again)."""
+        if target_class in (None, "", "predicted"):
+            target_class = None
+        with self._model_lock:
+            return self.predictor.predict_one(image, heatmap=True, target_class=target_class)
+
+    # --- feedback ------------------------------------------------------------------------------
+    def feedback(self, prediction_id: str, label: str, role: str = "not specified", note: str = "",
+                 image: Image.Image | None = None) -> int:
+        """Store a clinician's reading of a prediction. The image comes from the UI session or from
+        the recent-predictions cache (API clients send only the prediction id)."""
+        if image is None:
+            with self._images_lock:
+                image = self._images.get(prediction_id)
+        return self.store.add_feedback(prediction_id, label, role=role, note=note, image=image)
+
+    # --- batch ---------------------------------------------------------------------------------
+    def batch(self, uploads: Iterable[str | os.PathLike], progress: Callable[[float, str], None] | None = None,
+              delete_uploads: bool = False) -> list[dict]:
+        """Analyse many files (zips are opened) without Grad-CAM. One row per image, failures
+        included with their message; never raises for a bad member."""
+        items = list(expand_uploads(uploads, delete=delete_uploads))
+        rows = []
+        for i, (name, payload) in enumerate(items, start=1):
+            if progress:
+                progress((i - 1) / max(1, len(items)), f"{i}/{len(items)}")
+            row = {"#": i, "file": name}
+            try:
+                if isinstance(payload, Exception):
+                    raise payload
+                a = self.analyze(payload, channel="batch", heatmap=False)
+                p = a.prediction
+                row.update({"label": p.label, **{f"p_{k}": round(v, 4) for k, v in p.probabilities.items()},
+                            "p_pneumonia": round(p.pneumonia_probability, 4), "decision": a.decision,
+                            "image_sha256": a.image_sha256, "error": ""})
+            except InputError as exc:
+                row.update({"label": "", "decision": "", "error": str(exc)})
+            rows.append(row)
+        if progress:
+            progress(1.0, "done")
+        return rows
+
+
+BATCH_COLUMNS = ["#", "label", "p_normal", "p_bacterial_pneumonia", "p_viral_pneumonia", "p_pneumonia",
+                 "decision", "image_sha256", "error"]
+
+
+def rows_to_csv(rows: list[dict], path: str | os.PathLike) -> Path:
+    """The batch CSV. File names are *not* written (they can carry patient names); rows are in
+    upload order (zip members sorted by name) and carry the image hash."""
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=BATCH_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def expand_uploads(uploads: Iterable[str | os.PathLike], *, delete: bool = False):
+    """Yield ``(display name, bytes or InputError)`` per image; zip archives are expanded (members
+    sorted, folders and macOS resource forks skipped) with limits on count and unpacked size."""
+    count = 0
+    for up in uploads:
+        path = Path(up)
+        try:
+            data = read_upload(path, delete=delete)
+        except InputError as exc:
+            count += 1
+            yield path.name, exc
+            continue
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            try:
+                zf = zipfile.ZipFile(io.BytesIO(data))
+                members = sorted((m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX")
+                                  and not Path(m.filename).name.startswith(".")), key=lambda m: m.filename)
+                total = sum(m.file_size for m in members)
+                if total > MAX_ZIP_UNCOMPRESSED:
+                    yield path.name, InputError(f"The zip unpacks to {total / 2**30:.1f} GB; the limit is "
+                                                f"{MAX_ZIP_UNCOMPRESSED / 2**30:.0f} GB.")
+                    continue
+                for m in members:
+                    count += 1
+                    if count > MAX_BATCH_FILES:
+                        yield m.filename, InputError(f"More than {MAX_BATCH_FILES} files in one batch; the rest were skipped.")
+                        return
+                    if m.file_size > MAX_UPLOAD_BYTES:
+                        yield m.filename, InputError("File too large.")
+                        continue
+                    yield m.filename, zf.read(m) or InputError("The file is empty (0 bytes).")
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as exc:
+                yield path.name, InputError(f"Cannot open the zip archive: {exc}")
+            continue
+        count += 1
+        if count > MAX_BATCH_FILES:
+            yield path.name, InputError(f"More than {MAX_BATCH_FILES} files in one batch; the rest were skipped.")
+            return
+        yield path.name, data
+
+
+def heatmap_overlay(image: Image.Image, heatmap: np.ndarray, alpha: float) -> np.ndarray:
+    from modeling.gradcam import overlay
+
+    return overlay(image, heatmap, alpha=float(alpha))

@@ -1,0 +1,237 @@
+"""The Space's store: every prediction, every clinician's feedback, the de-identified images.
+
+One SQLite database in WAL mode (readers never block the writer; the analytics tab reads while
+predictions are written) plus a folder of PNGs. A new connection per operation with a busy timeout
+makes it safe from Gradio's worker threads and from several processes.
+
+What is stored, and what never is:
+
+* predictions: time (UTC), model id and revision, image hash (:func:`modeling.image_io.pixel_sha256`),
+  size, calibrated probabilities, label, decision, threshold, latency, channel (ui / api / batch).
+  Not the image, not the file name.
+* feedback: the clinician's label, agreement with the model, role (a category, not a name), an
+  optional note, and the image as a PNG re-encoded from the decoded 8-bit pixels (no DICOM header,
+  EXIF or text chunks), named by its hash.
+
+:meth:`FeedbackStore.export_manifest` writes the ``manifest`` format (:mod:`modeling.manifest`) that
+``dataset_scripts.build --source manifest:DIR`` and ``dataset_scripts.contribute`` read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+from modeling.labels import LABELS
+from modeling.manifest import write_manifest
+
+ROLES = ("radiologist", "pediatrician", "emergency physician", "resident", "other clinician", "not specified")
+DECISIONS = ("no_pneumonia", "uncertain", "pneumonia")
+CHANNELS = ("ui", "api", "batch")
+MAX_NOTE_CHARS = 1000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    model_revision TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    p_normal REAL NOT NULL,
+    p_bacterial_pneumonia REAL NOT NULL,
+    p_viral_pneumonia REAL NOT NULL,
+    p_pneumonia REAL NOT NULL,
+    label TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    threshold REAL NOT NULL,
+    latency_ms REAL,
+    channel TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS predictions_time ON predictions(created_at);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    prediction_id TEXT NOT NULL REFERENCES predictions(id),
+    created_at TEXT NOT NULL,
+    label TEXT NOT NULL,
+    agrees INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    image_path TEXT
+);
+CREATE INDEX IF NOT EXISTS feedback_prediction ON feedback(prediction_id);
+"""
+
+
+class StoreError(ValueError):
+    """Feedback that cannot be stored as given (unknown prediction, label or role)."""
+
+
+@dataclass
+class PredictionRecord:
+    model_id: str
+    model_revision: str
+    image_sha256: str
+    width: int
+    height: int
+    probabilities: dict[str, float]
+    pneumonia_probability: float
+    label: str
+    decision: str
+    threshold: float
+    latency_ms: float | None = None
+    channel: str = "ui"
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class FeedbackStore:
+    """``root/feedback.sqlite3`` + ``root/images/<sha256>.png``."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.images = self.root / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "feedback.sqlite3"
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            con.execute("PRAGMA busy_timeout=30000")
+            con.execute("PRAGMA foreign_keys=ON")
+            con.row_factory = sqlite3.Row
+            yield con
+        finally:
+            con.close()
+
+    # --- writes ------------------------------------------------------------------------------
+    def record_prediction(self, rec: PredictionRecord) -> str:
+        """Store one prediction; returns its id (a random UUID: it reveals nothing about the image)."""
+        if rec.decision not in DECISIONS:
+            raise StoreError(f"unknown decision {rec.decision!r}")
+        if rec.channel not in CHANNELS:
+            raise StoreError(f"unknown channel {rec.channel!r}")
+        pid = uuid.uuid4().hex
+        p = rec.probabilities
+        with self._connect() as con:
+            con.execute(
+                "INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (pid, utcnow(), rec.model_id, rec.model_revision, rec.image_sha256, rec.width, rec.height,
+                 p["normal"], p["bacterial_pneumonia"], p["viral_pneumonia"], rec.pneumonia_probability,
+                 rec.label, rec.decision, rec.threshold, rec.latency_ms, rec.channel))
+        return pid
+
+    def save_image(self, image: Image.Image, sha256: str) -> str:
+        """Write the de-identified PNG (pixels only) once per hash; returns its path relative to root."""
+        rel = f"images/{sha256}.png"
+        out = self.root / rel
+        if not out.exists():
+            clean = Image.frombytes("L", image.size, image.convert("L").tobytes())  # no metadata at all
+            tmp = out.with_name(f".{sha256}.{uuid.uuid4().hex}.tmp")
+            clean.save(tmp, format="PNG")
+            os.replace(tmp, out)
+        return rel
+
+    def add_feedback(self, prediction_id: str, label: str, *, role: str = "not specified", note: str = "",
+                     image: Image.Image | None = None) -> int:
+        """Store a clinician's label for a stored prediction; with ``image`` (the loaded pixels of
+        that prediction) also the de-identified PNG. Validates everything before writing anything."""
+        if label not in LABELS:
+            raise StoreError(f"unknown label {label!r}; choose one of {', '.join(LABELS)}")
+        role = role or "not specified"
+        if role not in ROLES:
+            raise StoreError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+        note = (note or "").strip()
+        if len(note) > MAX_NOTE_CHARS:
+            raise StoreError(f"note is longer than {MAX_NOTE_CHARS} characters")
+        pred = self.get_prediction(prediction_id)
+        if pred is None:
+            raise StoreError("unknown prediction id: predict first, then send feedback for that prediction")
+        image_path = None
+        if image is not None:
+            from modeling.image_io import pixel_sha256
+
+            if pixel_sha256(image) != pred["image_sha256"]:
+                raise StoreError("the image does not match the prediction it is feedback for")
+            image_path = self.save_image(image, pred["image_sha256"])
+        with self._connect() as con:
+            cur = con.execute(
+                "INSERT INTO feedback (prediction_id, created_at, label, agrees, role, note, image_path) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (prediction_id, utcnow(), label, int(label == pred["label"]), role, note, image_path))
+            return int(cur.lastrowid)
+
+    # --- reads -------------------------------------------------------------------------------
+    def get_prediction(self, prediction_id: str) -> dict | None:
+        with self._connect() as con:
+            row = con.execute("SELECT * FROM predictions WHERE id = ?", (str(prediction_id),)).fetchone()
+        return dict(row) if row else None
+
+    def count(self, table: str) -> int:
+        if table not in ("predictions", "feedback"):
+            raise ValueError(table)
+        with self._connect() as con:
+            return int(con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+    def predictions_frame(self):
+        import pandas as pd
+
+        with self._connect() as con:
+            return pd.read_sql_query("SELECT * FROM predictions ORDER BY created_at", con)
+
+    def feedback_frame(self):
+        """Feedback joined with the prediction it is about."""
+        import pandas as pd
+
+        with self._connect() as con:
+            return pd.read_sql_query(
+                "SELECT f.id, f.created_at, f.label AS clinician_label, f.agrees, f.role, f.note, f.image_path, "
+                "p.label AS model_label, p.p_pneumonia, p.decision, p.image_sha256, p.model_id, p.model_revision "
+                "FROM feedback f JOIN predictions p ON p.id = f.prediction_id ORDER BY f.created_at", con)
+
+    # --- export ------------------------------------------------------------------------------
+    def export_manifest(self, out_dir: str | os.PathLike, *, license: str = "CC-BY-4.0",
+                        contributor: str = "cxr-pneumonia Space clinician feedback",
+                        include_notes: bool = False) -> dict:
+        """Write ``out_dir/manifest.csv`` + ``out_dir/images/`` for ``dataset_scripts``.
+
+        One row per image (the latest feedback on it wins; earlier disagreeing labels are counted in
+        the summary). Images without a stored PNG are skipped. Free-text notes are left out unless
+        ``include_notes``: a note is the one field a person could type an identifier into."""
+        import shutil
+
+        out = Path(out_dir)
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        fb = self.feedback_frame()
+        fb = fb[fb["image_path"].notna()]
+        rows, conflicts = [], 0
+        for sha, group in fb.groupby("image_sha256", sort=True):
+            latest = group.iloc[-1]
+            conflicts += int(group["clinician_label"].nunique() > 1)
+            src = self.root / latest["image_path"]
+            rel = f"images/{sha}.png"
+            if not (out / rel).exists():
+                shutil.copy2(src, out / rel)
+            rows.append({
+                "path": rel, "label": latest["clinician_label"], "patient_id": "",
+                "license": license, "contributor": f"{contributor} ({latest['role']})",
+                "note": latest["note"] if include_notes else "", "source": "space-feedback",
+            })
+        write_manifest(out, rows)
+        return {"images": len(rows), "feedback_rows": int(len(fb)), "images_with_conflicting_labels": conflicts,
+                "manifest": str(out / "manifest.csv")}

@@ -1,0 +1,447 @@
+"""The Gradio Space: service behaviour in-process, then the real app on a free port driven by
+gradio_client (predict, feedback, export, batch, bad inputs, 50 concurrent feedbacks, PHI) and by a
+headless Chromium (upload, label + heatmap, correction, history)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, SHARED
+from synthetic import PATIENT, jpeg_bytes, make_dicom, png_bomb_header, sixteen_bit, xray_like
+from tiny_models import save_tiny_classifier
+
+from modeling.image_io import load_image, pixel_sha256
+from modeling.labels import LABELS
+from modeling.predict import Predictor
+
+PHI_STRINGS = [PATIENT["PatientName"], PATIENT["PatientID"], "Doe_Jane", "Doe^Jane"]
+PHI_FILE_NAME = "Doe_Jane_PID-12345_chest.dcm"
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def xray_bytes(seed: int = 0) -> bytes:
+    return jpeg_bytes(xray_like(seed, (256, 256)))
+
+
+def colour_photo(size=(4000, 3000)) -> bytes:
+    """A large, colourful 'holiday photo' (gradients in three different directions)."""
+    w, h = size
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None]
+    rgb = np.stack([np.broadcast_to(x, (h, w)), np.broadcast_to(y, (h, w)), 255 - (x + y) / 2], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8), "RGB").save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def phi_dicom() -> bytes:
+    pixels = np.asarray(xray_like(7, (256, 256)), dtype=np.uint8)
+    return make_dicom(pixels, **PATIENT)
+
+
+# (name, bytes, accepted?) — the issue's list of bad inputs
+def bad_inputs() -> list[tuple[str, bytes, bool]]:
+    gray = xray_like(3, (256, 256))
+    rgba = gray.convert("RGBA")
+    rgba.putalpha(255)
+    truncated = xray_bytes(4)
+    return [
+        ("non_image.jpg", b"this is a text file pretending to be a jpeg\n" * 20, False),
+        ("zero_byte.png", b"", False),
+        ("truncated.jpg", truncated[: len(truncated) // 2], False),
+        ("bomb.png", png_bomb_header(), False),
+        ("not_chest.dcm", make_dicom(np.asarray(gray), BodyPartExamined="HAND"), False),
+        ("ct.dcm", make_dicom(np.asarray(gray), Modality="CT"), False),
+        ("huge_photo.jpg", colour_photo(), False),
+        ("rgba.png", _png(rgba), True),  # an X-ray saved with an alpha channel: accepted, conversion noted
+        ("sixteen_bit.png", _png(sixteen_bit(gray)), True),  # 16-bit PNG: accepted, scaling noted
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# in-process: service and store
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_classifier(tmp_path_factory.mktemp("space-model") / "model", image_size=32, threshold=0.4)
+
+
+@pytest.fixture
+def service(model_dir, tmp_path):
+    from space.service import CxrService
+    from space.store import FeedbackStore
+
+    return CxrService(Predictor.from_pretrained(str(model_dir)), FeedbackStore(tmp_path / "data"))
+
+
+def test_decide_three_way_band() -> None:
+    from space.service import decide
+
+    assert decide(0.10, 0.3, 0.5)[0] == "no_pneumonia"
+    assert decide(0.30, 0.3, 0.5)[0] == "uncertain"  # at the threshold: flagged (>=), as the model card counts it
+    assert decide(0.49, 0.3, 0.5)[0] == "uncertain"
+    assert decide(0.50, 0.3, 0.5)[0] == "pneumonia"
+    assert decide(0.99, 0.3, 0.5)[1].startswith("Pneumonia suspected")
+
+
+def test_analyze_records_prediction_without_image_or_name(service, tmp_path) -> None:
+    f = tmp_path / "Smith_John_film.jpg"
+    f.write_bytes(xray_bytes(1))
+    a = service.analyze(str(f))
+    assert set(a.prediction.probabilities) == set(LABELS)
+    assert abs(sum(a.prediction.probabilities.values()) - 1) < 1e-5
+    assert a.prediction.heatmap.shape == (256, 256)
+    assert a.decision in ("no_pneumonia", "uncertain", "pneumonia")
+    rec = service.store.get_prediction(a.prediction_id)
+    assert rec["image_sha256"] == pixel_sha256(load_image(f)) == a.image_sha256
+    assert rec["model_revision"].startswith("sha256:")
+    assert rec["p_pneumonia"] == pytest.approx(a.prediction.pneumonia_probability)
+    assert list(service.store.images.iterdir()) == []  # no image kept without feedback
+    assert b"Smith_John" not in service.store.db_path.read_bytes()
+
+
+@pytest.mark.parametrize("name,data,accepted", bad_inputs(), ids=[c[0] for c in bad_inputs()])
+def test_bad_input_clear_message_nothing_stored(service, name, data, accepted) -> None:
+    from space.service import InputError
+
+    before = service.store.count("predictions")
+    if accepted:
+        a = service.analyze(data)
+        assert a.notes, "a converted file must say what was converted"
+        assert service.store.count("predictions") == before + 1
+    else:
+        with pytest.raises(InputError) as err:
+            service.analyze(data)
+        msg = str(err.value)
+        assert len(msg) > 20 and "Traceback" not in msg
+        assert service.store.count("predictions") == before
+    # the service keeps working after each case
+    assert service.analyze(xray_bytes(9)).prediction.label in LABELS
+
+
+def test_real_non_chest_dicom_refused(service) -> None:
+    from space.service import InputError
+
+    path = SHARED / "data" / "dicom" / "nhsx_sample_OT_not_chest.dcm"
+    if not path.exists():
+        pytest.skip(f"{path} not found (../shared absent)")
+    with pytest.raises(InputError, match="does not look like a frontal chest X-ray"):
+        service.analyze(str(path))
+
+
+def test_feedback_saves_deidentified_png_and_validates(service) -> None:
+    from space.store import StoreError
+
+    a = service.analyze(phi_dicom())
+    fid = service.feedback(a.prediction_id, "viral_pneumonia", "radiologist", "consolidation right base")
+    assert fid == 1
+    saved = list(service.store.images.iterdir())
+    assert [p.name for p in saved] == [f"{a.image_sha256}.png"]
+    raw = saved[0].read_bytes()
+    assert not any(s.encode() in raw for s in PHI_STRINGS)
+    with Image.open(saved[0]) as im:
+        assert im.mode == "L" and not im.info  # pixels only: no text chunks, no ICC, no EXIF
+        assert pixel_sha256(im) == a.image_sha256
+    fb = service.store.feedback_frame()
+    assert fb.loc[0, "clinician_label"] == "viral_pneumonia" and fb.loc[0, "model_label"] == a.prediction.label
+    assert fb.loc[0, "agrees"] == int(a.prediction.label == "viral_pneumonia")
+    for bad in [dict(prediction_id="nope", label="normal"), dict(prediction_id=a.prediction_id, label="covid"),
+                dict(prediction_id=a.prediction_id, label="normal", role="janitor")]:
+        with pytest.raises(StoreError):
+            service.feedback(**bad)
+    assert service.store.count("feedback") == 1
+
+
+def test_export_manifest_is_read_by_dataset_build(service, tmp_path) -> None:
+    from dataset_scripts.sources import read_manifest
+
+    a1 = service.analyze(xray_bytes(11))
+    a2 = service.analyze(xray_bytes(12))
+    service.feedback(a1.prediction_id, "normal", "pediatrician", "Patient Doe^Jane")  # a note with a name
+    service.feedback(a2.prediction_id, "bacterial_pneumonia")
+    service.feedback(a2.prediction_id, "viral_pneumonia")  # a later reading of the same image wins
+    summary = service.store.export_manifest(tmp_path / "export")
+    assert summary["images"] == 2 and summary["images_with_conflicting_labels"] == 1
+    listing = read_manifest(tmp_path / "export", [])
+    labels = sorted(r.label for r in listing.records)
+    assert labels == sorted(["normal", "viral_pneumonia"]) and not listing.ignored
+    assert all(r.license == "CC-BY-4.0" for r in listing.records)
+    text = (tmp_path / "export" / "manifest.csv").read_text()
+    assert "Doe^Jane" not in text  # notes are not exported unless asked for
+
+
+def test_batch_zip_and_bad_members(service, tmp_path) -> None:
+    from space.service import rows_to_csv
+
+    z = tmp_path / "Doe_Jane_batch.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("b/Doe_Jane_2.png", _png(xray_like(21, (256, 256))))
+        zf.writestr("a/Doe_Jane_1.jpg", xray_bytes(20))
+        zf.writestr("c/broken.jpg", b"\xff\xd8\xff" + b"\0" * 50)
+        zf.writestr("__MACOSX/._x.jpg", b"junk")
+    single = tmp_path / "single.jpg"
+    single.write_bytes(xray_bytes(22))
+    seen = []
+    rows = service.batch([str(single), str(z)], progress=lambda f, d: seen.append(f))
+    assert [r["file"] for r in rows] == ["single.jpg", "a/Doe_Jane_1.jpg", "b/Doe_Jane_2.png", "c/broken.jpg"]
+    assert [bool(r["error"]) for r in rows] == [False, False, False, True]
+    assert seen[-1] == 1.0 and len(seen) == 5
+    assert service.store.count("predictions") == 3
+    out = rows_to_csv(rows, tmp_path / "out.csv")
+    text = out.read_text()
+    assert "Doe_Jane" not in text and "single.jpg" not in text
+    assert len(list(csv.DictReader(io.StringIO(text)))) == 4
+
+
+def test_zip_limits(service, tmp_path, monkeypatch) -> None:
+    import space.service as svc
+
+    monkeypatch.setattr(svc, "MAX_ZIP_UNCOMPRESSED", 1000)
+    z = tmp_path / "big.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.png", b"\0" * 5000)
+    rows = service.batch([str(z)])
+    assert len(rows) == 1 and "unpacks to" in rows[0]["error"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the real app on a free port
+# --------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningApp:
+    def __init__(self, url: str, data_dir: Path, temp_dir: Path, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.data_dir, self.temp_dir, self.proc, self.log = url, data_dir, temp_dir, proc, log
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False, download_files=str(self.data_dir.parent / "client-downloads"))
+
+    def rows(self, table: str) -> int:
+        con = sqlite3.connect(self.data_dir / "feedback.sqlite3")
+        try:
+            return con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        finally:
+            con.close()
+
+
+def start_app(model_dir: Path, root: Path, extra_env: dict | None = None) -> RunningApp:
+    port = _free_port()
+    data_dir, temp_dir = root / "data", root / "gradio-tmp"
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MODEL_ID": str(model_dir), "CXR_DATA_DIR": str(data_dir), "CXR_PRECISION": "float32",
+           "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_TEMP_DIR": str(temp_dir),
+           "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    log = root / "app.log"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "space" / "app.py")], env=env, cwd=root,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read(100)
+            return RunningApp(url, data_dir, temp_dir, proc, log)
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"app did not start in time:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def app(model_dir, tmp_path_factory):
+    running = start_app(model_dir, tmp_path_factory.mktemp("space-app"))
+    yield running
+    running.proc.terminate()
+    try:
+        running.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        running.proc.kill()
+
+
+def _write(tmp_path: Path, name: str, data: bytes) -> str:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return str(p)
+
+
+def test_api_predict_feedback_export(app, tmp_path) -> None:
+    from gradio_client import handle_file
+
+    client = app.client()
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/predict", "/feedback", "/batch", "/export"} <= set(api)
+    before = app.rows("predictions")
+    result, heat = client.predict(handle_file(_write(tmp_path, "film.jpg", xray_bytes(30))), "viral_pneumonia",
+                                  api_name="/predict")
+    assert result["heatmap_class"] == "viral_pneumonia" and result["label"] in LABELS
+    assert result["decision"] in ("no_pneumonia", "uncertain", "pneumonia")
+    assert (result["pneumonia_probability"] >= result["threshold"]) == (result["decision"] != "no_pneumonia")
+    with Image.open(heat) as im:
+        assert im.size == (256, 256) and im.mode == "RGB"
+    assert app.rows("predictions") == before + 1
+    fb = client.predict(result["prediction_id"], "normal", "radiologist", "", api_name="/feedback")
+    assert fb["label"] == "normal" and fb["feedback_id"] >= 1
+    zpath, summary = client.predict(api_name="/export")
+    with zipfile.ZipFile(zpath) as zf:
+        names = zf.namelist()
+        manifest = zf.read("manifest.csv").decode()
+    assert summary["images"] >= 1 and f"images/{result['image_sha256']}.png" in names
+    assert f"images/{result['image_sha256']}.png,normal" in manifest
+
+
+def test_api_bad_inputs_readable_errors_app_keeps_serving(app, tmp_path) -> None:
+    from gradio_client import handle_file
+
+    client = app.client()
+    before = app.rows("predictions")
+    accepted = 0
+    for name, data, ok in bad_inputs():
+        path = _write(tmp_path, name, data)
+        if ok:
+            result, _ = client.predict(handle_file(path), "predicted", api_name="/predict")
+            assert result["notes"]
+            accepted += 1
+            continue
+        with pytest.raises(Exception) as err:
+            client.predict(handle_file(path), "predicted", api_name="/predict")
+        msg = str(err.value)
+        assert ("Cannot read this file" in msg or "does not look like" in msg or "empty" in msg), (name, msg)
+    assert app.rows("predictions") == before + accepted
+    result, _ = client.predict(handle_file(_write(tmp_path, "ok.jpg", xray_bytes(31))), "predicted",
+                               api_name="/predict")
+    assert result["label"] in LABELS and app.proc.poll() is None
+
+
+def test_api_feedback_errors(app) -> None:
+    client = app.client()
+    with pytest.raises(Exception, match="unknown prediction id"):
+        client.predict("0" * 32, "normal", "radiologist", "", api_name="/feedback")
+
+
+def test_50_concurrent_feedbacks_give_50_rows(app, tmp_path) -> None:
+    from gradio_client import handle_file
+
+    client = app.client()
+    result, _ = client.predict(handle_file(_write(tmp_path, "c.jpg", xray_bytes(40))), "predicted",
+                               api_name="/predict")
+    before = app.rows("feedback")
+
+    def send(i: int):
+        c = app.client() if i % 5 == 0 else client  # several connections, as from several users
+        return c.predict(result["prediction_id"], LABELS[i % 3], "resident", f"note {i}", api_name="/feedback")
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        ids = [r["feedback_id"] for r in pool.map(send, range(50))]
+    assert len(set(ids)) == 50
+    assert app.rows("feedback") == before + 50
+
+
+def test_api_batch_files_and_zip(app, tmp_path) -> None:
+    from gradio_client import handle_file
+
+    z = tmp_path / "Doe_Jane_studies.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("Doe_Jane_1.jpg", xray_bytes(50))
+        zf.writestr("notes.txt", b"hello")
+    table, csv_path = app.client().predict([handle_file(_write(tmp_path, "x.jpg", xray_bytes(51))), handle_file(str(z))],
+                                           api_name="/batch")
+    rows = table["data"]
+    assert len(rows) == 3
+    assert [bool(r[-1]) for r in rows] == [False, False, True]
+    text = Path(csv_path).read_text()
+    assert len(list(csv.DictReader(io.StringIO(text)))) == 3 and "Doe_Jane" not in text
+
+
+def test_no_written_file_carries_phi_or_upload_name(app, tmp_path) -> None:
+    from gradio_client import handle_file
+
+    client = app.client()
+    path = _write(tmp_path, PHI_FILE_NAME, phi_dicom())
+    result, _ = client.predict(handle_file(path), "predicted", api_name="/predict")
+    client.predict(result["prediction_id"], "bacterial_pneumonia", "radiologist", "", api_name="/feedback")
+    client.predict(api_name="/export")
+    offenders = []
+    for folder in (app.data_dir, app.temp_dir):
+        for p in folder.rglob("*"):
+            if any(s in p.name for s in ("Doe_Jane", "PID-12345")):
+                offenders.append(f"name: {p}")
+            if p.is_file():
+                data = p.read_bytes()
+                if any(s.encode() in data for s in PHI_STRINGS):
+                    offenders.append(f"content: {p}")
+    assert not offenders, offenders
+
+
+# --------------------------------------------------------------------------------------------------
+# a real browser
+# --------------------------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_browser_upload_predict_correct_and_see_history(app, tmp_path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from space_screenshot import CHROMIUM_ARGS, analyse_in_browser
+
+    film = _write(tmp_path, "film.png", _png(xray_like(60, (320, 256))))
+    before = app.rows("feedback")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            analyse_in_browser(page, app.url, film)
+            probs_text = page.locator("#probs").inner_text()
+            assert any(name in probs_text for name in ("Normal", "Bacterial pneumonia", "Viral pneumonia"))
+            assert page.locator("#heatmap img").get_attribute("src")
+            page.locator("#fb-label label", has_text="viral_pneumonia").click()
+            page.locator("#fb-role input").click()
+            page.get_by_role("option", name="radiologist").click()
+            page.locator("#fb-consent input").check()
+            page.locator("#fb-send").click()
+            page.locator("#fb-status", has_text="Thank you").wait_for(timeout=30_000)
+            page.get_by_role("tab", name="History").click()
+            page.locator("#history-refresh").click()
+            page.locator("#history-summary", has_text="clinician readings").wait_for(timeout=30_000)
+            page.wait_for_function(
+                "() => document.querySelector('#history-recent') && "
+                "document.querySelector('#history-recent').innerText.includes('radiologist')", timeout=30_000)
+            page.screenshot(path=str(tmp_path / "history.png"), full_page=True)
+        finally:
+            browser.close()
+    assert app.rows("feedback") == before + 1
+    con = sqlite3.connect(app.data_dir / "feedback.sqlite3")
+    label, role = con.execute("SELECT label, role FROM feedback ORDER BY id DESC LIMIT 1").fetchone()
+    con.close()
+    assert (label, role) == ("viral_pneumonia", "radiologist")
