@@ -83,6 +83,8 @@ from PIL import Image
 
 from modeling.image_io import ImageInfo, ImageLoadError, load_image_with_info, pixel_sha256
 from modeling.labels import LABELS, parse_label
+from modeling.manifest import write_manifest
+from modeling.quality import xray_problems
 
 from . import dedup
 from .fingerprint import Fingerprint, image_phash, perceptual_hashes
@@ -103,19 +105,12 @@ KNOWN_LICENSES = frozenset({
     "mit", "apache-2.0", "bsd-3-clause", "cdla-permissive-2.0", "public-domain",
 })
 
-# --- "does this look like a frontal chest X-ray?" (warnings only) ---------------------------------
-# Measured on the 624 official Kermany test images (224x224) and 20 full-resolution Kermany films:
-# left-right correlation at 64x64: 1st percentile 0.32, 5th 0.55, median 0.80 (so the 0.30 cut
-# warns for about 1 in 100 real films; random textures score about 0); intensity std >= 24;
-# width/height 1.0-1.70. Colour: X-rays are gray; a photo or a colour figure is not.
+# "Does this look like a frontal chest X-ray?" is modeling.quality.xray_problems (the Space's gate:
+# colour, DICOM modality/body part/view, size, aspect, flat), plus one check of our own: left-right
+# symmetry at 64x64, measured on the 624 official Kermany test images (224x224) and 20
+# full-resolution Kermany films: correlation with the mirror image, 1st percentile 0.32, 5th 0.55,
+# median 0.80; random textures score about 0. The 0.30 cut warns for about 1 in 100 real films.
 MIN_SYMMETRY = 0.30
-MIN_STD = 15.0
-ASPECT_RANGE = (0.5, 2.0)  # width / height
-MIN_SIDE = 100  # px
-MAX_COLOUR = 6.0  # mean |channel - gray| over 0..255 above which an RGB file is "colour"
-CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "PORTABLE CHEST"})
-LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "XTABLE"})
-XRAY_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
 
 # DICOM attributes that identify a patient, an encounter or a place (after DICOM PS3.15 Annex E,
 # basic profile). Every tag is dropped anyway (pixels only); this list only decides which tag
@@ -342,74 +337,48 @@ def load_dataset_refs(dataset: str) -> list[RefImage]:
 # Per-file checks
 # --------------------------------------------------------------------------------------------------
 
-def chest_xray_warnings(img: Image.Image, info: ImageInfo, colour: float | None = None) -> list[str]:
+def chest_xray_warnings(img: Image.Image, info: ImageInfo, data: bytes | None = None) -> list[str]:
     """Warnings for images that do not look like a frontal chest X-ray.
 
-    A cheap screen, not a classifier: gray (not a photo or colour figure), not tiny, a film-like
-    aspect ratio, not flat, and roughly left-right symmetric (a frontal chest is: spine in the middle,
-    a lung each side; a lateral film, a hand, a knee or a screenshot mostly is not). Thresholds are
-    set on the real films (see the constants). Limits: a symmetric non-chest image (a skull, a
-    pelvis, a frontal abdomen) passes; about 1% of real frontal films (rotated patients, large
-    unilateral consolidations) get a symmetry warning. DICOM tags, when present, are checked too.
-    Warnings do not block: the maintainer looks at the flagged files.
+    :func:`modeling.quality.xray_problems` (the rules the Space applies: gray, a radiograph, chest,
+    not lateral by DICOM tags, not tiny, a film-like aspect ratio, not flat), so contributor and Space
+    agree, plus a left-right symmetry check: a frontal chest is roughly symmetric (spine in the
+    middle, a lung each side); a lateral film without DICOM tags, a hand or a screenshot mostly is
+    not. Limits: a symmetric non-chest image (skull, pelvis, frontal abdomen) passes; about 1% of
+    real frontal films (rotated patients, large one-sided consolidations) get a symmetry warning.
+    Warnings do not block: the maintainer looks at the flagged files in the PR.
     """
-    out = []
-    if colour is not None and colour > MAX_COLOUR:
-        out.append(f"colour image (mean colour deviation {colour:.1f} > {MAX_COLOUR}): X-rays are grayscale")
-    w, h = img.size
-    if min(w, h) < MIN_SIDE:
-        out.append(f"very small image ({w}x{h} px, shorter side < {MIN_SIDE})")
-    aspect = w / h
-    if not ASPECT_RANGE[0] <= aspect <= ASPECT_RANGE[1]:
-        out.append(f"unusual aspect ratio {aspect:.2f} (width/height outside {ASPECT_RANGE[0]}-{ASPECT_RANGE[1]})")
+    out = list(xray_problems(img, info, data))
     small = np.asarray(img.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float64)
-    std = float(small.std())
-    if std < MIN_STD:
-        out.append(f"nearly flat image (intensity std {std:.1f} < {MIN_STD})")
-    else:
+    if small.std() > 1.0:  # a flat image is already reported as such
         sym = float(np.corrcoef(small.ravel(), small[:, ::-1].ravel())[0, 1])
         if sym < MIN_SYMMETRY:
-            out.append(f"not left-right symmetric (correlation with its mirror {sym:.2f} < {MIN_SYMMETRY}): "
-                       "lateral view, heavily rotated, or not a chest film?")
-    if info.is_dicom:
-        if info.modality and info.modality.upper() not in XRAY_MODALITIES:
-            out.append(f"DICOM modality {info.modality} is not a radiograph (CR/DX)")
-        if info.body_part and info.body_part.upper() not in CHEST_BODY_PARTS:
-            out.append(f"DICOM BodyPartExamined {info.body_part} is not the chest")
-        if info.view_position and info.view_position.upper() in LATERAL_VIEWS:
-            out.append(f"DICOM ViewPosition {info.view_position}: a lateral view, not frontal")
+            out.append(f"not left-right symmetric (correlation with its mirror image {sym:.2f} < {MIN_SYMMETRY}): "
+                       "a lateral view, a heavily rotated film, or not a chest film?")
     return out
 
 
-def _colour_deviation(data: bytes, info: ImageInfo) -> float | None:
-    """Mean |channel - luminance| of a colour raster file (None for gray files and DICOM)."""
-    if info.is_dicom or not any(m in info.mode for m in ("RGB", "CMYK", "YCbCr", "P", "LAB", "HSV")):
-        return None
-    try:
-        with Image.open(io.BytesIO(data), formats=[info.format]) as im:
-            im.draft("RGB", (128, 128))
-            rgb = np.asarray(im.convert("RGB").resize((64, 64)), dtype=np.float64)
-    except Exception:
-        return None
-    return float(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean())
+_METADATA_KINDS = {"exif": "EXIF", "icc_profile": "ICC profile", "xmp": "XMP", "XML:com.adobe.xmp": "XMP",
+                   "comment": "comment", "photoshop": "Photoshop block", "iptc": "IPTC"}
+_TECHNICAL_INFO = frozenset({"dpi", "jfif", "jfif_version", "jfif_unit", "jfif_density", "progressive",
+                             "progression", "gamma", "aspect", "compression", "interlace", "transparency",
+                             "adobe", "adobe_transform", "srgb", "chromaticity", "mp", "mpoffset"})
 
 
 def _raster_metadata(data: bytes, info: ImageInfo) -> list[str]:
-    """Names of the metadata blocks a raster file carries (EXIF, XMP, comments, text chunks): all are
-    dropped by the re-encode; the report says which were there (names, never contents)."""
+    """Kinds of metadata a raster file carries (EXIF, XMP, ICC, comments, text chunks): all are
+    dropped by the re-encode, and the report says which kinds were there. Never contents, and never
+    a text chunk's own keyword (the writer chose it; it could be a name): those are "text chunk"."""
     if info.is_dicom:
         return []
     try:
         with Image.open(io.BytesIO(data), formats=[info.format]) as im:
-            keys = sorted(str(k) for k in im.info if k not in ("dpi", "jfif", "jfif_version", "jfif_unit",
-                                                                 "jfif_density", "progressive", "progression",
-                                                                 "gamma", "aspect", "compression", "interlace",
-                                                                 "transparency", "adobe", "adobe_transform"))
+            kinds = {_METADATA_KINDS.get(str(k), "text chunk") for k in im.info if str(k) not in _TECHNICAL_INFO}
             if im.getexif():
-                keys.append("EXIF")
+                kinds.add("EXIF")
     except Exception:
         return []
-    return sorted(set(keys))
+    return sorted(kinds)
 
 
 def dicom_identifying_tags(data: bytes) -> tuple[list[str], list[str], str | None]:
@@ -440,7 +409,8 @@ def dicom_identifying_tags(data: bytes) -> tuple[list[str], list[str], str | Non
                 text = str(part).strip()
                 if isinstance(part, (str, pydicom.valuerep.PersonName)) and len(text) >= 3:
                     values.append(text)
-                    values.extend(p for p in re.split(r"[\^\s]+", text) if len(p) >= 3)
+                    if el.VR == "PN":  # "Doe^Jane": each name on its own too
+                        values.extend(p for p in re.split(r"[\^=\s]+", text) if len(p) >= 3)
         except Exception:
             pass
     burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() or None
@@ -590,7 +560,7 @@ def validate(submission_dir: str | os.PathLike, dataset: str | None = None, outp
         fr.pixel_sha256 = pixel_sha256(img)
         ph, variants = perceptual_hashes(img)
         fr.phash = ph
-        fr.warnings += chest_xray_warnings(img, info, _colour_deviation(data, info))
+        fr.warnings += chest_xray_warnings(img, info, data)
         fr.metadata_removed = _raster_metadata(data, info)
         if info.is_dicom:
             names, values, burned = dicom_identifying_tags(data)
@@ -695,10 +665,7 @@ def _write_output(report: ValidationReport, decoded: dict, accepted: list[int], 
         pixels = Image.frombytes("L", img.size, img.tobytes())
         pixels.save(out / clean_row["path"], format="PNG")
         rows.append({**clean_row, "source": f"contrib-{report.submission_id}"})
-    with (out / "manifest.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    write_manifest(out, rows)  # the library's one writer of the format (the Space export uses it too)
     report.output_dir = str(out)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     (out / "REPORT.md").write_text(report.markdown())
