@@ -75,12 +75,21 @@ class AppConfig:
         return cls(
             model_id=env.get("MODEL_ID") or str(HERE / "model"),
             revision=env.get("MODEL_REVISION") or None,
-            data_dir=Path(env.get("CXR_DATA_DIR") or HERE / "data"),
+            data_dir=Path(env.get("CXR_DATA_DIR") or default_data_dir()),
             precision=env.get("CXR_PRECISION", "auto"),
             uncertain_high=float(high) if high else None,
             feedback_repo=env.get("FEEDBACK_REPO") or None,
             sync_minutes=float(env.get("FEEDBACK_SYNC_MINUTES", "10")),
         )
+
+
+def default_data_dir() -> Path:
+    """``/data/cxr-space`` on a Space with persistent storage (it survives restarts), else
+    ``data/`` beside this file."""
+    persistent = Path("/data")
+    if persistent.is_dir() and os.access(persistent, os.W_OK):
+        return persistent / "cxr-space"
+    return HERE / "data"
 
 
 def examples() -> list[str]:

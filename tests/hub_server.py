@@ -34,6 +34,7 @@ URL-encoded ``refs%2Fpr%2F1`` or plain ``refs/pr/1``)::
     GET  /api/{t}/{id}/commits/{rev}             POST /api/{t}/{id}/preupload/{rev}
     POST /api/{t}/{id}/commit/{rev}[?create_pr=1] POST|DELETE /api/{t}/{id}/branch/{name}
     POST /api/{t}/{id}/tag/{rev}                 GET|POST /api/{t}/{id}/discussions[/{num}[/comment|status|merge]]
+    GET|POST /api/spaces/{id}/variables
     POST /{p}{id}.git/info/lfs/objects/batch     PUT /_lfs/{oid}, POST /_lfs/{oid}/verify
     GET|HEAD /{p}{id}/resolve/{rev}/{path}       (ETag, X-Repo-Commit, X-Linked-Etag/Size, Range)
 
@@ -408,6 +409,8 @@ class _Handler(BaseHTTPRequestHandler):
             if action in ("xet-write-token", "xet-read-token"):
                 raise HubError(501, "Xet storage is not emulated by tests/hub_server.py: run clients with "
                                     "HF_HUB_DISABLE_XET=1 so that uploads use Git LFS.")
+            if action == "variables" and repo_type == "space" and method in ("GET", "POST"):
+                return self._space_variables(method, repo_id)
             self._require_token()  # everything below is a write
             if method == "POST" and action == "preupload":
                 return self._preupload(repo_type, repo_id, self._split_revision(rest[1:])[0])
@@ -501,6 +504,18 @@ class _Handler(BaseHTTPRequestHandler):
             repo["branches"][branch] = self.state.resolve(repo, payload.get("startingPoint"))
         self.state.save()
         return self._send(200, {})
+
+    def _space_variables(self, method: str, repo_id: str) -> int:
+        """Space variables (``add_space_variable`` / ``get_space_variables``): {key: {value, ...}}."""
+        self._require_token()
+        repo = self.state.repo("space", repo_id)
+        variables = repo.setdefault("variables", {})
+        if method == "POST":
+            payload = self._json()
+            variables[payload["key"]] = {"value": payload["value"], "description": payload.get("description"),
+                                         "updatedAt": _now()}
+            self.state.save()
+        return self._send(200, variables)
 
     def _tag(self, repo_type: str, repo_id: str, revision: str) -> int:
         repo = self.state.repo(repo_type, repo_id)

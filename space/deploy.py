@@ -1,0 +1,74 @@
+"""Deploy the Space: upload the app, the ``modeling`` library and the model to a Hub Space repo.
+
+    python -m space.deploy --repo ORG/cxr-pneumonia-triage                    # bundles space/model
+    python -m space.deploy --repo ORG/cxr-pneumonia-triage --model-id ORG/model   # model from the Hub
+
+The Space repo's layout is flat (``app.py`` at its root, as Spaces expect), so the staging folder
+gets ``space/*.py``, ``README.md`` (Space YAML), ``requirements.txt``, ``examples/``, the
+``modeling/`` package and either ``model/`` or a ``MODEL_ID`` Space variable. One commit; files of
+an earlier deployment that are no longer part of it are deleted in the same commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+APP_FILES = ("app.py", "service.py", "store.py", "sync.py", "README.md", "requirements.txt")
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".DS_Store")
+
+
+def stage(dest: Path, model_dir: Path | None) -> Path:
+    """Lay out the Space repo in ``dest`` (see module docstring)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in APP_FILES:
+        shutil.copy2(HERE / name, dest / name)
+    shutil.copytree(HERE / "examples", dest / "examples", ignore=IGNORE)
+    shutil.copytree(ROOT / "modeling", dest / "modeling", ignore=IGNORE)
+    if model_dir is not None:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} is not a saved model (no config.json)")
+        shutil.copytree(model_dir, dest / "model", ignore=IGNORE)
+    return dest
+
+
+def deploy(repo_id: str, *, model_dir: str | Path | None = HERE / "model", model_id: str | None = None,
+           token: str | None = None, private: bool = False) -> str:
+    """Create (if needed) and update the Space; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    if model_id:
+        model_dir = None
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = stage(Path(tmp) / "space", Path(model_dir) if model_dir else None)
+        info = api.upload_folder(repo_id=repo_id, repo_type="space", folder_path=folder, delete_patterns="*",
+                                 commit_message="Deploy cxr-pneumonia Space"
+                                 + (f" (model {model_id})" if model_id else " (bundled model)"))
+    if model_id:
+        api.add_space_variable(repo_id, "MODEL_ID", model_id, description="Hub id of the classifier")
+    return str(info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m space.deploy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repo", required=True, help="Space repo id, e.g. ORG/cxr-pneumonia-triage")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--model-dir", default=str(HERE / "model"), help="model folder to bundle (default space/model)")
+    g.add_argument("--model-id", default=None, help="use this Hub model instead of bundling one")
+    ap.add_argument("--private", action="store_true")
+    ap.add_argument("--token", default=None, help="write token (default: HF_TOKEN / the stored login)")
+    args = ap.parse_args(argv)
+    url = deploy(args.repo, model_dir=args.model_dir, model_id=args.model_id, token=args.token, private=args.private)
+    print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
