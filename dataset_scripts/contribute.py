@@ -73,6 +73,7 @@ import re
 import secrets
 import shutil
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -522,9 +523,45 @@ def validate(submission_dir: str | os.PathLike, dataset: str | None = None, outp
         refs += load_dataset_refs(dataset)
     ref_words = dedup.hex_to_words([r.phash for r in refs]) if refs else np.zeros((0, 4), np.uint64)
 
+    unlisted = _unlisted_files(root, out, {os.path.normpath(r.get("path", "")) for _, r in rows if r.get("path")})
+    if unlisted:
+        report.warnings.append(f"{len(unlisted)} file(s) in the folder are not listed in manifest.csv and "
+                               "are not submitted")
+    decoded: dict[int, tuple[Fingerprint, dict]] = {}  # file index -> fingerprint, clean manifest row
+    # Cleaned PNGs are written as files are checked (a submission of full-resolution films does not
+    # fit in memory), to a staging folder beside the output; _write_output moves the accepted ones.
+    staging = None
+    if write_output:
+        _check_output(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        _check_files(report, rows, root, refs, ref_words, near_threshold, decoded, staging)
+        _within_submission_duplicates(report, decoded, near_threshold)
+        for fr in report.files:
+            fr.status = "blocked" if fr.problems else "dropped" if fr.dropped else "warning" if fr.warnings else "ok"
+            if fr.status in ("blocked", "dropped"):
+                fr.clean_name = ""
+        if rows and not report.accepted and not report.problems:
+            report.problems.append("nothing left to submit (every file is blocked or already in the dataset)")
+        accepted = [i for i, f in enumerate(report.files) if f.status in ("ok", "warning")]
+        content = hashlib.sha256("".join(sorted(report.files[i].pixel_sha256 for i in accepted)).encode()).hexdigest()
+        contributor = next((decoded[i][1]["contributor"] for i in accepted if decoded[i][1]["contributor"]), "")
+        report.submission_id = f"{_slug(contributor) or 'anonymous'}-{content[:10]}"
+        if staging is not None:
+            _write_output(report, decoded, accepted, out, staging)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _check_files(report: ValidationReport, rows: list, root: Path, refs: list[RefImage], ref_words: np.ndarray,
+                 near_threshold: int, decoded: dict, staging: Path | None) -> None:
+    """The per-line checks; fills ``report.files`` and ``decoded``, writes cleaned PNGs to
+    ``staging``."""
     pseudonym = _pseudonymiser()
     seen_paths: dict[str, int] = {}
-    decoded: dict[int, tuple[Image.Image, Fingerprint, dict]] = {}  # file index -> pixels, fp, clean row
     for line, row in rows:
         rel = row.get("path", "")
         fr = FileResult(line=line, path=rel)
@@ -592,27 +629,10 @@ def validate(submission_dir: str | os.PathLike, dataset: str | None = None, outp
         pid = row.get("patient_id", "")
         clean_row = {"path": fr.clean_name, "label": label, "patient_id": pseudonym(pid) if pid else "",
                      "license": licence, "contributor": row.get("contributor", ""), "note": row.get("note", "")}
-        decoded[len(report.files) - 1] = (img, fp, clean_row)
-
-    _within_submission_duplicates(report, decoded, near_threshold)
-    for fr in report.files:
-        fr.status = "blocked" if fr.problems else "dropped" if fr.dropped else "warning" if fr.warnings else "ok"
-        if fr.status in ("blocked", "dropped"):
-            fr.clean_name = ""
-    if rows and not report.accepted and not report.problems:
-        report.problems.append("nothing left to submit (every file is blocked or already in the dataset)")
-
-    accepted = [i for i, f in enumerate(report.files) if f.status in ("ok", "warning")]
-    content = hashlib.sha256("".join(sorted(report.files[i].pixel_sha256 for i in accepted)).encode()).hexdigest()
-    contributor = next((decoded[i][2]["contributor"] for i in accepted if decoded[i][2]["contributor"]), "")
-    report.submission_id = f"{_slug(contributor) or 'anonymous'}-{content[:10]}"
-    unlisted = _unlisted_files(root, out, {os.path.normpath(p) for p in seen_paths})
-    if unlisted:
-        report.warnings.append(f"{len(unlisted)} file(s) in the folder are not listed in manifest.csv and "
-                               "are not submitted")
-    if write_output:
-        _write_output(report, decoded, accepted, out)
-    return report
+        if staging is not None:
+            pixels = Image.frombytes("L", img.size, img.tobytes())  # a fresh image: pixels, nothing else
+            pixels.save(staging / Path(fr.clean_name).name, format="PNG")
+        decoded[len(report.files) - 1] = (fp, clean_row)
 
 
 def _within_submission_duplicates(report: ValidationReport, decoded: dict, threshold: int) -> None:
@@ -621,7 +641,7 @@ def _within_submission_duplicates(report: ValidationReport, decoded: dict, thres
     idx = [i for i in sorted(decoded) if not report.files[i].problems and not report.files[i].dropped]
     if len(idx) < 2:
         return
-    clusters, _, _ = dedup.duplicate_clusters([decoded[i][1] for i in idx], threshold)
+    clusters, _, _ = dedup.duplicate_clusters([decoded[i][0] for i in idx], threshold)
     for members in clusters:
         if len(members) < 2:
             continue
@@ -650,20 +670,22 @@ def _unlisted_files(root: Path, out: Path, listed: set[str]) -> list[str]:
     return found
 
 
-def _write_output(report: ValidationReport, decoded: dict, accepted: list[int], out: Path) -> None:
-    """The cleaned copy. Only pixels leave: each image is rebuilt from its decoded array and saved as
-    PNG with no metadata argument, so no DICOM tag, EXIF block or text chunk can come along."""
+def _check_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").exists())):
+        raise UsageError(f"--output {out} exists and is not an earlier validation output; refusing to replace it")
+
+
+def _write_output(report: ValidationReport, decoded: dict, accepted: list[int], out: Path, staging: Path) -> None:
+    """The cleaned copy (replacing an earlier one). Only pixels leave: each PNG was saved from a
+    fresh image built from the decoded pixel array with no metadata argument, so no DICOM tag, EXIF
+    block or text chunk can come along."""
     if out.exists():
-        if not (out / "report.json").exists() and any(out.iterdir()):
-            raise UsageError(f"--output {out} exists and is not an earlier validation output; "
-                             "refusing to replace it")
         shutil.rmtree(out)
     (out / "images").mkdir(parents=True)
     rows = []
     for i in accepted:
-        img, _, clean_row = decoded[i]
-        pixels = Image.frombytes("L", img.size, img.tobytes())
-        pixels.save(out / clean_row["path"], format="PNG")
+        clean_row = decoded[i][1]
+        os.replace(staging / Path(clean_row["path"]).name, out / clean_row["path"])
         rows.append({**clean_row, "source": f"contrib-{report.submission_id}"})
     write_manifest(out, rows)  # the library's one writer of the format (the Space export uses it too)
     report.output_dir = str(out)

@@ -528,3 +528,35 @@ def test_contributions_source_from_a_local_folder_and_a_copy_of_a_test_image(tmp
     assert rep["leak_check"]["passed"]
     src = next(s for s in rep["sources"] if s["kind"] == "contributions")
     assert src["license"] == "mixed" and src["licenses"] == ["cc-by-4.0", "cc0-1.0"]
+
+
+def test_space_feedback_export_format_revalidation_and_output_safety(tmp_path, mini, capsys):
+    """A folder written by modeling.manifest.write_manifest (the Space's feedback export) validates;
+    validating twice gives the same result (the cleaned copy is not mistaken for unlisted files);
+    an unrelated --output folder is never replaced."""
+    from modeling.manifest import write_manifest
+
+    _, index = mini
+    sub = tmp_path / "export"
+    (sub / "img").mkdir(parents=True)
+    chest_like(70).save(sub / "img" / "a.png")
+    chest_like(71).save(sub / "img" / "b.png")
+    chest_like(72).save(sub / "stray.png")  # in the folder, not in the manifest
+    write_manifest(sub, [
+        {"path": "img/a.png", "label": "bacterial_pneumonia", "patient_id": "case-1", "license": "cc-by-4.0",
+         "contributor": "Space feedback", "note": "model said normal", "source": "space-feedback"},
+        {"path": "img/b.png", "label": "normal", "patient_id": "case-2", "license": "cc-by-4.0",
+         "contributor": "Space feedback", "note": "", "source": "space-feedback"}])
+    first = validate(sub, test_index=index)
+    second = validate(sub, test_index=index)
+    assert first.ok and [f.status for f in first.files] == ["ok", "ok"]
+    assert first.warnings == second.warnings == [
+        "1 file(s) in the folder are not listed in manifest.csv and are not submitted"]
+    assert first.submission_id == second.submission_id == "space-feedback-" + first.submission_id.split("-")[-1]
+    assert sorted(p.name for p in sub.iterdir()) == ["_clean", "img", "manifest.csv", "stray.png"]  # no staging left
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert main(["validate", str(sub), "--output", str(other), "--test-index", str(index)]) == 2
+    assert "refusing to replace it" in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "mine"
