@@ -74,6 +74,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -82,6 +83,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from modeling import image_io
 from modeling.image_io import ImageInfo, ImageLoadError, load_image_with_info, pixel_sha256
 from modeling.labels import LABELS, parse_label
 from modeling.manifest import write_manifest
@@ -159,7 +161,7 @@ class FileResult:
     pixel_sha256: str = ""
     phash: str = ""
     identifying_tags_removed: list[str] = field(default_factory=list)  # DICOM tag names, never values
-    metadata_removed: list[str] = field(default_factory=list)  # e.g. "EXIF", "PNG text chunk 'Author'"
+    metadata_removed: list[str] = field(default_factory=list)  # kinds: "EXIF", "XMP", "text chunk", ...
     matches: list[dict] = field(default_factory=list)  # duplicates found: {"kind", "ref", "distance"}
 
     def to_dict(self) -> dict:
@@ -389,32 +391,34 @@ def dicom_identifying_tags(data: bytes) -> tuple[list[str], list[str], str | Non
     are never written anywhere. Names are keywords, or ``(gggg,eeee)`` for private/unknown tags."""
     import pydicom
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-    except Exception:
-        return [], [], None
-    names, values = set(), []
-    elements = list(ds.iterall())
-    if getattr(ds, "file_meta", None) is not None:
-        elements += list(ds.file_meta)
-    for el in elements:
-        kw = el.keyword or ""
-        identifying = (el.tag.is_private or el.tag.group == 0x0010 or el.VR in _IDENTIFYING_VRS
-                       or kw in IDENTIFYING_DICOM_KEYWORDS)
-        if not identifying or el.VR == "SQ":
-            continue
-        names.add(kw if kw and not el.tag.is_private else f"({el.tag.group:04X},{el.tag.element:04X})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # malformed elements (pydicom parses lazily): take what is readable
         try:
-            v = el.value
-            for part in (v if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [v]):
-                text = str(part).strip()
-                if isinstance(part, (str, pydicom.valuerep.PersonName)) and len(text) >= 3:
-                    values.append(text)
-                    if el.VR == "PN":  # "Doe^Jane": each name on its own too
-                        values.extend(p for p in re.split(r"[\^=\s]+", text) if len(p) >= 3)
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            elements = list(ds.iterall())
+            if getattr(ds, "file_meta", None) is not None:
+                elements += list(ds.file_meta)
+            burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() or None
         except Exception:
-            pass
-    burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() or None
+            return [], [], None
+        names, values = set(), []
+        for el in elements:
+            kw = el.keyword or ""
+            identifying = (el.tag.is_private or el.tag.group == 0x0010 or el.VR in _IDENTIFYING_VRS
+                           or kw in IDENTIFYING_DICOM_KEYWORDS)
+            if not identifying or el.VR == "SQ":
+                continue
+            names.add(kw if kw and not el.tag.is_private else f"({el.tag.group:04X},{el.tag.element:04X})")
+            try:
+                v = el.value
+                for part in (v if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [v]):
+                    text = str(part).strip()
+                    if isinstance(part, (str, pydicom.valuerep.PersonName)) and len(text) >= 3:
+                        values.append(text)
+                        if el.VR == "PN":  # "Doe^Jane": each name on its own too
+                            values.extend(p for p in re.split(r"[\^=\s]+", text) if len(p) >= 3)
+            except Exception:
+                pass
     return sorted(names), values, burned
 
 
@@ -510,7 +514,9 @@ def validate(submission_dir: str | os.PathLike, dataset: str | None = None, outp
     root = root.resolve()
     out = Path(output) if output else root / CLEAN_DIRNAME
     rows, manifest_warnings = _read_manifest_rows(root)
-    report = ValidationReport(submission_dir=str(root), dataset=dataset, near_threshold=near_threshold,
+    # a local --dataset path is reported by its folder name only (no home directories in a public PR)
+    shown = f"{Path(dataset).name} (local folder)" if dataset and Path(dataset).exists() else dataset
+    report = ValidationReport(submission_dir=str(root), dataset=shown, near_threshold=near_threshold,
                               test_index=Path(test_index).name,
                               created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     report.warnings += manifest_warnings
@@ -587,11 +593,23 @@ def _check_files(report: ValidationReport, rows: list, root: Path, refs: list[Re
         if full is None:
             fr.problems.append(why)
             continue
+        size = full.stat().st_size
+        if size > image_io.MAX_FILE_BYTES:  # before reading it into memory
+            fr.problems.append(f"cannot be decoded (too_large): {size:,} bytes, more than the "
+                               f"{image_io.MAX_FILE_BYTES:,}-byte limit")
+            continue
         data = full.read_bytes()
         try:
-            img, info = load_image_with_info(data, name=full.name)
+            # named by line, not by file name: error texts end up in the report
+            img, info = load_image_with_info(data, name=f"line {line}")
         except ImageLoadError as e:
-            fr.problems.append(f"cannot be decoded ({e.reason}): {e.detail}")
+            # A decoder's message can quote header values (pydicom does for malformed elements):
+            # values of identifying DICOM tags are redacted from it.
+            detail = e.detail
+            dicomish = "DICOM" in detail or data[128:132] == b"DICM"
+            for value in sorted(dicom_identifying_tags(data)[1] if dicomish else [], key=len, reverse=True):
+                detail = re.sub(re.escape(value), "[redacted]", detail, flags=re.IGNORECASE)
+            fr.problems.append(f"cannot be decoded ({e.reason}): {detail}")
             continue
         fr.format, fr.width, fr.height = info.format, img.width, img.height
         fr.pixel_sha256 = pixel_sha256(img)

@@ -560,3 +560,26 @@ def test_space_feedback_export_format_revalidation_and_output_safety(tmp_path, m
     assert main(["validate", str(sub), "--output", str(other), "--test-index", str(index)]) == 2
     assert "refusing to replace it" in capsys.readouterr().err
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_broken_dicom_and_oversized_files_leak_nothing(tmp_path, mini, monkeypatch):
+    """Error texts go into the report: a truncated DICOM full of patient tags is blocked without
+    any of their values (or the file name) appearing; an oversized file is refused before reading."""
+    from modeling import image_io
+
+    _, index = mini
+    full = dicom_bytes(chest_like(80), **PHI)
+    sub = write_submission(tmp_path / "sub", [
+        {"path": "Doe_Jane_cut.dcm", "label": "normal"},
+        {"path": "huge.png", "label": "normal"},
+    ], {"Doe_Jane_cut.dcm": full[: len(full) - 50_000],
+        "huge.png": Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8))})
+    assert len(full) - 50_000 < 120_000 < (tmp_path / "sub" / "huge.png").stat().st_size
+    monkeypatch.setattr(image_io, "MAX_FILE_BYTES", 120_000)
+    report = validate(sub, test_index=index)
+    f = by_line(report)
+    assert f[2].status == "blocked" and f[2].problems[0].startswith("cannot be decoded (truncated)")
+    assert f[3].status == "blocked" and f[3].problems[0].startswith("cannot be decoded (too_large)")
+    text = json.dumps(report.to_dict()) + report.markdown() + (sub / "_clean/REPORT.md").read_text()
+    for s in [*PHI.values(), "Doe_Jane"]:
+        assert s not in text, s
