@@ -406,7 +406,7 @@ def dicom_identifying_tags(data: bytes) -> tuple[list[str], list[str], str | Non
             kw = el.keyword or ""
             identifying = (el.tag.is_private or el.tag.group == 0x0010 or el.VR in _IDENTIFYING_VRS
                            or kw in IDENTIFYING_DICOM_KEYWORDS)
-            if not identifying or el.VR == "SQ":
+            if not identifying or el.VR == "SQ" or el.tag.element == 0:  # (gggg,0000): a group length
                 continue
             names.add(kw if kw and not el.tag.is_private else f"({el.tag.group:04X},{el.tag.element:04X})")
             try:

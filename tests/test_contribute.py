@@ -583,3 +583,37 @@ def test_broken_dicom_and_oversized_files_leak_nothing(tmp_path, mini, monkeypat
     text = json.dumps(report.to_dict()) + report.markdown() + (sub / "_clean/REPORT.md").read_text()
     for s in [*PHI.values(), "Doe_Jane"]:
         assert s not in text, s
+
+
+def test_real_full_resolution_copies_and_real_dicoms_against_the_real_dataset(tmp_path, real_dataset):
+    """The 24 full-resolution originals of Kermany train images (400-2,900 px, other aspect ratios)
+    are found in the real build's 224x224 copies and dropped; one of them relabelled is blocked; the
+    real chest DICOMs pass with their identifying tags listed, the secondary capture gets a warning."""
+    out, report, _ = real_dataset
+    fullres = sorted(shared_path("data", "kermany-fullres-sample", "chest_xray", "train").glob("*/*.jpeg"))
+    dicoms = ["nhsx_nih_dx_chest_nofinding_uncompressed.dcm", "dcmfx_fodicom_CR-MONO1-10-chest.dcm",
+              "nhsx_sample_OT_not_chest.dcm"]
+    files = {p.name: p.read_bytes() for p in fullres}
+    files.update({f"d{i}.dcm": shared_path("data", "dicom", n).read_bytes() for i, n in enumerate(dicoms)})
+    files["relabelled.jpeg"] = fullres[0].read_bytes()  # an IM-... normal film
+    rows = [{"path": p.name, "label": "normal" if p.name.startswith(("IM-", "NORMAL2")) else
+             "bacterial" if "bacteria" in p.name else "viral"} for p in fullres]
+    rows += [{"path": f"d{i}.dcm", "label": "normal"} for i in range(3)]
+    rows += [{"path": "relabelled.jpeg", "label": "viral"}]
+    sub = write_submission(tmp_path / "sub", rows, files)
+    rep = validate(sub, dataset=str(out))
+    f = by_line(rep)
+    dropped_by_build = {d["image"] for d in report["dropped"]}
+    for line, p in enumerate(fullres, start=2):
+        if f"kermany:chest_xray/train/{p.parent.name}/{p.name}" in dropped_by_build:
+            assert f[line].status in ("ok", "warning")  # not in the dataset (the build drops it again)
+        else:
+            assert f[line].status == "dropped" and f[line].dropped.endswith(f"/{p.name} ({f[line].matches[0]['distance_bits']} bits)")
+            assert f[line].matches[0]["distance_bits"] <= 14
+    assert sum(f[line].status == "dropped" for line in range(2, 26)) >= 20
+    nih, cr, ot, relabelled = f[26], f[27], f[28], f[29]
+    assert nih.status == cr.status == "ok" and ot.status == "warning"
+    assert {"PatientName", "PatientID"} <= set(nih.identifying_tags_removed)
+    assert {"PatientName", "InstitutionName", "AccessionNumber"} <= set(cr.identifying_tags_removed)
+    assert relabelled.status == "blocked" and "label conflict" in relabelled.problems[0]
+    assert not rep.ok
