@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up .venv (pinned requirements; grad-cam without its
 # torchvision dependency), then runs the job asked for.
+#   bash scripts/dev.sh space     start the Gradio Space on the bundled model (http://127.0.0.1:7860)
 #   bash scripts/dev.sh dataset   build the merged dataset from ../shared into data/cxr-pneumonia
-#   bash scripts/dev.sh test      run the test suite
+#   bash scripts/dev.sh test      run the test suite (installs Debian's chromium for the browser test
+#                                 when apt-get is usable; without it that one test is skipped)
 #   bash scripts/dev.sh setup     only set up .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +23,28 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && $sudo true 2>/dev/null; then
+    echo "installing Debian's chromium for the browser test"
+    ($sudo apt-get install -y -qq chromium >/dev/null 2>&1 ||
+      { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq chromium >/dev/null 2>&1; }) ||
+      echo "chromium could not be installed: the browser test will be skipped"
+  else
+    echo "no chromium and no apt-get/sudo: the browser test will be skipped"
+  fi
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
   setup) setup ;;
+  space)
+    setup
+    export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+    exec .venv/bin/python space/app.py "$@" ;;
   dataset)
     setup
     exec .venv/bin/python -m dataset_scripts.build \
@@ -33,7 +53,8 @@ case "$cmd" in
       --out data/cxr-pneumonia "$@" ;;
   test)
     setup
+    ensure_chromium
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     exec .venv/bin/python -m pytest "$@" ;;
-  *) echo "usage: bash scripts/dev.sh {dataset|test|setup} [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/dev.sh {space|dataset|test|setup} [args...]" >&2; exit 2 ;;
 esac

@@ -355,6 +355,7 @@ def make_service(config: AppConfig) -> CxrService:
 def main() -> None:
     config = AppConfig.from_env()
     service = make_service(config)
+    service.warmup()
     if config.feedback_repo:
         if __package__:
             from .sync import start_feedback_sync

@@ -132,6 +132,13 @@ class CxrService:
         self._images_lock = threading.Lock()
         self._cache_size = image_cache_size
 
+    def warmup(self) -> None:
+        """One unrecorded prediction with Grad-CAM, so the first user does not pay for lazy imports
+        and first-call allocations (~1 s on 2 cores)."""
+        img = Image.fromarray((np.indices((256, 256)).sum(0) % 256).astype(np.uint8), "L")
+        with self._model_lock:
+            self.predictor.predict_one(img, heatmap=True)
+
     # --- single image --------------------------------------------------------------------------
     def load(self, data: bytes) -> tuple[Image.Image, list[str]]:
         """Decode and gate an upload. Raises :class:`InputError` with a readable message."""

@@ -1,0 +1,69 @@
+"""The released model in space/model: loads as the card says, the card and README agree with the
+measured JSON, and (with ../shared) an independent run over the official test folder reproduces the
+card's test numbers."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, shared_path
+
+MODEL = ROOT / "space" / "model"
+
+
+def test_release_folder_loads_float32_calibrated_and_small() -> None:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from modeling.calibration import Calibration
+    from modeling.labels import LABELS
+
+    model = AutoModelForImageClassification.from_pretrained(MODEL)
+    assert model.dtype == torch.float32  # fp16 on disk, float32 compute (config.dtype)
+    assert tuple(model.config.id2label[i] for i in range(3)) == LABELS
+    cal = Calibration.from_config(model.config)
+    assert cal.temperature_applied and cal.fitted_on == "validation" and 0 < cal.pneumonia_threshold < 1
+    weights = list(MODEL.glob("*.safetensors"))
+    assert len(weights) == 1 and weights[0].stat().st_size <= 50 * 2**20
+    from safetensors import safe_open
+
+    with safe_open(weights[0], "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    proc = AutoImageProcessor.from_pretrained(MODEL, backend="pil")
+    assert proc.size["height"] == proc.size["width"] == 224
+
+
+def test_cards_are_rendered_from_the_measured_json() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from release_card import README_END, README_START, readme_results, render
+
+    latency = ROOT / "benchmarks" / "results" / "latency.json"
+    assert (MODEL / "README.md").read_text() == render(MODEL, latency, ""), "run python scripts/release_card.py"
+    assert (ROOT / "model_card.md").read_text() == render(MODEL, latency, "space/model/")
+    test = json.loads((MODEL / "eval" / "test" / "metrics.json").read_text())
+    assert test["n"] == 624 and test["split"] == "test" and not test.get("subset")
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index(README_START) + len(README_START):readme.index(README_END)].strip()
+    assert block == readme_results(MODEL, latency)
+    for key in ("accuracy", "macro_f1"):
+        assert f"{test[key]:.4f}" in block, f"README results table lacks test {key}"
+
+
+def test_latency_report_is_for_the_released_weights() -> None:
+    from modeling.predict import resolve_revision
+
+    lat = json.loads((ROOT / "benchmarks" / "results" / "latency.json").read_text())
+    assert lat["model_revision"] == resolve_revision(str(MODEL))
+    assert lat["threads"] == 2
+    assert {"pipeline_fp32", "predictor_fp32", "predictor_bf16", "predictor_fp32_gradcam"} <= set(lat["results"])
+
+
+def test_independent_reproduction_on_official_test() -> None:
+    test_dir = shared_path("data", "kermany", "chest_xray", "test")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce_test
+
+    assert reproduce_test.main(["--model", str(MODEL), "--test-dir", str(test_dir)]) == 0
