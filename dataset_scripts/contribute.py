@@ -551,7 +551,10 @@ def validate(submission_dir: str | os.PathLike, dataset: str | None = None, outp
         if rows and not report.accepted and not report.problems:
             report.problems.append("nothing left to submit (every file is blocked or already in the dataset)")
         accepted = [i for i, f in enumerate(report.files) if f.status in ("ok", "warning")]
-        content = hashlib.sha256("".join(sorted(report.files[i].pixel_sha256 for i in accepted)).encode()).hexdigest()
+        # The id names the submitted content: every decodable image of the folder, whatever --dataset
+        # decided, so submitting the same folder again is recognised.
+        content = hashlib.sha256("".join(sorted(f.pixel_sha256 for f in report.files if f.pixel_sha256)).encode()
+                                 ).hexdigest()
         contributor = next((decoded[i][1]["contributor"] for i in accepted if decoded[i][1]["contributor"]), "")
         report.submission_id = f"{_slug(contributor) or 'anonymous'}-{content[:10]}"
         if staging is not None:

@@ -430,20 +430,25 @@ def test_clean_submission_round_trips_to_a_pr_and_into_the_next_build(hub, tmp_p
     root, index = mini
     images = {f"img{i}.png": chest_like(100 + i) for i in range(6)}
     images["scan.dcm"] = dicom_bytes(chest_like(106), **PHI)
-    labels = ["normal", "bacterial", "viral", "normal", "bacterial", "viral", "normal"]
+    # a copy of an image the published dataset already has: found through --dataset REPO_ID, dropped
+    images["known.jpg"] = jpeg_bytes(Image.open(root / "kermany/chest_xray/train/NORMAL/IM-0004-0001.jpeg"), 80)
+    labels = ["normal", "bacterial", "viral", "normal", "bacterial", "viral", "normal", "normal"]
     sub = write_submission(tmp_path / "sub", [
         {"path": name, "label": lab, "patient_id": f"pt{i // 2}", "contributor": "Dr. Example"}
         for i, (name, lab) in enumerate(zip(images, labels))], images)
-    run_python_json('from huggingface_hub import HfApi; HfApi().create_repo("test-user/cxr", repo_type="dataset");'
-                    'print("{}")', env)
+    # the dataset repo as the build publishes it (parquet splits, card, build report)
+    run_python_json(f"from pathlib import Path; from dataset_scripts.build import push_to_hub; "
+                    f"push_to_hub(Path({str(mini_dataset)!r}), 'test-user/cxr'); print('{{}}')", env, cwd=ROOT)
     proc = subprocess.run([sys.executable, "-m", "dataset_scripts.contribute", "submit", str(sub), "--repo",
-                           "test-user/cxr", "--dataset", str(mini_dataset), "--test-index", str(index)],
+                           "test-user/cxr", "--dataset", "test-user/cxr", "--test-index", str(index)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "opened pull request #1:" in proc.stdout
     report = json.loads((sub / "_clean/report.json").read_text())
     sid = report["submission_id"]
-    assert sid.startswith("dr-example-") and report["counts"]["ok"] == 7
+    assert sid.startswith("dr-example-") and report["counts"]["ok"] == 7 and report["counts"]["dropped"] == 1
+    assert report["files"][-1]["dropped"].startswith("already in the dataset: near duplicate of dataset-")
+    assert report["checks"]["dataset"] == "test-user/cxr"
     md = (sub / "_clean/REPORT.md").read_text()
 
     got = run_python_json(f"""
@@ -455,7 +460,9 @@ details = api.get_discussion_details(repo, 1, repo_type="dataset")
 pr_files = api.list_repo_files(repo, repo_type="dataset", revision="refs/pr/1")
 main_before = api.list_repo_files(repo, repo_type="dataset")
 api.merge_pull_request(repo, 1, repo_type="dataset")
-print(json.dumps({{"is_pr": details.is_pull_request, "title": details.title, "description": details.events[0].content,
+from datasets import load_dataset
+ds = load_dataset(repo)  # the contributions folder does not disturb the published splits
+print(json.dumps({{"n": {{s: len(ds[s]) for s in ds}},"is_pr": details.is_pull_request, "title": details.title, "description": details.events[0].content,
                   "status": api.get_discussion_details(repo, 1, repo_type="dataset").status,
                   "pr_files": pr_files, "main_before": main_before,
                   "main_after": api.list_repo_files(repo, repo_type="dataset")}}))
@@ -464,13 +471,16 @@ print(json.dumps({{"is_pr": details.is_pull_request, "title": details.title, "de
     assert got["is_pr"] and got["title"] == f"Contribution {sid}: 7 images"
     assert got["description"] == md and "validation passed" in md
     expected = {f"{base}/manifest.csv", f"{base}/report.json", f"{base}/REPORT.md"} | {
-        f"{base}/{f['clean_name']}" for f in report["files"]}
+        f"{base}/{f['clean_name']}" for f in report["files"] if f["clean_name"]}
     assert expected <= set(got["pr_files"]) and len(expected) == 3 + 7
     assert not any(p.startswith("contributions/") for p in got["main_before"])
     assert got["status"] == "merged" and expected <= set(got["main_after"])
+    from datasets import load_from_disk
+
+    assert got["n"] == {s: len(d) for s, d in load_from_disk(str(mini_dataset)).items()}
     # nothing identifying was stored on the server, in any blob
     stored = all_output_bytes(server.storage_dir)
-    for value in [*PHI.values(), "img0.png", "scan.dcm"]:
+    for value in [*PHI.values(), "img0.png", "scan.dcm", "known.jpg"]:
         assert value.encode() not in stored, value
 
     # submitting the same content again is refused: it is already merged
@@ -484,11 +494,13 @@ print(json.dumps({{"is_pr": details.is_pull_request, "title": details.title, "de
     proc = subprocess.run(
         [sys.executable, "-m", "dataset_scripts.build", "--source", f"kermany:{root / 'kermany'}",
          "--source", "contributions:test-user/cxr", "--out", str(out), "--val-fraction", "0.25",
-         "--no-cache", "--workers", "1", "--no-progress"],
+         "--no-cache", "--workers", "1", "--no-progress", "--push-to-hub", "test-user/cxr"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from datasets import load_from_disk
-
+    # publishing the next build keeps the contributions in the repo
+    files_after = run_python_json('import json; from huggingface_hub import list_repo_files; '
+                                  'print(json.dumps(list_repo_files("test-user/cxr", repo_type="dataset")))', env)
+    assert expected <= set(files_after)
     dsd = load_from_disk(str(out))
     contrib = {s: [r for r in dsd[s].select_columns(["source", "source_path", "patient_id"])
                    if r["source"] == f"contrib-{sid}"] for s in dsd}
