@@ -372,3 +372,23 @@ def test_predict_cli_reports_bad_files_and_keeps_going(tmp_path, tiny_bases):
                                                                                           "heatmap_file": rows[3]["heatmap_file"]}
     overlay_png = Image.open(rows[0]["heatmap_file"])
     assert overlay_png.size == (50, 40) and overlay_png.mode == "RGB"
+
+
+def test_predictor_bfloat16_precision_close_to_float32(tiny_bases, tmp_path) -> None:
+    from modeling.predict import PRECISIONS, resolve_precision
+
+    model_dir = _saved_model(tmp_path, tiny_bases["dinov2"], temperature=1.3)
+    fp32 = Predictor.from_pretrained(str(model_dir))
+    bf16 = Predictor.from_pretrained(str(model_dir), precision="bfloat16")
+    assert fp32.precision == "float32" and bf16.precision == "bfloat16"
+    assert next(bf16._fast.parameters()).dtype == torch.bfloat16
+    assert next(bf16.model.parameters()).dtype == torch.float32  # Grad-CAM keeps float32
+    images = [xray_like(s, (64, 64)) for s in range(6)]
+    a = np.array([[p.probabilities[k] for k in LABELS] for p in fp32.predict(images)])
+    b = np.array([[p.probabilities[k] for k in LABELS] for p in bf16.predict(images)])
+    assert 0 < np.abs(a - b).max() < 0.02  # different arithmetic, same answer within the stated tolerance
+    heat = bf16.predict_one(images[0], heatmap=True)
+    assert heat.probabilities == pytest.approx(fp32.predict_one(images[0], heatmap=True).probabilities, abs=1e-6)
+    assert resolve_precision("auto") in PRECISIONS
+    with pytest.raises(ValueError, match="precision"):
+        Predictor.from_pretrained(str(model_dir), precision="float16")
