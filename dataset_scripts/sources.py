@@ -24,9 +24,9 @@ from pathlib import Path
 
 from modeling.image_io import IMAGE_EXTENSIONS
 from modeling.labels import BACTERIAL, LABELS, NORMAL, VIRAL, accepted_label_names, parse_label
+from modeling.manifest import MANIFEST_COLUMNS  # the format is defined once, in the library
 
 KERMANY_LICENSE = "cc-by-4.0"
-MANIFEST_COLUMNS = ("path", "label", "patient_id", "license", "contributor", "note", "source")
 
 
 class SourceError(ValueError):

@@ -445,3 +445,17 @@ def test_browser_upload_predict_correct_and_see_history(app, tmp_path) -> None:
     label, role = con.execute("SELECT label, role FROM feedback ORDER BY id DESC LIMIT 1").fetchone()
     con.close()
     assert (label, role) == ("viral_pneumonia", "radiologist")
+
+
+def test_feedback_export_passes_the_contributor_validator(service, tmp_path) -> None:
+    """The flow back into the dataset: Space export -> dataset_scripts.contribute validate -> clean copy."""
+    from dataset_scripts.contribute import validate
+
+    for seed, label in ((70, "normal"), (71, "viral_pneumonia")):
+        a = service.analyze(xray_bytes(seed))
+        service.feedback(a.prediction_id, label, "radiologist")
+    service.store.export_manifest(tmp_path / "export")
+    report = validate(tmp_path / "export", output=tmp_path / "clean")
+    assert report.ok and report.exit_code == 0, [f.__dict__ for f in report.files]
+    assert sorted(f.label for f in report.accepted) == ["normal", "viral_pneumonia"]
+    assert (tmp_path / "clean" / "manifest.csv").is_file()
