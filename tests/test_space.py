@@ -438,6 +438,16 @@ def test_browser_upload_predict_correct_and_see_history(app, tmp_path) -> None:
                 "() => document.querySelector('#history-recent') && "
                 "document.querySelector('#history-recent').innerText.includes('radiologist')", timeout=30_000)
             page.screenshot(path=str(tmp_path / "history.png"), full_page=True)
+            # a bundled example, analysed twice: Gradio's cached copy of an example must survive
+            page.get_by_role("tab", name="Predict").click()
+            for _ in range(2):
+                before_info = page.locator("#info").inner_text()
+                page.get_by_text("kermany_test_normal_IM-0001-0001.jpeg").first.click()
+                page.locator("#analyse").click()
+                page.wait_for_function(
+                    "(old) => { const t = document.querySelector('#info').innerText;"
+                    " return t.includes('prediction id') && t !== old; }", arg=before_info, timeout=60_000)
+            assert "is gone" not in page.content()
         finally:
             browser.close()
     assert app.rows("feedback") == before + 1
