@@ -71,7 +71,7 @@ def _data_text(info: dict) -> str:
             "further public sources, exact and near duplicates removed, patient-grouped validation split from "
             "train, Kermany's official test split untouched). "
             f"Used: {info.get('n_train', '?')} training and {info.get('n_validation', '?')} validation images"
-            + (f" (subsampled with --max-train-samples / --max-eval-samples)" if cfg.get("max_train_samples")
+            + (" (subsampled with --max-train-samples / --max-eval-samples)" if cfg.get("max_train_samples")
                or cfg.get("max_eval_samples") else "") + ".")
 
 

@@ -11,6 +11,7 @@ is a number, not an assumption.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -48,8 +49,7 @@ def export_model(src: str | Path, dst: str | Path, *, weights_dtype: str = "floa
     if dst.exists() and overwrite:
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    exported = AutoModelForImageClassification.from_pretrained(src, dtype=torch.float32)
-    exported.to(WEIGHT_DTYPES[weights_dtype]).save_pretrained(dst)
+    copy.deepcopy(model).to(WEIGHT_DTYPES[weights_dtype]).save_pretrained(dst)
     processor.save_pretrained(dst)
     config_path = dst / "config.json"
     config = json.loads(config_path.read_text())

@@ -5,7 +5,7 @@ a folder every N minutes, only when something changed). Before each push the sto
 (:meth:`store.FeedbackStore.export_manifest`), so the repo always holds a complete ``manifest``
 folder (``feedback/manifest.csv`` + ``feedback/images/``) that ``dataset_scripts`` can read:
 
-    huggingface-cli download ORG/cxr-feedback --repo-type dataset --local-dir fb
+    hf download ORG/cxr-feedback --repo-type dataset --local-dir fb
     python -m dataset_scripts.contribute validate fb/feedback      # then submit, or build from it
 
 Enabled in the Space by ``FEEDBACK_REPO`` (and a write ``HF_TOKEN`` secret).

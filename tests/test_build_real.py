@@ -4,7 +4,6 @@ fingerprint/dedup code. Skipped with a reason when ../shared is absent. ~2 min o
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import imagehash
 import numpy as np

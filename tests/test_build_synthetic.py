@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from conftest import ROOT
 from dataset_scripts.build import BuildConfig, build, main
@@ -111,7 +109,7 @@ def test_card_and_report_agree(built):
     assert meta["task_categories"] == ["image-classification"]
     assert meta["license"] == "other" and "CC BY 4.0" in meta["license_details"]
     assert json.loads((out / "build_report.json").read_text())["splits"] == rep["splits"]
-    assert f"| test | 4 | 1 | 2 | 1 |" in card
+    assert "| test | 4 | 1 | 2 | 1 |" in card
     assert "result: **passed**" in card
     assert "Label conflicts (1)" in card
 

@@ -451,7 +451,7 @@ def test_clean_submission_round_trips_to_a_pr_and_into_the_next_build(hub, tmp_p
     assert report["checks"]["dataset"] == "test-user/cxr"
     md = (sub / "_clean/REPORT.md").read_text()
 
-    got = run_python_json(f"""
+    got = run_python_json("""
 import json
 from huggingface_hub import HfApi
 api = HfApi()
@@ -462,10 +462,10 @@ main_before = api.list_repo_files(repo, repo_type="dataset")
 api.merge_pull_request(repo, 1, repo_type="dataset")
 from datasets import load_dataset
 ds = load_dataset(repo)  # the contributions folder does not disturb the published splits
-print(json.dumps({{"n": {{s: len(ds[s]) for s in ds}},"is_pr": details.is_pull_request, "title": details.title, "description": details.events[0].content,
+print(json.dumps({"n": {s: len(ds[s]) for s in ds},"is_pr": details.is_pull_request, "title": details.title, "description": details.events[0].content,
                   "status": api.get_discussion_details(repo, 1, repo_type="dataset").status,
                   "pr_files": pr_files, "main_before": main_before,
-                  "main_after": api.list_repo_files(repo, repo_type="dataset")}}))
+                  "main_after": api.list_repo_files(repo, repo_type="dataset")}))
 """, env)
     base = f"contributions/{sid}"
     assert got["is_pr"] and got["title"] == f"Contribution {sid}: 7 images"

@@ -3,7 +3,6 @@ Hub-compatible server, then load it back by repo id from a fresh cache."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

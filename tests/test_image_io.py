@@ -17,14 +17,11 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageFile, features
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    ComputedRadiographyImageStorage,
-    ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     HTJ2KLossless,
-    generate_uid,
 )
 
 from modeling import image_io

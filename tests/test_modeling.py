@@ -392,3 +392,24 @@ def test_predictor_bfloat16_precision_close_to_float32(tiny_bases, tmp_path) -> 
     assert resolve_precision("auto") in PRECISIONS
     with pytest.raises(ValueError, match="precision"):
         Predictor.from_pretrained(str(model_dir), precision="float16")
+
+
+def test_export_model_half_weights_float32_compute(tiny_bases, tmp_path) -> None:
+    from safetensors import safe_open
+
+    from modeling.export import export_model
+
+    src = _saved_model(tmp_path, tiny_bases["dinov2"], temperature=1.3)
+    images = [xray_like(s, (64, 64)) for s in range(8)]
+    summary = export_model(src, tmp_path / "release", check_images=images)
+    assert summary["checked_images"] == 8 and summary["label_changes"] == 0
+    assert 0 < summary["max_abs_probability_diff"] < 0.01
+    with safe_open(tmp_path / "release" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "release")
+    assert reloaded.dtype == torch.float32
+    assert Calibration.from_config(reloaded.config).temperature == pytest.approx(1.3)
+    with pytest.raises(FileExistsError):
+        export_model(src, tmp_path / "release")
+    with pytest.raises(ValueError, match="not calibrated"):
+        export_model(_saved_model(tmp_path / "u", tiny_bases["vit"]), tmp_path / "other")

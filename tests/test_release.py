@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
 import torch
 
 from conftest import ROOT, shared_path
