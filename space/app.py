@@ -291,10 +291,34 @@ def build_app(service: CxrService, config: AppConfig) -> gr.Blocks:
 
 
 def _is_example(path) -> bool:
+    """True for a bundled example, also when Gradio hands over its cached copy of it (which must
+    not be deleted: clicking the example again reuses that copy). Compared by content."""
     try:
-        return Path(path).resolve().parent == (HERE / "examples").resolve()
+        p = Path(path)
+        if p.resolve().parent == (HERE / "examples").resolve():
+            return True
+        return p.stat().st_size in _example_digests() and _sha256(p) in _example_digests()[p.stat().st_size]
     except OSError:
         return False
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+_EXAMPLE_DIGESTS: dict[int, set[str]] | None = None
+
+
+def _example_digests() -> dict[int, set[str]]:
+    global _EXAMPLE_DIGESTS
+    if _EXAMPLE_DIGESTS is None:
+        digests: dict[int, set[str]] = {}
+        for e in examples():
+            digests.setdefault(Path(e).stat().st_size, set()).add(_sha256(Path(e)))
+        _EXAMPLE_DIGESTS = digests
+    return _EXAMPLE_DIGESTS
 
 
 def analytics(store: FeedbackStore):
