@@ -72,6 +72,8 @@ class TrainConfig:
     # data
     image_size: int = field(default=224, metadata={"help": "square input side (multiple of the patch size for ViTs)"})
     letterbox: bool = field(default=False, metadata={"help": "keep aspect ratio, pad with black (else stretch)"})
+    crop_pct: float = field(default=1.0, metadata={"help": "centre crop keeping this fraction of the side, in the "
+                            "saved processor (so at evaluation and after augmentation in training); 1 = none"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use N training images (stratified by class, seeded)"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use N validation and test images (smoke runs; not a result)"})
     crop_scale_min: float = field(default=0.8, metadata={"help": "smallest crop area fraction (1 = no crop)"})
@@ -318,7 +320,8 @@ def train(cfg: TrainConfig) -> dict:
     test_subset = test_split is not None and len(test_split) < len(ds["test"])
     check_validation(val_split)
     mean, std = base_normalisation(cfg.base_model, cfg.base_model_revision)
-    pcfg = PreprocessConfig(size=cfg.image_size, letterbox=cfg.letterbox, image_mean=mean, image_std=std)
+    pcfg = PreprocessConfig(size=cfg.image_size, letterbox=cfg.letterbox, image_mean=mean, image_std=std,
+                            crop_pct=cfg.crop_pct)
     processor = build_image_processor(pcfg)
 
     model = build_model(cfg.base_model, revision=cfg.base_model_revision, drop_path_rate=cfg.drop_path_rate)

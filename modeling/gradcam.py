@@ -500,14 +500,17 @@ def letterbox_box(image_size: tuple[int, int], input_size: tuple[int, int]) -> t
     return left, top, w2, h2
 
 
-def cam_to_image(cam: np.ndarray, image_size: tuple[int, int], letterbox: bool) -> np.ndarray:
+def cam_to_image(cam: np.ndarray, image_size: tuple[int, int], letterbox: bool, crop_pct: float = 1.0) -> np.ndarray:
     """Map a (h, w) map computed on the model input back onto the original image of ``image_size``
     (W, H): returns (H, W) float32 in [0, 1].
 
     ``letterbox=False``: the input was the whole image resized to the input size, so the map is just
     resized back (aspect distortion undone). ``letterbox=True``: the input was the image scaled to
     fit and zero-padded (DonutImageProcessor, see :func:`letterbox_box`), so the padding is cropped
-    away first. Bilinear resizing keeps the values within [0, 1]."""
+    away first. ``crop_pct < 1``: the input was the centre ``crop_pct`` of the resized image on each
+    axis (DeiTImageProcessor, see :func:`modeling.preprocessing.crop_fraction`), so the map covers
+    that centre box and the border the network never saw is 0. Bilinear resizing keeps the values
+    within [0, 1]."""
     cam = np.asarray(cam, dtype=np.float32)
     if cam.ndim != 2:
         raise ValueError(f"cam must be a single (h, w) map, got shape {cam.shape}")
@@ -517,6 +520,17 @@ def cam_to_image(cam: np.ndarray, image_size: tuple[int, int], letterbox: bool) 
     if letterbox:
         left, top, w, h = letterbox_box((width, height), (cam.shape[1], cam.shape[0]))
         cam = cam[top : top + h, left : left + w]
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if crop_pct < 1:
+        if letterbox:
+            raise ValueError("a centre crop with letterbox is not a preprocessing this project builds")
+        w, h = max(1, round(width * crop_pct)), max(1, round(height * crop_pct))
+        left, top = (width - w) // 2, (height - h) // 2
+        out = np.zeros((height, width), dtype=np.float32)
+        out[top : top + h, left : left + w] = cv2.resize(np.ascontiguousarray(cam), (w, h),
+                                                         interpolation=cv2.INTER_LINEAR)
+        return np.clip(out, 0.0, 1.0)
     out = cv2.resize(np.ascontiguousarray(cam), (width, height), interpolation=cv2.INTER_LINEAR)
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 

@@ -30,7 +30,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from .calibration import Calibration
 from .image_io import ImageLoadError, load_image, to_grayscale
 from .labels import LABELS
-from .preprocessing import is_letterbox, pixel_values
+from .preprocessing import crop_fraction, is_letterbox, pixel_values
 
 ImageInput = Image.Image | str | os.PathLike | bytes | bytearray | io.IOBase
 
@@ -195,7 +195,8 @@ class Predictor:
                 pv = pixel_values(self.processor, batch)
                 res = self._gradcam().explain(pv, None if target is None else [target] * len(batch))
                 logits = res.logits.detach().float()
-                maps = [cam_to_image(m, im.size, is_letterbox(self.processor)) for m, im in zip(res.maps, batch)]
+                maps = [cam_to_image(m, im.size, is_letterbox(self.processor), crop_fraction(self.processor))
+                        for m, im in zip(res.maps, batch)]
                 classes = res.target_classes
             else:
                 logits = self.logits(batch)

@@ -12,7 +12,13 @@ We deliberately use stock ``transformers`` processors so that a plain ``pipeline
 * letterbox: ``DonutImageProcessor`` with ``do_thumbnail`` + ``do_pad`` (scale the long side to
   ``size`` keeping the aspect ratio, pad with black, centred). Chest films come in many aspect
   ratios; letterboxing keeps the anatomy's proportions (heart size, lung shape) instead of
-  squashing them, at the cost of spending pixels on padding.
+  squashing them, at the cost of spending pixels on padding;
+* centre crop (``crop_pct < 1``): ``DeiTImageProcessor`` (resize to ``round(size / crop_pct)``
+  square, centre-crop ``size``), timm's ``crop_pct``. Training augments with random crops of 64-100%
+  of the area, so at evaluation the network has mostly seen films a little zoomed in; a centre crop
+  matches that and drops the film's edges (side markers, text, collimation borders). The fraction
+  is chosen on validation (``benchmarks/checkpoint_variants.py``) and saved with the model like
+  everything else here.
 
 Both are used through their PIL backends (``*Pil`` classes): transformers' default backends need
 torchvision, which has no CPU build here, and the PIL backend gives the same numbers wherever the
@@ -31,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.models.deit.image_processing_pil_deit import DeiTImageProcessorPil
 from transformers.models.donut.image_processing_pil_donut import DonutImageProcessorPil
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
@@ -46,17 +53,24 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 class PreprocessConfig:
     """What the network sees. ``size``: square input side in pixels (a multiple of the patch size
     for ViTs). ``letterbox``: keep the aspect ratio and pad with black instead of stretching.
-    ``image_mean``/``image_std``: the base model's normalisation (taken from its processor)."""
+    ``image_mean``/``image_std``: the base model's normalisation (taken from its processor).
+    ``crop_pct``: fraction of the (stretched) image side kept by a centre crop (1 = no crop)."""
 
     size: int = 224
     letterbox: bool = False
     resample: str = "bicubic"
     image_mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
     image_std: tuple[float, float, float] = field(default=IMAGENET_STD)
+    crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
         if self.size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {self.size}")
+        if not 0.5 <= self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in [0.5, 1], got {self.crop_pct}")
+        if self.letterbox and self.crop_pct < 1.0:
+            raise ValueError("crop_pct < 1 with letterbox is not supported: a centre crop would cut into the "
+                             "padding on one axis and the anatomy on the other")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
         self.image_mean = tuple(float(v) for v in self.image_mean)
@@ -87,7 +101,27 @@ def build_image_processor(cfg: PreprocessConfig) -> BaseImageProcessor:
             do_pad=True,
             **common,
         )
+    if cfg.crop_pct < 1.0:
+        resized = resized_side(cfg.size, cfg.crop_pct)
+        return DeiTImageProcessorPil(do_resize=True, size={"height": resized, "width": resized},
+                                     do_center_crop=True, crop_size={"height": cfg.size, "width": cfg.size}, **common)
     return ViTImageProcessorPil(do_resize=True, size={"height": cfg.size, "width": cfg.size}, **common)
+
+
+def resized_side(size: int, crop_pct: float) -> int:
+    """The square side an image is resized to before the centre crop of ``size``."""
+    return int(round(size / crop_pct))
+
+
+def crop_fraction(processor: BaseImageProcessor) -> float:
+    """Fraction of the resized image's side that the processor's centre crop keeps (1 = no crop):
+    what :func:`modeling.gradcam.cam_to_image` needs to put a heatmap back on the whole film."""
+    if not getattr(processor, "do_center_crop", False) or not getattr(processor, "crop_size", None):
+        return 1.0
+    size = processor.size or {}
+    if "height" not in size:  # shortest_edge resizing keeps the aspect ratio: not one of ours
+        raise ValueError(f"centre crop after an aspect-preserving resize ({size}) is not supported")
+    return float(processor.crop_size["height"]) / float(size["height"])
 
 
 def config_from_processor(processor: BaseImageProcessor) -> PreprocessConfig:
@@ -97,12 +131,17 @@ def config_from_processor(processor: BaseImageProcessor) -> PreprocessConfig:
     side = size.get("height") or size.get("shortest_edge") or 224
     resample = {v: k for k, v in _RESAMPLE.items()}.get(Image.Resampling(int(processor.resample)), "bicubic")
     letterbox = is_letterbox(processor)
+    crop_pct = 1.0
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None) and "height" in size:
+        crop_pct = round(float(processor.crop_size["height"]) / float(side), 4)
+        side = processor.crop_size["height"]
     return PreprocessConfig(
         size=int(side),
         letterbox=letterbox,
         resample=resample,
         image_mean=tuple(processor.image_mean or IMAGENET_MEAN),
         image_std=tuple(processor.image_std or IMAGENET_STD),
+        crop_pct=crop_pct,
     )
 
 

@@ -449,6 +449,20 @@ def test_cam_to_image_resize():
         cam_to_image(np.zeros((2, 32, 32)), (48, 30), letterbox=False)
 
 
+def test_cam_to_image_centre_crop():
+    """The map of a centre-cropped input covers the centre box of the image; the border is 0."""
+    cam = np.zeros((32, 32), np.float32)
+    cam[:, :16] = 1.0  # left half of what the network saw
+    out = cam_to_image(cam, (100, 50), letterbox=False, crop_pct=0.8)  # box: x 10..90, y 5..45
+    assert out.shape == (50, 100)
+    assert out[:, :10].max() == 0 and out[:, 90:].max() == 0 and out[:5].max() == 0 and out[45:].max() == 0
+    assert out[5:45, 11:48].min() > 0.99 and out[5:45, 53:90].max() < 0.01
+    with pytest.raises(ValueError, match="crop_pct"):
+        cam_to_image(cam, (100, 50), letterbox=False, crop_pct=0)
+    with pytest.raises(ValueError, match="letterbox"):
+        cam_to_image(cam, (100, 50), letterbox=True, crop_pct=0.8)
+
+
 @pytest.mark.parametrize("image_wh,input_wh", [
     ((48, 30), (32, 32)),   # landscape
     ((30, 48), (32, 32)),   # portrait

@@ -180,7 +180,7 @@ def test_loss_falls_and_the_model_learns_a_learnable_task(data, tmp_path):
 
 
 @pytest.mark.parametrize("family,extra", [
-    ("vit", ["--loss", "focal", "--mixup-alpha", "0.4", "--freeze-backbone-epochs", "1"]),
+    ("vit", ["--loss", "focal", "--mixup-alpha", "0.4", "--freeze-backbone-epochs", "1", "--crop-pct", "0.8"]),
     ("convnext", ["--letterbox", "--gradient-accumulation-steps", "2", "--mixed-precision", "no", "--num-workers", "1"]),
 ])
 def test_other_families_and_options_train_end_to_end(data, tmp_path, family, extra):
@@ -195,7 +195,10 @@ def test_other_families_and_options_train_end_to_end(data, tmp_path, family, ext
     assert lines[-1]["global_step"] == 2 * -(-batches // accumulation)  # optimizer updates, not batches
     assert lines[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine schedule ends exactly at the end
     proc_cfg = json.loads((out / "preprocessor_config.json").read_text())
-    assert proc_cfg["image_processor_type"] == ("DonutImageProcessor" if "--letterbox" in extra else "ViTImageProcessor")
+    assert proc_cfg["image_processor_type"] == ("DonutImageProcessor" if "--letterbox" in extra else
+                                                "DeiTImageProcessor" if "--crop-pct" in extra else "ViTImageProcessor")
+    if "--crop-pct" in extra:  # the evaluation centre crop is saved with the model: 40 px resized, 32 px kept
+        assert proc_cfg["size"] == {"height": 40, "width": 40} and proc_cfg["crop_size"] == {"height": 32, "width": 32}
     assert json.loads((out / "metrics.json").read_text())["test"]["n"] == 30
 
 
