@@ -151,3 +151,63 @@ def calibrate(model, val_logits, val_labels, *, target_sensitivity: float = 0.98
     )
     cal.to_config(model.config)
     return cal
+
+
+def calibrate_saved(model_dir: str, dataset: str, output_dir: str, *, crop_pct: float | None = None,
+                    target_sensitivity: float = 0.985, split: str = "validation", batch_size: int = 32,
+                    progress: bool = True) -> Calibration:
+    """Calibrate an uncalibrated ``save_pretrained`` folder (a ``train.py`` ``checkpoints/best``) on the
+    dataset's validation split and save the result (weights with T baked in, config, processor) to
+    ``output_dir``. ``crop_pct`` replaces the processor's evaluation centre crop first, so the
+    temperature and threshold are fit for the preprocessing that is saved: the way to adopt a crop
+    chosen on validation (``benchmarks/checkpoint_variants.py``) without retraining."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .data import load_cxr_dataset, require_split
+    from .evaluate import predict_logits
+    from .preprocessing import build_image_processor, config_from_processor
+
+    if split == "test":
+        raise ValueError("calibration is fit on validation only; the official test split is for reporting")
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty")
+    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float32)
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    if crop_pct is not None:
+        processor = build_image_processor(replace(config_from_processor(processor), crop_pct=crop_pct))
+    val = require_split(load_cxr_dataset(dataset), split)
+    logits = predict_logits(model, processor, val, batch_size=batch_size, progress=progress, desc="calibrate")
+    cal = calibrate(model, logits, np.asarray(val["label"]), target_sensitivity=target_sensitivity)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return cal
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m modeling.calibration --model DIR --dataset DIR --output-dir OUT [--crop-pct F]``"""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m modeling.calibration",
+                                 description="Fit temperature and pneumonia threshold on validation; save a calibrated copy.")
+    ap.add_argument("--model", required=True, help="uncalibrated save_pretrained folder (train.py checkpoints/best)")
+    ap.add_argument("--dataset", required=True, help="dataset directory (dataset_scripts.build) or Hub id")
+    ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--crop-pct", type=float, default=None, help="set the processor's evaluation centre crop first")
+    ap.add_argument("--target-sensitivity", type=float, default=0.985)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    cal = calibrate_saved(args.model, args.dataset, args.output_dir, crop_pct=args.crop_pct,
+                          target_sensitivity=args.target_sensitivity, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    print(json.dumps(asdict(cal), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

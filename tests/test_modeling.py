@@ -4,6 +4,7 @@ LR groups, temperature scaling and threshold, the predictor, and parity with tra
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 
@@ -21,7 +22,8 @@ from modeling.image_io import ImageLoadError
 from modeling.labels import ID2LABEL, LABELS
 from modeling.models import build_model, classifier_head, param_groups, set_backbone_trainable
 from modeling.predict import Predictor
-from modeling.preprocessing import PreprocessConfig, build_image_processor, config_from_processor, pixel_values
+from modeling.preprocessing import (PreprocessConfig, build_image_processor, config_from_processor, crop_fraction,
+                                    pixel_values)
 from synthetic import sixteen_bit, xray_like
 from tiny_models import FAMILIES, save_tiny_base
 
@@ -32,13 +34,13 @@ def tiny_bases(tmp_path_factory):
     return {f: save_tiny_base(f, root / f) for f in FAMILIES}
 
 
-def _saved_model(tmp_path, base, *, letterbox=False, size=32, temperature=None):
+def _saved_model(tmp_path, base, *, letterbox=False, size=32, temperature=None, crop_pct=1.0):
     model = build_model(str(base))
     if temperature:
         apply_temperature(model, temperature)
         Calibration(temperature=temperature, temperature_applied=True, pneumonia_threshold=0.4).to_config(model.config)
-    processor = build_image_processor(PreprocessConfig(size=size, letterbox=letterbox))
-    out = tmp_path / f"model-{'lb' if letterbox else 'rs'}"
+    processor = build_image_processor(PreprocessConfig(size=size, letterbox=letterbox, crop_pct=crop_pct))
+    out = tmp_path / f"model-{'lb' if letterbox else 'rs'}-{crop_pct}"
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -46,9 +48,10 @@ def _saved_model(tmp_path, base, *, letterbox=False, size=32, temperature=None):
 
 # ---- preprocessing -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("letterbox", [False, True])
-def test_processor_round_trips_through_preprocessor_config(tmp_path, letterbox):
-    cfg = PreprocessConfig(size=48, letterbox=letterbox, image_mean=(0.4, 0.4, 0.4), image_std=(0.2, 0.2, 0.2))
+@pytest.mark.parametrize("letterbox,crop_pct", [(False, 1.0), (True, 1.0), (False, 0.75)])
+def test_processor_round_trips_through_preprocessor_config(tmp_path, letterbox, crop_pct):
+    cfg = PreprocessConfig(size=48, letterbox=letterbox, image_mean=(0.4, 0.4, 0.4), image_std=(0.2, 0.2, 0.2),
+                           crop_pct=crop_pct)
     build_image_processor(cfg).save_pretrained(tmp_path)
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
     assert config_from_processor(loaded) == cfg
@@ -68,6 +71,30 @@ def test_letterbox_pads_with_black_and_keeps_aspect_resize_stretches():
     assert len(content_rows) == 20  # 100x50 -> 40x20: aspect kept
     assert 8 <= int(content_rows[0]) <= 12  # centred
     assert torch.allclose(lb[0], torch.full_like(lb[0], black)) and torch.allclose(lb[-1], torch.full_like(lb[-1], black))
+
+
+def test_centre_crop_drops_the_border_and_keeps_the_centre():
+    """crop_pct 0.75 at 48 px: the image is stretched to 64 x 64 and the centre 48 x 48 kept (8 px off
+    each side), so a 4 px white frame (a film's edge, markers) is gone and the inside is what it was
+    (4 px clear of the frame: more than the bicubic kernel's reach)."""
+    img = Image.new("L", (128, 96), 255)  # stretched to 64 x 64: the 8 px / 6 px frame becomes 4 px
+    img.paste(Image.new("L", (112, 84), 100), (8, 6))
+    mean, std = 0.5, 0.25
+    proc = build_image_processor(PreprocessConfig(size=48, crop_pct=0.75, image_mean=(mean,) * 3, image_std=(std,) * 3))
+    cropped = pixel_values(proc, [img])[0, 0]
+    assert cropped.shape == (48, 48)
+    assert torch.allclose(cropped, torch.full_like(cropped, (100 / 255 - mean) / std), atol=1e-2)
+    whole = pixel_values(build_image_processor(PreprocessConfig(size=48, image_mean=(mean,) * 3, image_std=(std,) * 3)),
+                         [img])[0, 0]
+    assert whole.max() > (250 / 255 - mean) / std  # without the crop the frame is in the input
+    assert crop_fraction(proc) == pytest.approx(0.75) and crop_fraction(build_image_processor(PreprocessConfig())) == 1.0
+
+
+@pytest.mark.parametrize("kwargs,match", [({"crop_pct": 0.3}, "crop_pct"), ({"crop_pct": 1.2}, "crop_pct"),
+                                          ({"crop_pct": 0.9, "letterbox": True}, "letterbox")])
+def test_invalid_crop_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PreprocessConfig(**kwargs)
 
 
 def test_colour_and_16bit_inputs_reach_the_model_as_the_loader_sees_them():
@@ -208,10 +235,10 @@ def test_calibrate_bakes_temperature_into_the_head_and_stores_it(tmp_path, tiny_
 
 # ---- predictor and pipeline parity ----------------------------------------------------------------
 
-@pytest.mark.parametrize("letterbox", [False, True])
+@pytest.mark.parametrize("letterbox,crop_pct", [(False, 1.0), (True, 1.0), (False, 0.8)])
 @pytest.mark.parametrize("family", ["dinov2", "convnext"])
-def test_pipeline_gives_the_predictors_probabilities(tmp_path, tiny_bases, family, letterbox):
-    model_dir = _saved_model(tmp_path, tiny_bases[family], letterbox=letterbox, temperature=2.5)
+def test_pipeline_gives_the_predictors_probabilities(tmp_path, tiny_bases, family, letterbox, crop_pct):
+    model_dir = _saved_model(tmp_path, tiny_bases[family], letterbox=letterbox, temperature=2.5, crop_pct=crop_pct)
     path = tmp_path / "film.png"
     xray_like(11, (60, 45)).save(path)
     ours = Predictor.from_pretrained(str(model_dir)).predict_one(path)
@@ -220,6 +247,16 @@ def test_pipeline_gives_the_predictors_probabilities(tmp_path, tiny_bases, famil
     assert set(theirs) == set(LABELS)
     for name in LABELS:
         assert theirs[name] == pytest.approx(ours.probabilities[name], abs=1e-5)
+
+
+def test_heatmap_of_a_centre_cropped_model_covers_only_what_the_network_saw(tmp_path, tiny_bases):
+    model_dir = _saved_model(tmp_path, tiny_bases["dinov2"], temperature=1.5, crop_pct=0.8)
+    pred = Predictor.from_pretrained(str(model_dir))
+    r = pred.predict_one(xray_like(4, (100, 60)), heatmap=True)
+    assert r.heatmap.shape == (60, 100)
+    assert r.heatmap[:, :9].max() == 0 and r.heatmap[:, -9:].max() == 0  # 10 % each side never seen
+    assert r.heatmap[:5].max() == 0 and r.heatmap[-5:].max() == 0
+    assert r.heatmap[7:53, 11:89].max() > 0
 
 
 def test_predictor_outputs_threshold_decision_and_heatmap(tmp_path, tiny_bases):
@@ -413,3 +450,48 @@ def test_export_model_half_weights_float32_compute(tiny_bases, tmp_path) -> None
         export_model(src, tmp_path / "release")
     with pytest.raises(ValueError, match="not calibrated"):
         export_model(_saved_model(tmp_path / "u", tiny_bases["vit"]), tmp_path / "other")
+
+
+def test_calibration_cli_calibrates_a_checkpoint_for_a_new_centre_crop(tmp_path, tiny_bases):
+    """``python -m modeling.calibration``: an uncalibrated checkpoint + a crop chosen on validation ->
+    a folder whose processor has the crop and whose temperature and threshold were fit with it."""
+    from modeling.calibration import main as calibration_main
+    from synthetic import make_class_dataset
+
+    data = make_class_dataset(tmp_path / "data", n_train=6, n_val=30, n_test=6)
+    ckpt = _saved_model(tmp_path, tiny_bases["dinov2"])  # no calibration, full-image processor
+    out = tmp_path / "calibrated"
+    assert calibration_main(["--model", str(ckpt), "--dataset", str(data), "--output-dir", str(out),
+                             "--crop-pct", "0.8", "--no-progress"]) == 0
+    proc_cfg = json.loads((out / "preprocessor_config.json").read_text())
+    assert proc_cfg["image_processor_type"] == "DeiTImageProcessor" and proc_cfg["crop_size"]["height"] == 32
+
+    from datasets import load_from_disk
+    from modeling.evaluate import predict_logits
+
+    val = load_from_disk(str(data))["validation"]
+    raw = predict_logits(build_model(str(ckpt)), AutoImageProcessor.from_pretrained(out), val, progress=False)
+    y = np.asarray(val["label"])
+    pred = Predictor.from_pretrained(str(out))
+    cal = pred.calibration
+    assert cal.temperature_applied and cal.fitted_on == "validation" and cal.n_fit == 30
+    assert cal.temperature == pytest.approx(fit_temperature(raw, y), rel=1e-4)  # fit on the *cropped* inputs
+    calibrated = predict_logits(pred.model, pred.processor, val, progress=False)
+    assert np.allclose(calibrated, raw / cal.temperature, atol=1e-4)
+    # a calibrated folder, a non-empty output directory and the test split are refused
+    with pytest.raises(ValueError, match="already calibrated"):
+        calibration_main(["--model", str(out), "--dataset", str(data), "--output-dir", str(tmp_path / "again"),
+                          "--no-progress"])
+    with pytest.raises(FileExistsError):
+        calibration_main(["--model", str(ckpt), "--dataset", str(data), "--output-dir", str(out), "--no-progress"])
+    # ... and the export CLI takes it from there: float16 on disk, the crop kept, checked on validation
+    from modeling.export import main as export_main
+
+    release = tmp_path / "release"
+    assert export_main(["--model", str(out), "--output-dir", str(release), "--check-dataset", str(data)]) == 0
+    assert json.loads((release / "preprocessor_config.json").read_text())["crop_size"]["height"] == 32
+    shipped = Predictor.from_pretrained(str(release))
+    assert shipped.model.dtype == torch.float32 and shipped.threshold == pytest.approx(cal.pneumonia_threshold)
+    with pytest.raises(SystemExit, match="validation"):
+        export_main(["--model", str(out), "--output-dir", str(tmp_path / "r2"), "--check-dataset", str(data),
+                     "--check-split", "test"])
