@@ -11,7 +11,8 @@ Settings (environment variables):
 * ``CXR_DATA_DIR``: where the prediction/feedback database and de-identified images live
   (default ``data/`` beside this file; on a Space use persistent storage, ``/data``).
 * ``CXR_PRECISION``: ``auto`` (default: bfloat16 where the CPU has it natively), ``float32``, ``bfloat16``.
-* ``CXR_UNCERTAIN_HIGH``: upper end of the "uncertain, refer" band (default 0.5).
+* ``CXR_UNCERTAIN_HIGH``: upper end of the "uncertain, refer" band (default: halfway from the
+  model's threshold to 1, at least 0.5).
 * ``FEEDBACK_REPO`` + ``HF_TOKEN``: push the feedback export to this Hub dataset every
   ``FEEDBACK_SYNC_MINUTES`` (default 10) with huggingface_hub's CommitScheduler.
 * ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: Gradio's own.

@@ -85,6 +85,11 @@ def decide(p_pneumonia: float, threshold: float, uncertain_high: float) -> tuple
     return "pneumonia", f"Pneumonia suspected, refer: P(pneumonia) = {p_pneumonia:.1%}."
 
 
+def default_uncertain_high(threshold: float) -> float:
+    """Upper end of the "uncertain, refer" band when ``CXR_UNCERTAIN_HIGH`` is not set."""
+    return max(0.5, (threshold + 1.0) / 2.0)
+
+
 def read_upload(path_or_bytes: str | os.PathLike | bytes, *, delete: bool = False) -> bytes:
     """The bytes of an upload, size-checked before reading. With ``delete`` the temporary copy
     Gradio made (which carries the original file name, and for a DICOM its header) is removed."""
@@ -126,7 +131,9 @@ class CxrService:
         self.predictor = predictor
         self.store = store
         t = predictor.threshold
-        self.uncertain_high = max(0.5, t) if uncertain_high is None else max(float(uncertain_high), t)
+        # Default band: from the threshold halfway to 1, and at least to 0.5. A fixed 0.5 would leave no
+        # band at all for a model whose validation threshold is above 0.5 (the v2 release's is 0.59).
+        self.uncertain_high = default_uncertain_high(t) if uncertain_high is None else max(float(uncertain_high), t)
         self._model_lock = threading.Lock()
         self._images: OrderedDict[str, Image.Image] = OrderedDict()
         self._images_lock = threading.Lock()

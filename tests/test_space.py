@@ -102,6 +102,13 @@ def test_decide_three_way_band() -> None:
     assert decide(0.10, 0.3, 0.5)[0] == "no_pneumonia"
     assert decide(0.30, 0.3, 0.5)[0] == "uncertain"  # at the threshold: flagged (>=), as the model card counts it
     assert decide(0.49, 0.3, 0.5)[0] == "uncertain"
+    from space.service import default_uncertain_high
+
+    assert default_uncertain_high(0.3) == pytest.approx(0.65) and default_uncertain_high(0.0) == 0.5
+    assert default_uncertain_high(0.6) == pytest.approx(0.8)  # a threshold above 0.5 still leaves a band
+    for t in (0.1, 0.3, 0.59, 0.9):
+        p = (t + default_uncertain_high(t)) / 2
+        assert decide(p, t, default_uncertain_high(t))[0] == "uncertain"
     assert decide(0.50, 0.3, 0.5)[0] == "pneumonia"
     assert decide(0.99, 0.3, 0.5)[1].startswith("Pneumonia suspected")
 
