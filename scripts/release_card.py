@@ -97,6 +97,71 @@ def _argmax_specificity(predictions_csv: Path) -> float:
     return sum(r["predicted"] == "normal" for r in rows) / len(rows)
 
 
+def preprocessing_text(model_dir: Path) -> str:
+    """What the saved image processor does, in words (read from preprocessor_config.json)."""
+    proc = json.loads((model_dir / "preprocessor_config.json").read_text())
+    side = proc["size"]["height"]
+    if proc.get("do_center_crop"):
+        crop = proc["crop_size"]["height"]
+        return (f"stretched to {side} x {side} px and the centre {crop} x {crop} px kept (crop_pct "
+                f"{crop / side:.2f}: the film's outer {(1 - crop / side) / 2:.0%} on each side is not seen)")
+    return f"stretched to {side} x {side} px (whole film)"
+
+
+def history_rows(model_dir: Path, runs: dict) -> str:
+    """Every test evaluation of a released checkpoint, with its headline numbers."""
+    rows = []
+    for e in runs["test_evaluations"]:
+        m = json.loads((model_dir / e["metrics"]).read_text())
+        b = m["binary"]
+        rows.append(f"| {e['release']} | {e['date']} | `{e['model_revision']}` | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | "
+                    f"{_get(m, 'per_class.viral_pneumonia.f1'):.4f} | {b['sensitivity']:.4f} / {b['specificity']:.4f} | "
+                    f"{b['auc']:.4f} | {m['ece']:.4f} | `{e['command']}` | {e['note']} |")
+    return "\n".join(rows)
+
+
+def variants_table(path: Path) -> str:
+    """Validation-only comparison of TTA, checkpoint ensembles, weight averages and evaluation crops
+    (benchmarks/checkpoint_variants.py)."""
+    if not path.exists():
+        return "(run `python benchmarks/checkpoint_variants.py`)"
+    v = json.loads(path.read_text())
+    lines = ["| variant (validation, 689 images) | macro-F1 | viral F1 | NLL after T | binary AUC | macro-F1 change vs v1 (95% CI, paired, patients resampled) | forward passes |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in v["results"].items():
+        d = r["vs_reference"]
+        cost = ("3" if "tta" in name or "logit-ensemble" in name else "1")
+        label = name.replace("reference", "v1 weights").replace("[identity]", " (as released in v1)")
+        lines.append(f"| {label} | {r['macro_f1']:.4f} | {r['viral_f1']:.4f} | {r['nll_calibrated']:.4f} | "
+                     f"{r['binary_auc']:.4f} | {d['delta_macro_f1']:+.4f} ({d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}) | {cost} |")
+    return "\n".join(lines)
+
+
+def release_comparison(model_dir: Path, runs: dict, test: dict, val: dict) -> str:
+    """The current release against every earlier one on the official test split (each evaluated once)."""
+    earlier = [e for e in runs["test_evaluations"] if e["release"] != runs["release"]]
+    if not earlier:
+        return ""
+    cols = [(e["release"], json.loads((model_dir / e["metrics"]).read_text())) for e in earlier]
+    cols.append((runs["release"], test))
+    keys = [("3-class accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("normal F1", "per_class.normal.f1"),
+            ("bacterial F1", "per_class.bacterial_pneumonia.f1"), ("viral F1", "per_class.viral_pneumonia.f1"),
+            ("normal vs pneumonia sensitivity", "binary.sensitivity"), ("normal vs pneumonia specificity", "binary.specificity"),
+            ("normal vs pneumonia AUC", "binary.auc"), ("ECE", "ece")]
+    lines = ["| official test | " + " | ".join(n for n, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(fmt(m, key) for _, m in cols) + " |" for name, key in keys]
+    lines.append("| misclassified normals called viral | " + " | ".join(
+        f"{m['confusion_matrix'][0][2]} of {m['confusion_matrix'][0][1] + m['confusion_matrix'][0][2]}" for _, m in cols) + " |")
+    prev_name, prev = cols[-2]
+    worse = test["macro_f1"] < prev["macro_f1"]
+    text = runs.get("release_outcome", "")
+    return (f"\n### {runs['release']} against earlier releases (official test, each evaluated once)\n\n"
+            + "\n".join(lines) + "\n\n"
+            + (f"{runs['release']} is **worse** than {prev_name} on the official test split (macro-F1 "
+               f"{test['macro_f1']:.3f} vs {prev['macro_f1']:.3f}) although it was better on validation. " if worse else "")
+            + text + "\n")
+
+
 def render(model_dir: Path, latency_path: Path, plots_prefix: str) -> str:
     test = json.loads((model_dir / "eval/test/metrics.json").read_text())
     val = json.loads((model_dir / "eval/validation/metrics.json").read_text())
@@ -108,7 +173,7 @@ def render(model_dir: Path, latency_path: Path, plots_prefix: str) -> str:
     data = ModelCardData(
         license="apache-2.0", library_name="transformers", pipeline_tag="image-classification",
         base_model="facebook/dinov2-small", tags=["medical-imaging", "chest-x-ray", "pneumonia", "dinov2", "grad-cam"],
-        model_name="cxr-pneumonia DINOv2-small (v1)",
+        model_name=f"cxr-pneumonia DINOv2-small ({runs['release']})",
         eval_results=eval_results(test, "Kermany chest X-ray (official test split)", "kermany-chest-xray"),
     )
     b = test["binary"]
@@ -125,8 +190,9 @@ def render(model_dir: Path, latency_path: Path, plots_prefix: str) -> str:
         f"{r['best_val_macro_f1_uncalibrated']:.3f} | {r['wall_seconds'] / 60:.0f} min | `{r['command']}` |"
         for r in runs["runs"])
     total_min = sum(r["wall_seconds"] for r in runs["runs"]) / 60
-    evals = "\n".join(f"| {e['release']} | {e['date']} | `{e['model_revision']}` | `{e['command']}` | {e['note']} |"
-                      for e in runs["test_evaluations"])
+    evals = history_rows(model_dir, runs)
+    release = runs["release"]
+    derivation = "\n".join(f"{i}. {d['what']}: `{d['command']}`" for i, d in enumerate(runs.get("derivation", []), 1))
     ex = runs["export"]
     lat_md = latency_table(latency) if latency else "(run `python benchmarks/latency.py`)"
     agree_path = latency_path.parent / "precision_agreement.json"
@@ -139,10 +205,19 @@ def render(model_dir: Path, latency_path: Path, plots_prefix: str) -> str:
                    "of the fast path is therefore 0.02 in probability. `Predictor(precision=\"auto\")` uses it on CPUs "
                    "with native bf16 (the Space does, for predictions without a heatmap); Grad-CAM and every number "
                    "in this card are float32.")
+    onnx = (latency or {}).get("results", {}).get("onnx_forward_only_fp32")
+    onnx_text = ("ONNX Runtime was not measured." if not onnx else
+                 f"ONNX Runtime ({latency.get('onnxruntime', '')}, float32, same threads) runs the forward pass in "
+                 f"{onnx['median_ms']:.0f} ms against {latency['results']['forward_only_fp32']['median_ms']:.0f} ms for "
+                 f"torch float32 and {latency['results']['forward_only_bf16']['median_ms']:.0f} ms for torch bfloat16 "
+                 f"(max |dp| {onnx['max_abs_prob_diff_vs_predictor_fp32']:.1e}); "
+                 + ("it is slower than the bf16 path and would add a second inference stack without Grad-CAM: not adopted."
+                    if onnx["median_ms"] >= latency["results"]["forward_only_bf16"]["median_ms"] else
+                    "it beats the bf16 path; see the latency table."))
     lat_hw = (f"{latency['cpu']}, {latency['threads']} threads, torch {latency['torch']}, {latency['images']} Kermany "
               f"test files x {latency['repeats']}, batch 1, {latency['date']}") if latency else ""
     body = f"""
-# cxr-pneumonia: DINOv2-small fine-tuned for pediatric chest X-ray triage (v1)
+# cxr-pneumonia: DINOv2-small fine-tuned for pediatric chest X-ray triage ({release})
 
 Classifies a frontal pediatric chest X-ray as **normal**, **bacterial pneumonia** or **viral pneumonia**,
 with temperature-calibrated probabilities and a pneumonia call (P(bacterial) + P(viral) >= {cal['pneumonia_threshold']:.4f},
@@ -166,7 +241,9 @@ p.predict_one("chest.dcm", heatmap=True)
 ```
 
 Weights are stored in float16 (44 MB) and load as float32 (`config.dtype`); the rounding changes
-probabilities by at most {ex['max_abs_probability_diff']:.1e} and no label on the {ex['checked_images']} validation images.
+probabilities by at most {ex['max_abs_probability_diff']:.1e} and {ex['label_changes']} label(s) on the {ex['checked_images']} validation images.
+Input: {preprocessing_text(model_dir)}, grayscale replicated to 3 channels, ImageNet normalisation; all
+in `preprocessor_config.json`, which `pipeline()`, the predictor and the Space load.
 
 ## Results on the official Kermany test split
 
@@ -208,19 +285,31 @@ specificity {fmt(test, 'binary.specificity')}, PPV {b['ppv']:.4f}, NPV {b['npv']
    {latency['results'].get('forward_only_bf16', {}).get('median_ms', float('nan')):.0f} ms: loading and preprocessing are not the cost.
    bf16 *autocast* was slower (~75 ms: it re-casts the weights on every call). torch.compile on top of bf16
    gave ~8% in a quick A/B (50 vs 55 ms forward) for ~30 s of compilation at start-up: not adopted.
-   ONNX Runtime was not tried.
+   {onnx_text}
 
 What would close them: a stronger ImageNet-22k / larger backbone (the anchor uses ConvNeXt-V2-Tiny; DINOv2-B/L),
 training at the original resolution (the shared Kermany copies are 224x224 resizes), longer schedules
 and ensembles (GPU time: this model had {total_min:.0f} CPU minutes), and more varied *normal* films
-from other sites so that validation resembles deployment. Test-time augmentation and checkpoint
-ensembles were not tried.
+from other sites so that validation resembles deployment.
 
+### What else was tried (validation only)
+
+`python benchmarks/checkpoint_variants.py` scores cheap variants of the v1 weights on the validation
+split (the test split is not read), with temperature and threshold refit per row. Checkpoint weight
+averages ("soups") and logit ensembles of the last three 224 px epochs change nothing; test-time
+augmentation helps a little at 3x the compute; an evaluation centre crop helps as much at no cost, on
+validation: on the official test split the crop made things worse (next section).
+
+{variants_table(ROOT / "benchmarks" / "results" / "checkpoint_variants.json")}
+
+{runs.get("selection_note", "")}
+
+{release_comparison(model_dir, runs, test, val)}
 ### Comparable published numbers
 
 | model | test set | 3-class acc. | macro-F1 | viral F1 | normal vs pneumonia | comparable? |
 |---|---|---|---|---|---|---|
-| **this model (v1)** | official Kermany test, 624 | {test['accuracy']:.4f} | {test['macro_f1']:.4f} | {_get(test, 'per_class.viral_pneumonia.f1'):.4f} | acc {b['accuracy']:.4f}, sens {b['sensitivity']:.4f}, spec {b['specificity']:.4f}, AUC {b['auc']:.4f} | - |
+| **this model ({release})** | official Kermany test, 624 | {test['accuracy']:.4f} | {test['macro_f1']:.4f} | {_get(test, 'per_class.viral_pneumonia.f1'):.4f} | acc {b['accuracy']:.4f}, sens {b['sensitivity']:.4f}, spec {b['specificity']:.4f}, AUC {b['auc']:.4f} | - |
 | kiselyovd/chest-xray-classifier (ConvNeXt-V2-Tiny IN-22k, GPU) | official test, 624 | 0.9135 | 0.903 | 0.830 | acc 0.960, spec 0.897 | yes: same split. Trained on the official train split, which shares 170 patients with test (our build drops them) |
 | frozen DINOv2-small + logistic regression (project issue) | official test, 624 | 0.81 | 0.80 | - | - | yes |
 | Kermany et al., Cell 2018 (Inception-v3 transfer) | official test, 624 | - | - | - | binary as reported: acc 0.928, sens 0.932, spec 0.901, AUC 0.968 | yes for the binary task |
@@ -231,16 +320,18 @@ ensembles were not tried.
 Data: the merged, deduplicated, patient-grouped dataset of this repository (`dataset_scripts.build`:
 Kermany train + Skytells COVID-19 images, exact/near duplicates and test-patient films removed),
 {runs['runs'][0]['n_train']} training / {runs['runs'][0]['n_validation']} validation images. Base: `facebook/dinov2-small`.
-Two stages (resolution schedule), AdamW, layer-wise LR decay 0.75, warm-up + cosine, weighted
-cross-entropy, X-ray augmentation (crop >= 80% area, +-7 deg, brightness/contrast/gamma; no flip),
-bf16 autocast, drop-path 0.1, seed 42; best epoch by validation macro-F1.
+{runs.get("recipe", "")}
 
 | stage | input | epochs | best val macro-F1 | wall | command |
 |---|---|---|---|---|---|
 {stage_rows}
 
 Hardware: {runs['runs'][0]['hardware']}; torch {runs['runs'][0]['versions']['torch']}, transformers
-{runs['runs'][0]['versions']['transformers']}. Total {total_min:.0f} minutes.{" Resumed from an epoch checkpoint after an interruption (`--resume`, bit-identical to an uninterrupted run): " + ", ".join(resumed) + "." if resumed else ""}
+{runs['runs'][0]['versions']['transformers']}. Total {total_min:.0f} minutes of training.{" Resumed from an epoch checkpoint after an interruption (`--resume`, bit-identical to an uninterrupted run): " + ", ".join(resumed) + "." if resumed else ""}
+
+From the training output to this folder:
+
+{derivation}
 
 Calibration (validation only): temperature T = {cal['temperature']:.4f} baked into the head (validation NLL
 {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}); threshold {cal['pneumonia_threshold']:.4f} for target sensitivity
@@ -254,8 +345,11 @@ Calibration (validation only): temperature T = {cal['temperature']:.4f} baked in
 
 ## Test-set evaluations of released checkpoints
 
-| release | date | weights | command | note |
-|---|---|---|---|---|
+Every evaluation of a released checkpoint on the official test split, in order (each checkpoint
+once; the current release's full numbers are above):
+
+| release | date | weights | accuracy | macro-F1 | viral F1 | sens. / spec. | AUC | ECE | command | note |
+|---|---|---|---|---|---|---|---|---|---|---|
 {evals}
 
 Reproduce independently (transformers + Pillow + scikit-learn only):

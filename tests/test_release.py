@@ -32,7 +32,16 @@ def test_release_folder_loads_float32_calibrated_and_small() -> None:
     with safe_open(weights[0], "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     proc = AutoImageProcessor.from_pretrained(MODEL, backend="pil")
-    assert proc.size["height"] == proc.size["width"] == 224
+    from modeling.preprocessing import config_from_processor
+
+    cfg = config_from_processor(proc)
+    assert cfg.size == 224 and not cfg.letterbox  # the network's input; v2 adds a centre crop before it
+    runs = json.loads((MODEL / "training_runs.json").read_text())
+    assert runs["release"] in {e["release"] for e in runs["test_evaluations"]}
+    releases = [e["release"] for e in runs["test_evaluations"]]
+    assert len(releases) == len(set(releases)), "a release evaluated on test more than once"
+    for e in runs["test_evaluations"]:  # every evaluation's numbers are kept
+        assert json.loads((MODEL / e["metrics"]).read_text())["n"] == 624
 
 
 def test_cards_are_rendered_from_the_measured_json() -> None:
