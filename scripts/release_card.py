@@ -120,6 +120,29 @@ def history_rows(model_dir: Path, runs: dict) -> str:
     return "\n".join(rows)
 
 
+def _variant_label(name: str) -> str:
+    """Readable row names for benchmarks/checkpoint_variants.py's keys."""
+    import re
+
+    if name == "reference[identity]":
+        return "v1 as released (whole film)"
+    if m := re.fullmatch(r"reference\[zoom([\d.]+)\]", name):
+        return f"one TTA view: centre {float(m[1]):.0%} of the 224 px input, enlarged back"
+    if m := re.fullmatch(r"reference\[scale(\d+)\]", name):
+        return f"one TTA view: {m[1]} px input"
+    if name.startswith("reference+tta"):
+        return "TTA: mean logits of the three views above"
+    if m := re.fullmatch(r"checkpoint\[epoch-0*(\d+)\]", name):
+        return f"224 px epoch {m[1]} checkpoint (v1 is epoch 2)"
+    if m := re.fullmatch(r"logit-ensemble\[(\d+) checkpoints\]", name):
+        return f"logit ensemble of the {m[1]} checkpoints"
+    if m := re.fullmatch(r"weight-average\[(\d+) checkpoints\]", name):
+        return f"weight average (soup) of the {m[1]} checkpoints"
+    if m := re.fullmatch(r"reference\[crop_pct=([\d.]+)\]", name):
+        return f"evaluation centre crop {m[1]}" + (" (**v2**)" if m[1] == "0.9" else "")
+    return name
+
+
 def variants_table(path: Path) -> str:
     """Validation-only comparison of TTA, checkpoint ensembles, weight averages and evaluation crops
     (benchmarks/checkpoint_variants.py)."""
@@ -131,7 +154,7 @@ def variants_table(path: Path) -> str:
     for name, r in v["results"].items():
         d = r["vs_reference"]
         cost = ("3" if "tta" in name or "logit-ensemble" in name else "1")
-        label = name.replace("reference", "v1 weights").replace("[identity]", " (as released in v1)")
+        label = _variant_label(name)
         lines.append(f"| {label} | {r['macro_f1']:.4f} | {r['viral_f1']:.4f} | {r['nll_calibrated']:.4f} | "
                      f"{r['binary_auc']:.4f} | {d['delta_macro_f1']:+.4f} ({d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}) | {cost} |")
     return "\n".join(lines)
