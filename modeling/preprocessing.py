@@ -132,9 +132,8 @@ def config_from_processor(processor: BaseImageProcessor) -> PreprocessConfig:
     resample = {v: k for k, v in _RESAMPLE.items()}.get(Image.Resampling(int(processor.resample)), "bicubic")
     letterbox = is_letterbox(processor)
     crop_pct = 1.0
-    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None) and "height" in size:
-        crop_pct = round(float(processor.crop_size["height"]) / float(side), 4)
-        side = processor.crop_size["height"]
+    if "height" in size and (crop := crop_fraction(processor)) < 1.0:
+        crop_pct, side = round(crop, 4), processor.crop_size["height"]
     return PreprocessConfig(
         size=int(side),
         letterbox=letterbox,
