@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     split = load_cxr_dataset(args.dataset)["validation"]
     labels = np.asarray(split["label"])
     groups = groups_of(split) or [str(i) for i in range(len(split))]
-    processor = AutoImageProcessor.from_pretrained(args.reference)
+    processor = AutoImageProcessor.from_pretrained(args.reference, backend="pil")  # as the predictor loads it
     model = AutoModelForImageClassification.from_pretrained(args.reference)
+    reference_weights = {k: v.clone() for k, v in model.state_dict().items()}  # the soup rows overwrite them
 
     logits: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
@@ -183,13 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     base_cfg = config_from_processor(processor)
     for f in args.crop_pcts:
         cp = build_image_processor(replace(base_cfg, crop_pct=f))
-        logits[f"reference[crop_pct={f}]"] = cached(f"{args.reference.resolve()}|crop{f}", lambda cp=cp: val_logits(
-            AutoModelForImageClassification.from_pretrained(args.reference), cp, split, ["identity"])[0])
+        def with_crop(cp=cp):
+            model.load_state_dict(reference_weights)
+            return val_logits(model, cp, split, ["identity"])[0]
+        logits[f"reference[crop_pct={f}]"] = cached(f"{args.reference.resolve()}|crop{f}", with_crop)
         print(f"crop {f}: {time.perf_counter() - t0:.0f} s", flush=True)
 
     for c in args.candidates:
         logits[f"candidate[{c}]"] = cached(f"{c.resolve()}|identity", lambda c=c: val_logits(
-            AutoModelForImageClassification.from_pretrained(c), AutoImageProcessor.from_pretrained(c), split, ["identity"])[0])
+            AutoModelForImageClassification.from_pretrained(c), AutoImageProcessor.from_pretrained(c, backend="pil"), split, ["identity"])[0])
 
     ref_pred = logits[f"reference[{args.views[0]}]"].argmax(1)
     rows = {}

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from huggingface_hub import ModelCard, ModelCardData  # noqa: E402
 
-from modeling.card import ROWS, _get, eval_results, fmt  # noqa: E402
+from modeling.card import _get, eval_results, fmt, results_table  # noqa: E402
 
 ANCHOR = {  # kiselyovd/chest-xray-classifier, as published (official Kermany test, 624 images)
     "accuracy": 0.9135, "macro_f1": 0.903, "per_class.viral_pneumonia.f1": 0.830, "auc_ovr_macro": 0.975,
@@ -60,14 +60,6 @@ def targets_table(test: dict, latency: dict | None) -> str:
             v = r[key]["median_ms"]
             extra = f" (float32: {r['predictor_fp32']['median_ms']:.1f})" if key == "predictor_bf16" else ""
             lines.append(f"| {name} | <= {target} | {v:.1f}{extra} | {'yes' if v <= target else 'no'} | not published |")
-    return "\n".join(lines)
-
-
-def results_table(columns: list[tuple[str, dict]]) -> str:
-    head = "| metric | " + " | ".join(n for n, _ in columns) + " |"
-    lines = [head, "|---|" + "---|" * len(columns)]
-    for name, key, _ in ROWS:
-        lines.append(f"| {name} | " + " | ".join(fmt(m, key) for _, m in columns) + " |")
     return "\n".join(lines)
 
 
