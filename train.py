@@ -77,6 +77,9 @@ class TrainConfig:
     max_train_samples: int | None = field(default=None, metadata={"help": "use N training images (stratified by class, seeded)"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use N validation and test images (smoke runs; not a result)"})
     crop_scale_min: float = field(default=0.8, metadata={"help": "smallest crop area fraction (1 = no crop)"})
+    crop_ratio_min: float = field(default=0.9, metadata={"help": "smallest crop aspect change (width/height relative "
+                                  "to the image's own; the anchor recipe's RandomResizedCrop uses 0.75)"})
+    crop_ratio_max: float = field(default=1.1, metadata={"help": "largest crop aspect change (anchor: 4/3)"})
     max_rotation: float = field(default=7.0, metadata={"help": "rotation range in degrees"})
     brightness: float = field(default=0.15, metadata={"help": "brightness jitter (fraction)"})
     contrast: float = field(default=0.15, metadata={"help": "contrast jitter (fraction)"})
@@ -123,7 +126,8 @@ class TrainConfig:
     no_progress: bool = field(default=False)
 
     def augment_config(self) -> AugmentConfig:
-        return AugmentConfig(crop_scale=(self.crop_scale_min, 1.0), max_rotation=self.max_rotation,
+        return AugmentConfig(crop_scale=(self.crop_scale_min, 1.0), crop_ratio=(self.crop_ratio_min, self.crop_ratio_max),
+                             max_rotation=self.max_rotation,
                              brightness=self.brightness, contrast=self.contrast, hflip=self.hflip)
 
 

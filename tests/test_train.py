@@ -345,3 +345,23 @@ def test_ema_weights_are_what_is_validated_and_saved(data, tmp_path):
     assert not torch.equal(best[key], raw[key])  # not the raw weights of that epoch...
     assert torch.equal(best[key], ema[f"module.{key}"])  # ...but their moving average
     assert int(ema["n_averaged"]) == json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+
+
+def test_anchor_crop_settings_reach_the_augmentation():
+    """--crop-scale-min/--crop-ratio-min/--crop-ratio-max are the RandomResizedCrop of the anchor recipe
+    (scale 0.08-1, ratio 3/4-4/3): the crops they produce are that small and that far from square."""
+    import random
+
+    from train import TrainConfig
+    from modeling.augment import augment
+
+    cfg = TrainConfig(dataset="d", base_model="b", output_dir="o", crop_scale_min=0.08, crop_ratio_min=0.75,
+                      crop_ratio_max=4 / 3, max_rotation=0, brightness=0, contrast=0, hflip=True)
+    aug = cfg.augment_config()
+    assert aug.crop_scale == (0.08, 1.0) and aug.crop_ratio == (0.75, 4 / 3) and aug.hflip
+    img = xray_like(3, (200, 200))
+    sizes = [augment(img, aug, random.Random(i)).size for i in range(200)]
+    areas = [w * h / 200 ** 2 for w, h in sizes]
+    ratios = [w / h for w, h in sizes]
+    assert min(areas) < 0.2 and max(areas) > 0.8
+    assert min(ratios) < 0.85 and max(ratios) > 1.18 and all(0.7 < r < 1.4 for r in ratios)
