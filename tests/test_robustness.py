@@ -1,0 +1,129 @@
+"""The robustness battery (modeling/robustness.py): each condition does what its name says, is
+deterministic, the scores are computed against a fixed operating point, and the CLI refuses the test
+split. Tiny random models and synthetic images; the real battery results are in benchmarks/."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modeling import robustness as rb
+from synthetic import make_class_dataset, xray_like
+from tiny_models import save_tiny_classifier
+
+
+@pytest.fixture(scope="module")
+def film():
+    return xray_like(5, (120, 100))
+
+
+def px(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.float64)
+
+
+def test_every_condition_is_deterministic_keeps_the_mode_and_changes_the_film(film):
+    assert rb.condition_names()[0] == rb.PLAIN and len(rb.condition_names()) == len(rb.BATTERY) + 1
+    assert rb.apply(rb.PLAIN, film) is film
+    for c in rb.BATTERY:
+        a, b = rb.apply(c.name, film), rb.apply(c.name, film.copy())
+        assert a.mode == "L", c.name
+        assert np.array_equal(px(a), px(b)), f"{c.name} is not deterministic"
+        same_size = a.size == film.size
+        assert not (same_size and np.array_equal(px(a), px(film))), f"{c.name} left the film unchanged"
+        assert c.why, f"{c.name} does not say why it is in the battery"
+    with pytest.raises(ValueError, match="unknown robustness condition"):
+        rb.apply("invert", film)
+
+
+def test_conditions_change_what_their_names_say(film):
+    a = px(film)
+    mid = (a > 60) & (a < 200)
+    assert px(rb.apply("gamma_0.6", film))[mid].mean() > a[mid].mean() + 5  # mid-tones brighter
+    assert px(rb.apply("gamma_1.6", film))[mid].mean() < a[mid].mean() - 5
+    assert px(rb.apply("contrast_0.6", film)).std() < 0.7 * a.std()
+    assert px(rb.apply("contrast_1.5", film)).std() > 1.2 * a.std()
+    # blur removes high frequencies, sharpening adds them
+    hf = lambda x: np.abs(np.diff(x, axis=1)).mean()  # noqa: E731
+    assert hf(px(rb.apply("blur_1.5", film))) < 0.8 * hf(a) < hf(a) < hf(px(rb.apply("sharpen", film)))
+    resid = px(rb.apply("noise_12", film)) - a
+    assert 8 < resid.std() < 14 and abs(resid.mean()) < 2
+    # geometry: zoom in crops the centre, zoom out frames a smaller film in black, aspect crops one axis
+    assert film.size == (120, 100) and rb.apply("zoom_in_0.8", film).size == (96, 80)
+    out = px(rb.apply("zoom_out_1.25", film))
+    assert out.shape == a.shape and out[:5].max() == 0 and out[:, :5].max() == 0 and out[40:60, 40:80].mean() > 0
+    assert rb.apply("aspect_wide", film).size == (102, 100) and rb.apply("aspect_tall", film).size == (120, 85)
+    r = px(rb.apply("rotate_+10", film))
+    assert r.shape == a.shape and r[0, -1] == 0  # a corner came from outside the film
+    s = px(rb.apply("shift", film))
+    assert s[:, :12].max() == 0 and s[:5].max() == 0
+    assert np.allclose(s[5:, 12:], a[:-5, :-12], atol=1)  # 10% of the width right, 5% of the height down
+
+
+def test_noise_depends_on_the_image_not_on_the_order_it_is_scored_in():
+    one, two = xray_like(1, (64, 64)), xray_like(2, (64, 64))
+    first = rb.apply("noise_12", one)
+    rb.apply("noise_12", two)
+    assert np.array_equal(px(rb.apply("noise_12", one)), px(first))
+    assert not np.array_equal(px(rb.apply("noise_12", one)) - px(one), px(rb.apply("noise_12", two)) - px(two))
+
+
+def test_battery_logits_scores_every_image_under_every_condition():
+    images = [xray_like(i, (40, 40)) for i in range(7)]
+    seen: list[int] = []
+
+    def fn(batch):  # mean grey level as a "logit": lets us check each condition reached the function
+        return np.array([[px(im).mean(), 0.0, 0.0] for im in batch])
+
+    out = rb.battery_logits(fn, images, batch_size=3, progress=seen.append)
+    assert list(out) == rb.condition_names() and all(v.shape == (7, 3) for v in out.values())
+    assert seen == [3, 3, 1]
+    assert np.allclose(out[rb.PLAIN][:, 0], [px(im).mean() for im in images])
+    assert (out["gamma_0.6"][:, 0] > out[rb.PLAIN][:, 0]).all()
+    assert (out["zoom_out_1.25"][:, 0] < out[rb.PLAIN][:, 0]).all()  # black frame
+    with pytest.raises(ValueError, match="unknown robustness condition"):
+        rb.battery_logits(fn, images, names=[rb.PLAIN, "flip"])
+
+
+def _logits_for(labels: np.ndarray, strength: float = 4.0) -> np.ndarray:
+    z = np.zeros((len(labels), 3))
+    z[np.arange(len(labels)), labels] = strength
+    return z
+
+
+def test_score_holds_the_plain_operating_point_and_finds_the_worst_condition():
+    labels = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    plain = _logits_for(labels)
+    flipped = plain.copy()
+    flipped[:4] = _logits_for(np.full(4, 2))[:4]  # 4 of 10 normals called viral: specificity 0.6
+    report = rb.score({rb.PLAIN: plain, "gamma_0.6": plain.copy(), "zoom_in_0.8": flipped}, labels)
+    op = rb.fit_operating_point(plain, labels)
+    assert report["operating_point"] == pytest.approx({"temperature": op.temperature, "threshold": op.threshold})
+    per = report["conditions"]
+    assert per[rb.PLAIN]["macro_f1"] == pytest.approx(1.0) and per[rb.PLAIN]["specificity"] == pytest.approx(1.0)
+    assert per["zoom_in_0.8"]["specificity"] == pytest.approx(0.6)
+    assert per["zoom_in_0.8"]["specificity_argmax"] == pytest.approx(0.6)
+    s = report["summary"]
+    assert s["worst_specificity"] == pytest.approx(0.6) and s["mean_specificity"] == pytest.approx(0.8)
+    assert s["worst_condition_specificity"] == "zoom_in_0.8" == s["worst_condition_macro_f1"]
+    assert s["worst_macro_f1"] < s["mean_macro_f1"] < 1.0
+    # the plain condition is not part of the worst case / mean
+    assert rb.score({rb.PLAIN: flipped, "gamma_0.6": plain}, labels)["summary"]["worst_macro_f1"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="plain"):
+        rb.score({"gamma_0.6": plain}, labels)
+
+
+def test_cli_writes_the_report_and_refuses_the_test_split(tmp_path):
+    data = make_class_dataset(tmp_path / "data", n_train=6, n_val=18, n_test=6)
+    model = save_tiny_classifier(tmp_path / "model")
+    out = tmp_path / "rob"
+    assert rb.main(["--model", str(model), "--dataset", str(data), "--output-dir", str(out), "--no-progress",
+                    "--precision", "float32"]) == 0
+    report = json.loads((out / "robustness.json").read_text())
+    assert list(report["conditions"]) == rb.condition_names() and report["n"] == 18
+    assert [c["name"] for c in report["battery"]] == [c.name for c in rb.BATTERY]
+    assert set(np.load(out / "logits.npz").files) == set(rb.condition_names())
+    with pytest.raises(ValueError, match="validation tool"):
+        rb.main(["--model", str(model), "--dataset", str(data), "--output-dir", str(tmp_path / "t"), "--split", "test"])
