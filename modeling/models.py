@@ -161,3 +161,20 @@ def param_groups(
                            "weight_decay": 0.0 if nd else weight_decay, "layer_id": lid, "is_head": is_head}
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
+
+
+def interpolate_weights(model: nn.Module, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor],
+                        alpha: float) -> nn.Module:
+    """Load ``(1 - alpha) * start + alpha * end`` into ``model`` (WiSE-FT, Wortsman et al. 2022: the
+    pretrained model with its probe head as ``start``, its fine-tuned descendant as ``end``; a
+    uniform two-model soup at 0.5). Both state dicts must hold the same float tensors."""
+    if set(start) != set(end):
+        raise ValueError(f"the two models differ in parameters: {sorted(set(start) ^ set(end))[:5]}")
+    mixed = {}
+    for k, a in start.items():
+        b = end[k]
+        if a.shape != b.shape:
+            raise ValueError(f"{k}: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+        mixed[k] = (1 - alpha) * a.float() + alpha * b.float() if a.is_floating_point() else b
+    model.load_state_dict(mixed, strict=True)
+    return model
