@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from modeling.calibration import choose_threshold, fit_temperature, nll, softmax  # noqa: E402
 from modeling.data import groups_of, load_cxr_dataset  # noqa: E402
+from modeling.metrics import paired_bootstrap_macro_f1  # noqa: E402
 from modeling.preprocessing import build_image_processor, config_from_processor, pixel_values  # noqa: E402
 
 
@@ -106,21 +107,6 @@ def summary(logits: np.ndarray, labels: np.ndarray, target_sensitivity: float) -
         "binary_auc": float(roc_auc_score(is_p, pneu)),
         "specificity_at_threshold": float((pneu[~is_p] < thr).mean()),
     }
-
-
-def paired_bootstrap(ref_pred, new_pred, labels, groups, n: int = 2000, seed: int = 0) -> dict:
-    """Macro-F1(new) - macro-F1(ref) with a 95% percentile interval, resampling patient groups."""
-    rng = np.random.default_rng(seed)
-    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
-    diffs = []
-    for _ in range(n):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
-        diffs.append(f1_score(labels[idx], new_pred[idx], average="macro")
-                     - f1_score(labels[idx], ref_pred[idx], average="macro"))
-    d = f1_score(labels, new_pred, average="macro") - f1_score(labels, ref_pred, average="macro")
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return {"delta_macro_f1": float(d), "ci95": [float(lo), float(hi)], "p_not_better": float(np.mean(np.asarray(diffs) <= 0))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, lg in logits.items():
         rows[name] = summary(lg, labels, args.target_sensitivity)
-        rows[name]["vs_reference"] = paired_bootstrap(ref_pred, lg.argmax(1), labels, groups)
+        rows[name]["vs_reference"] = paired_bootstrap_macro_f1(ref_pred, lg.argmax(1), labels, groups)
         r = rows[name]
         print(f"{name:70s} F1 {r['macro_f1']:.4f} viral {r['viral_f1']:.4f} acc {r['accuracy']:.4f} "
               f"NLL {r['nll_calibrated']:.4f} AUC {r['binary_auc']:.4f} spec {r['specificity_at_threshold']:.3f} "

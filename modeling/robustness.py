@@ -262,6 +262,55 @@ def score(logits: dict[str, np.ndarray], labels: np.ndarray, op: OperatingPoint 
     return {"operating_point": asdict(op), "n": int(len(labels)), "conditions": per, "summary": summary}
 
 
+# ---- the selection rule (written into training_runs.json before any comparison) -------------------
+
+@dataclass
+class Candidate:
+    """What the rule needs of one candidate: its plain-validation argmax predictions, its battery
+    summary (:func:`score`) and whether it can ship as one stock forward pass (an ensemble or TTA
+    cannot without distillation)."""
+
+    name: str
+    plain_pred: np.ndarray
+    summary: dict
+    single_pass: bool = True
+
+
+def select(candidates: Sequence[Candidate], labels: np.ndarray, groups: Sequence[str] | None = None, *,
+           tie: float = 0.005, n_bootstrap: int = 2000, seed: int = 0) -> dict:
+    """Apply the v3 selection rule: among single-pass candidates whose plain-validation macro-F1 is not
+    significantly below the best single-pass candidate's (upper end of the patient-grouped paired
+    bootstrap 95% CI of the difference >= 0), take the highest worst-case battery macro-F1; within
+    ``tie`` of it, the higher worst-case specificity, then the higher mean battery macro-F1.
+    Returns the chosen name and, per candidate, the comparison with the best and why it was or was not
+    eligible."""
+    from sklearn.metrics import f1_score
+
+    from .metrics import paired_bootstrap_macro_f1
+
+    labels = np.asarray(labels, np.int64)
+    pool = [c for c in candidates if c.single_pass]
+    if not pool:
+        raise ValueError("no single-pass candidate to choose from")
+    plain_f1 = {c.name: float(f1_score(labels, c.plain_pred, average="macro")) for c in candidates}
+    best = max(pool, key=lambda c: plain_f1[c.name])
+    verdicts: dict[str, dict] = {}
+    eligible = []
+    for c in candidates:
+        cmp = paired_bootstrap_macro_f1(best.plain_pred, c.plain_pred, labels, groups, n=n_bootstrap, seed=seed)
+        ok = c.single_pass and cmp["ci95"][1] >= 0
+        why = ("not one stock forward pass" if not c.single_pass else
+               "plain macro-F1 within the CI of the best" if ok else "plain macro-F1 significantly below the best")
+        verdicts[c.name] = {"plain_macro_f1": plain_f1[c.name], "vs_best_plain": cmp, "eligible": ok, "why": why}
+        if ok:
+            eligible.append(c)
+    top = max(c.summary["worst_macro_f1"] for c in eligible)
+    tied = [c for c in eligible if c.summary["worst_macro_f1"] >= top - tie]
+    chosen = max(tied, key=lambda c: (c.summary["worst_specificity"], c.summary["mean_macro_f1"]))
+    return {"chosen": chosen.name, "best_plain": best.name, "tied_on_worst_macro_f1": [c.name for c in tied],
+            "candidates": verdicts}
+
+
 # ---- a saved model end to end -----------------------------------------------------------------------
 
 def model_logits_fn(model, processor, precision: str = "bfloat16") -> Callable[[list[Image.Image]], np.ndarray]:

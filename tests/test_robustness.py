@@ -127,3 +127,32 @@ def test_cli_writes_the_report_and_refuses_the_test_split(tmp_path):
     assert set(np.load(out / "logits.npz").files) == set(rb.condition_names())
     with pytest.raises(ValueError, match="validation tool"):
         rb.main(["--model", str(model), "--dataset", str(data), "--output-dir", str(tmp_path / "t"), "--split", "test"])
+
+
+def _summary(worst_f1, worst_spec, mean_f1=0.8):
+    return {"worst_macro_f1": worst_f1, "worst_specificity": worst_spec, "mean_macro_f1": mean_f1}
+
+
+def test_selection_rule_filters_on_plain_validation_then_takes_the_worst_case():
+    labels = np.repeat([0, 1, 2], 60)
+    groups = [f"p{i // 2}" for i in range(len(labels))]
+
+    def noisy(err, offset=0):  # predictions with a share `err` of the rows wrong, spread over the classes
+        pred = labels.copy()
+        wrong = (np.arange(len(labels)) * 37 + offset) % 100 < err * 100
+        pred[wrong] = (pred[wrong] + 1) % 3
+        return pred
+
+    best_plain = rb.Candidate("best-plain", noisy(0.05), _summary(0.60, 0.90))
+    robust = rb.Candidate("robust", noisy(0.06, offset=50), _summary(0.75, 0.70))
+    robust_tied = rb.Candidate("robust-tied", noisy(0.06, offset=25), _summary(0.747, 0.85))
+    weak = rb.Candidate("weak", noisy(0.45), _summary(0.90, 0.95))  # robust but much worse on plain validation
+    ensemble = rb.Candidate("ensemble", noisy(0.02), _summary(0.95, 0.99), single_pass=False)
+    out = rb.select([best_plain, robust, robust_tied, weak, ensemble], labels, groups, n_bootstrap=300)
+    v = out["candidates"]
+    assert out["best_plain"] == "best-plain"  # the ensemble is better but cannot ship as one pass
+    assert not v["weak"]["eligible"] and "significantly below" in v["weak"]["why"]
+    assert not v["ensemble"]["eligible"] and "forward pass" in v["ensemble"]["why"]
+    assert v["robust"]["eligible"] and v["robust"]["vs_best_plain"]["ci95"][1] >= 0
+    assert set(out["tied_on_worst_macro_f1"]) == {"robust", "robust-tied"}
+    assert out["chosen"] == "robust-tied"  # tied on worst-case macro-F1, better worst-case specificity
