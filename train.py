@@ -112,7 +112,14 @@ class TrainConfig:
     num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers (default: 0 on CPU, where they would compete with the model for cores; up to 8 with a GPU)"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
     # selection, calibration, evaluation
-    early_stopping_patience: int = field(default=3, metadata={"help": "epochs without validation macro-F1 gain; 0 = off"})
+    early_stopping_patience: int = field(default=3, metadata={"help": "epochs without a gain in --selection-metric; 0 = off"})
+    selection_metric: str = field(default="macro_f1", metadata={
+        "choices": ["macro_f1", "nll", "robust_worst_macro_f1"],
+        "help": "what picks the best epoch and drives early stopping: validation macro-F1, validation NLL (lower is "
+                "better; the anchor recipe's validation loss), or the worst-case macro-F1 under the robustness battery "
+                "(needs --robustness)"})
+    robustness: bool = field(default=False, metadata={"help": "score every epoch on validation under the robustness "
+                             "battery (modeling/robustness.py, bf16; about +35%% time at 224 px) and log the summary"})
     target_sensitivity: float = field(default=0.985, metadata={"help": "pneumonia sensitivity the threshold is set for on validation"})
     n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for CIs"})
     no_test: bool = field(default=False, metadata={"help": "skip the final test evaluation"})
@@ -296,9 +303,35 @@ def quick_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
             "auc_ovr_macro": m["auc_ovr_macro"], "binary_auc": m["binary"]["auc"]}
 
 
+def robustness_summary(model, processor, val_split) -> dict:
+    """The robustness battery's summary for the current weights (every process computes it: it is
+    deterministic, so all ranks reach the same selection decision)."""
+    from modeling import robustness as rb
+
+    was_training = model.training
+    logits = rb.battery_logits(rb.model_logits_fn(model, processor, "bfloat16"), (r["image"] for r in val_split))
+    model.train(was_training)
+    return rb.score(logits, np.asarray(val_split["label"]))["summary"]
+
+
+def selection_value(metric: str, val: dict, robust: dict | None) -> float:
+    """Higher is better: macro-F1, -NLL, or the battery's worst-case macro-F1."""
+    if metric == "macro_f1":
+        return float(val["macro_f1"])
+    if metric == "nll":
+        return -float(val["nll"])
+    if metric == "robust_worst_macro_f1" and robust is not None:
+        return float(robust["worst_macro_f1"])
+    raise ValueError(f"--selection-metric {metric!r} cannot be computed (robust_worst_macro_f1 needs --robustness)")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run the whole recipe; returns the final metrics dict (also written to ``metrics.json``)."""
     out = Path(cfg.output_dir)
+    if cfg.selection_metric not in ("macro_f1", "nll", "robust_worst_macro_f1"):
+        raise SystemExit(f"unknown --selection-metric {cfg.selection_metric!r}")
+    if cfg.selection_metric == "robust_worst_macro_f1" and not cfg.robustness:
+        raise SystemExit("--selection-metric robust_worst_macro_f1 needs --robustness (the battery is what it reads)")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     precision = resolve_mixed_precision(cfg.mixed_precision)
@@ -449,9 +482,14 @@ def train(cfg: TrainConfig) -> dict:
                                          progress)
         val_seconds = time.perf_counter() - t1
         val = quick_metrics(val_logits, val_labels)
-        improved = state["best_metric"] is None or val["macro_f1"] > state["best_metric"] + 1e-6
+        robust = None
+        if cfg.robustness:
+            robust = robustness_summary(ema.module if ema is not None else accelerator.unwrap_model(model), processor,
+                                        val_split)
+        value = selection_value(cfg.selection_metric, val, robust)
+        improved = state["best_metric"] is None or value > state["best_metric"] + 1e-6
         if improved:
-            state.update(best_metric=val["macro_f1"], best_epoch=epoch, bad_epochs=0)
+            state.update(best_metric=value, best_val_macro_f1=val["macro_f1"], best_epoch=epoch, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
@@ -461,6 +499,8 @@ def train(cfg: TrainConfig) -> dict:
                   "train_images_per_second": round(seen / train_seconds, 3),
                   "eval_images_per_second": round(len(val_labels) / val_seconds, 3),
                   "train_seconds": round(train_seconds, 1), "val": val, "best_epoch": state["best_epoch"]}
+        if robust is not None:
+            record["robustness"] = robust
         accelerator.wait_for_everyone()
         ckpt = out / "checkpoints" / f"epoch-{epoch:03d}"
         accelerator.save_state(str(ckpt))
@@ -472,8 +512,9 @@ def train(cfg: TrainConfig) -> dict:
                 (best / "best_epoch.json").write_text(json.dumps({"epoch": epoch}) + "\n")
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            logger.info("epoch %d: loss %.4f val macro-F1 %.4f acc %.4f nll %.4f (best epoch %s) %.2f img/s",
+            logger.info("epoch %d: loss %.4f val macro-F1 %.4f acc %.4f nll %.4f%s (best epoch %s) %.2f img/s",
                         epoch, record["train_loss"], val["macro_f1"], val["accuracy"], val["nll"],
+                        "" if robust is None else f" robustness worst macro-F1 {robust['worst_macro_f1']:.4f}",
                         state["best_epoch"], record["train_images_per_second"])
         if accelerator.is_main_process:
             (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -530,7 +571,8 @@ def finish(cfg: TrainConfig, out: Path, processor, val_split, test_split, state:
                                      n_bootstrap=cfg.n_bootstrap, seed=cfg.seed),
         "calibration": asdict(cal),
         "training": {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "stopped_early": stopped_early,
-                     "best_val_macro_f1_uncalibrated": state["best_metric"],
+                     "best_val_macro_f1_uncalibrated": state.get("best_val_macro_f1", state["best_metric"]),
+                     "selection_metric": cfg.selection_metric, "best_selection_value": state["best_metric"],
                      "wall_seconds": round(state.get("wall_seconds", 0.0), 1)},
     }
     if test_split is not None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -365,3 +366,29 @@ def test_anchor_crop_settings_reach_the_augmentation():
     ratios = [w / h for w, h in sizes]
     assert min(areas) < 0.2 and max(areas) > 0.8
     assert min(ratios) < 0.85 and max(ratios) > 1.18 and all(0.7 < r < 1.4 for r in ratios)
+
+
+@pytest.mark.parametrize("metric", ["robust_worst_macro_f1", "nll"])
+def test_selection_metric_picks_the_best_epoch_it_names(data, tmp_path, metric):
+    """--robustness logs the battery summary every epoch; --selection-metric chooses the saved epoch by
+    that number (worst-case battery macro-F1, or the lowest validation NLL) instead of plain macro-F1."""
+    out = tmp_path / metric
+    run_train(*common(data["dataset"], data["dinov2"], out, "--epochs", "3", "--early-stopping-patience", "0",
+                      "--no-test", "--robustness", "--selection-metric", metric))
+    lines = log(out)
+    assert all(set(r["robustness"]) >= {"worst_macro_f1", "mean_specificity", "worst_condition_macro_f1"}
+               for r in lines)
+    value = ([r["robustness"]["worst_macro_f1"] for r in lines] if metric != "nll"
+             else [-r["val"]["nll"] for r in lines])
+    best = json.loads((out / "checkpoints" / "best" / "best_epoch.json").read_text())["epoch"]
+    assert best == int(np.argmax(value)) + 1  # first of the best on ties, as np.argmax
+    training = json.loads((out / "metrics.json").read_text())["training"]
+    assert training["selection_metric"] == metric and training["best_selection_value"] == pytest.approx(max(value))
+
+
+def test_robust_selection_without_the_battery_is_refused_before_training(data, tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", *common(data["dataset"], data["dinov2"], tmp_path / "x",
+                                                               "--selection-metric", "robust_worst_macro_f1")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "needs --robustness" in proc.stderr
+    assert not (tmp_path / "x" / "checkpoints").exists()
