@@ -7,13 +7,14 @@ and that the UI and the API endpoints share: the UI tab, ``/predict`` and the ba
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
+import lzma
 import os
 import threading
 import time
 import zipfile
-from collections import OrderedDict
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -122,28 +123,65 @@ def _remove_upload(path: Path) -> None:
         pass
 
 
-class CxrService:
-    """The Space's behaviour. Thread-safe: the model is used by one call at a time (a lock; the
-    Gradio queue already serialises model events, this also covers direct Python use)."""
+class ModelLock:
+    """One model call at a time, and single predictions first: a batch takes the model image by image
+    (:meth:`background`) and yields it to any waiting interactive call (:meth:`interactive`), so a
+    /predict waits for at most one batch image, not for the whole batch. (A plain ``threading.Lock``
+    gives no such order: the batch thread often re-acquires it first.)"""
 
-    def __init__(self, predictor: Predictor, store: FeedbackStore, *, uncertain_high: float | None = None,
-                 image_cache_size: int = 128) -> None:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def interactive(self):
+        with self._cond:
+            self._waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self._busy)
+            finally:
+                self._waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def background(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy and not self._waiting)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
+class CxrService:
+    """The Space's behaviour. Thread-safe: the model is used by one call at a time (:class:`ModelLock`;
+    the Gradio queue limits concurrency too, this also covers direct Python use)."""
+
+    def __init__(self, predictor: Predictor, store: FeedbackStore, *, uncertain_high: float | None = None) -> None:
         self.predictor = predictor
         self.store = store
         t = predictor.threshold
         # Default band: from the threshold halfway to 1, and at least to 0.5. A fixed 0.5 would leave no
         # band at all for a model whose validation threshold is above 0.5 (the v2 release's is 0.59).
         self.uncertain_high = default_uncertain_high(t) if uncertain_high is None else max(float(uncertain_high), t)
-        self._model_lock = threading.Lock()
-        self._images: OrderedDict[str, Image.Image] = OrderedDict()
-        self._images_lock = threading.Lock()
-        self._cache_size = image_cache_size
+        self._lock = ModelLock()
+        self._last_purge = 0.0
 
     def warmup(self) -> None:
         """One unrecorded prediction with Grad-CAM, so the first user does not pay for lazy imports
         and first-call allocations (~1 s on 2 cores)."""
         img = Image.fromarray((np.indices((256, 256)).sum(0) % 256).astype(np.uint8), "L")
-        with self._model_lock:
+        with self._lock.interactive():
             self.predictor.predict_one(img, heatmap=True)
 
     # --- single image --------------------------------------------------------------------------
@@ -169,7 +207,7 @@ class CxrService:
         elif target_class not in LABELS:
             raise InputError(f"Unknown heatmap class {target_class!r}; choose one of {', '.join(LABELS)}.")
         t0 = time.perf_counter()
-        with self._model_lock:
+        with (self._lock.background() if channel == "batch" else self._lock.interactive()):
             pred = self.predictor.predict_one(gray, heatmap=heatmap, target_class=target_class)
         latency = (time.perf_counter() - t0) * 1000
         decision, verdict = decide(pred.pneumonia_probability, pred.threshold, self.uncertain_high)
@@ -179,10 +217,10 @@ class CxrService:
             image_sha256=sha, width=gray.size[0], height=gray.size[1], probabilities=pred.probabilities,
             pneumonia_probability=pred.pneumonia_probability, label=pred.label, decision=decision,
             threshold=pred.threshold, latency_ms=latency, channel=channel))
-        with self._images_lock:
-            self._images[pid] = gray
-            while len(self._images) > self._cache_size:
-                self._images.popitem(last=False)
+        self.store.stage_image(gray, sha)  # feedback may come later, over the API or after a restart
+        if time.time() - self._last_purge > 60:
+            self._last_purge = time.time()
+            self.store.purge_staging()
         return Analysis(prediction=pred, prediction_id=pid, decision=decision, verdict=verdict, latency_ms=latency,
                         image_sha256=sha, notes=notes, image=gray)
 
@@ -190,44 +228,121 @@ class CxrService:
         """Grad-CAM for another class on an already-analysed image (not recorded again)."""
         if target_class in (None, "", "predicted"):
             target_class = None
-        with self._model_lock:
+        with self._lock.interactive():
             return self.predictor.predict_one(image, heatmap=True, target_class=target_class)
 
     # --- feedback ------------------------------------------------------------------------------
     def feedback(self, prediction_id: str, label: str, role: str = "not specified", note: str = "",
                  image: Image.Image | None = None) -> int:
-        """Store a clinician's reading of a prediction. The image comes from the UI session or from
-        the recent-predictions cache (API clients send only the prediction id)."""
-        if image is None:
-            with self._images_lock:
-                image = self._images.get(prediction_id)
+        """Store a clinician's reading of a prediction. The image comes from the UI session or, for API
+        clients (which send only the prediction id), from the store's staging of predicted images."""
         return self.store.add_feedback(prediction_id, label, role=role, note=note, image=image)
 
     # --- batch ---------------------------------------------------------------------------------
     def batch(self, uploads: Iterable[str | os.PathLike], progress: Callable[[float, str], None] | None = None,
               delete_uploads: bool = False) -> list[dict]:
-        """Analyse many files (zips are opened) without Grad-CAM. One row per image, failures
-        included with their message; never raises for a bad member."""
-        items = list(expand_uploads(uploads, delete=delete_uploads))
+        """Analyse many files (zips are opened) without Grad-CAM. One row per input, failures and
+        skipped files included with the reason; never raises for a bad member. Members are read one at a
+        time (memory is bounded by one image), and with ``delete_uploads`` every upload is deleted,
+        also those past the batch limit."""
+        plan = plan_batch([Path(u) for u in uploads])
         rows = []
-        for i, (name, payload) in enumerate(items, start=1):
-            if progress:
-                progress((i - 1) / max(1, len(items)), f"{i}/{len(items)}")
-            row = {"#": i, "file": name}
-            try:
-                if isinstance(payload, Exception):
-                    raise payload
-                a = self.analyze(payload, channel="batch", heatmap=False)
-                p = a.prediction
-                row.update({"label": p.label, **{f"p_{k}": round(v, 4) for k, v in p.probabilities.items()},
-                            "p_pneumonia": round(p.pneumonia_probability, 4), "decision": a.decision,
-                            "image_sha256": a.image_sha256, "error": ""})
-            except InputError as exc:
-                row.update({"label": "", "decision": "", "error": str(exc)})
-            rows.append(row)
+        try:
+            for i, item in enumerate(plan, start=1):
+                if progress:
+                    progress((i - 1) / max(1, len(plan)), f"{i}/{len(plan)}")
+                row = {"#": i, "file": item.name}
+                try:
+                    a = self.analyze(item.read(), channel="batch", heatmap=False)
+                    p = a.prediction
+                    row.update({"label": p.label, **{f"p_{k}": round(v, 4) for k, v in p.probabilities.items()},
+                                "p_pneumonia": round(p.pneumonia_probability, 4), "decision": a.decision,
+                                "image_sha256": a.image_sha256, "error": ""})
+                except InputError as exc:
+                    row.update({"label": "", "decision": "", "error": str(exc)})
+                rows.append(row)
+        finally:
+            if delete_uploads:
+                for u in uploads:
+                    _remove_upload(Path(u))
         if progress:
             progress(1.0, "done")
         return rows
+
+
+@dataclass
+class BatchItem:
+    """One input of a batch: a file, a zip member, or a reason it will not be read (``error``)."""
+
+    name: str
+    path: Path | None = None
+    member: zipfile.ZipInfo | None = None
+    error: str | None = None
+
+    def read(self) -> bytes:
+        if self.error:
+            raise InputError(self.error)
+        if self.member is None:
+            return read_upload(self.path)
+        with zipfile.ZipFile(self.path) as zf:
+            return read_member(zf, self.member)
+
+
+# What a damaged archive member raises while it is decompressed (deflate, bzip2, lzma, CRC checks).
+MEMBER_ERRORS = (zlib.error, lzma.LZMAError, EOFError, OSError, zipfile.BadZipFile, NotImplementedError,
+                 RuntimeError, ValueError)
+
+
+def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """One zip member's bytes, at most MAX_UPLOAD_BYTES (the header's size is not trusted)."""
+    try:
+        with zf.open(info) as f:
+            data = f.read(MAX_UPLOAD_BYTES + 1)
+    except MEMBER_ERRORS as exc:
+        raise InputError(f"The compressed data of this member is damaged and cannot be unpacked ({exc}).") from None
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise InputError(f"The file unpacks to more than {MAX_UPLOAD_BYTES / 2**20:.0f} MB.")
+    if not data:
+        raise InputError("The file is empty (0 bytes).")
+    return data
+
+
+def plan_batch(uploads: list[Path]) -> list[BatchItem]:
+    """Every input of a batch in order (zip members sorted by name; folders, macOS resource forks and
+    hidden files skipped), without reading any image: files past MAX_BATCH_FILES and archives over
+    MAX_ZIP_UNCOMPRESSED get an item with the reason instead."""
+    items: list[BatchItem] = []
+    count = 0
+
+    def add(item: BatchItem) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_BATCH_FILES and not item.error:
+            item.error = f"Skipped: more than {MAX_BATCH_FILES} files in one batch (the batch limit)."
+        items.append(item)
+
+    for path in uploads:
+        if not path.exists():
+            add(BatchItem(path.name, error="The uploaded file is gone; upload it again."))
+            continue
+        if zipfile.is_zipfile(path):
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    members = sorted((m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX")
+                                      and not Path(m.filename).name.startswith(".")), key=lambda m: m.filename)
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
+                add(BatchItem(path.name, error=f"Cannot open the zip archive: {exc}"))
+                continue
+            total = sum(m.file_size for m in members)
+            if total > MAX_ZIP_UNCOMPRESSED:
+                add(BatchItem(path.name, error=f"The zip unpacks to {total / 2**30:.1f} GB; the limit is "
+                                               f"{MAX_ZIP_UNCOMPRESSED / 2**30:.0f} GB."))
+                continue
+            for m in members:
+                add(BatchItem(m.filename, path=path, member=m))
+            continue
+        add(BatchItem(path.name, path=path))
+    return items
 
 
 BATCH_COLUMNS = ["#", "label", "p_normal", "p_bacterial_pneumonia", "p_viral_pneumonia", "p_pneumonia",
@@ -243,47 +358,6 @@ def rows_to_csv(rows: list[dict], path: str | os.PathLike) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
-
-
-def expand_uploads(uploads: Iterable[str | os.PathLike], *, delete: bool = False):
-    """Yield ``(display name, bytes or InputError)`` per image; zip archives are expanded (members
-    sorted, folders and macOS resource forks skipped) with limits on count and unpacked size."""
-    count = 0
-    for up in uploads:
-        path = Path(up)
-        try:
-            data = read_upload(path, delete=delete)
-        except InputError as exc:
-            count += 1
-            yield path.name, exc
-            continue
-        if zipfile.is_zipfile(io.BytesIO(data)):
-            try:
-                zf = zipfile.ZipFile(io.BytesIO(data))
-                members = sorted((m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX")
-                                  and not Path(m.filename).name.startswith(".")), key=lambda m: m.filename)
-                total = sum(m.file_size for m in members)
-                if total > MAX_ZIP_UNCOMPRESSED:
-                    yield path.name, InputError(f"The zip unpacks to {total / 2**30:.1f} GB; the limit is "
-                                                f"{MAX_ZIP_UNCOMPRESSED / 2**30:.0f} GB.")
-                    continue
-                for m in members:
-                    count += 1
-                    if count > MAX_BATCH_FILES:
-                        yield m.filename, InputError(f"More than {MAX_BATCH_FILES} files in one batch; the rest were skipped.")
-                        return
-                    if m.file_size > MAX_UPLOAD_BYTES:
-                        yield m.filename, InputError("File too large.")
-                        continue
-                    yield m.filename, zf.read(m) or InputError("The file is empty (0 bytes).")
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as exc:
-                yield path.name, InputError(f"Cannot open the zip archive: {exc}")
-            continue
-        count += 1
-        if count > MAX_BATCH_FILES:
-            yield path.name, InputError(f"More than {MAX_BATCH_FILES} files in one batch; the rest were skipped.")
-            return
-        yield path.name, data
 
 
 def heatmap_overlay(image: Image.Image, heatmap: np.ndarray, alpha: float) -> np.ndarray:

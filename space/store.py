@@ -12,6 +12,10 @@ What is stored, and what never is:
 * feedback: the clinician's label, agreement with the model, role (a category, not a name), an
   optional note, and the image as a PNG re-encoded from the decoded 8-bit pixels (no DICOM header,
   EXIF or text chunks), named by its hash.
+* staging: the same de-identified PNG of every *predicted* image, in ``staging/``, so that feedback
+  sent later (over the API, after a restart) still has its pixels. Bounded in age
+  (``staging_max_age_s``, default 7 days) and size (``staging_max_bytes``, default 2 GB, oldest
+  removed first); a staged image becomes permanent only when feedback is given for it.
 
 :meth:`FeedbackStore.export_manifest` writes the ``manifest`` format (:mod:`modeling.manifest`) that
 ``dataset_scripts.build --source manifest:DIR`` and ``dataset_scripts.contribute`` read.
@@ -96,13 +100,31 @@ def utcnow() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-class FeedbackStore:
-    """``root/feedback.sqlite3`` + ``root/images/<sha256>.png``."""
+STAGING_MAX_AGE_S = 7 * 24 * 3600.0
+STAGING_MAX_BYTES = 2 * 1024**3
 
-    def __init__(self, root: str | os.PathLike) -> None:
+
+def _write_png(image: Image.Image, out: Path) -> None:
+    """Pixels only (no metadata at all), written atomically."""
+    clean = Image.frombytes("L", image.size, image.convert("L").tobytes())
+    tmp = out.with_name(f".{out.stem}.{uuid.uuid4().hex}.tmp")
+    clean.save(tmp, format="PNG")
+    os.replace(tmp, out)
+
+
+class FeedbackStore:
+    """``root/feedback.sqlite3`` + ``root/images/<sha256>.png`` (feedback) + ``root/staging/<sha256>.png``
+    (recently predicted, bounded)."""
+
+    def __init__(self, root: str | os.PathLike, *, staging_max_age_s: float = STAGING_MAX_AGE_S,
+                 staging_max_bytes: int = STAGING_MAX_BYTES) -> None:
         self.root = Path(root)
         self.images = self.root / "images"
         self.images.mkdir(parents=True, exist_ok=True)
+        self.staging = self.root / "staging"
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.staging_max_age_s = float(staging_max_age_s)
+        self.staging_max_bytes = int(staging_max_bytes)
         self.db_path = self.root / "feedback.sqlite3"
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
@@ -141,11 +163,48 @@ class FeedbackStore:
         rel = f"images/{sha256}.png"
         out = self.root / rel
         if not out.exists():
-            clean = Image.frombytes("L", image.size, image.convert("L").tobytes())  # no metadata at all
-            tmp = out.with_name(f".{sha256}.{uuid.uuid4().hex}.tmp")
-            clean.save(tmp, format="PNG")
-            os.replace(tmp, out)
+            _write_png(image, out)
         return rel
+
+    # --- staging: the pixels of recent predictions, for feedback that comes later ----------------
+    def stage_image(self, image: Image.Image, sha256: str) -> None:
+        """Keep the de-identified pixels of a predicted image (refreshing its age if already kept)."""
+        out = self.staging / f"{sha256}.png"
+        if out.exists():
+            os.utime(out)
+        else:
+            _write_png(image, out)
+
+    def staged_image(self, sha256: str) -> Image.Image | None:
+        path = self.staging / f"{sha256}.png"
+        try:
+            with Image.open(path) as im:
+                return im.convert("L")
+        except (FileNotFoundError, OSError):
+            return None
+
+    def purge_staging(self, now: float | None = None) -> int:
+        """Remove staged images older than ``staging_max_age_s``, then the oldest until the folder is
+        within ``staging_max_bytes``. Returns how many were removed."""
+        import time
+
+        now = time.time() if now is None else now
+        files = []
+        for p in self.staging.glob("*.png"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime, st.st_size, p))
+        files.sort()
+        removed = 0
+        total = sum(size for _, size, _ in files)
+        for mtime, size, p in files:
+            if now - mtime > self.staging_max_age_s or total > self.staging_max_bytes:
+                p.unlink(missing_ok=True)
+                total -= size
+                removed += 1
+        return removed
 
     def add_feedback(self, prediction_id: str, label: str, *, role: str = "not specified", note: str = "",
                      image: Image.Image | None = None) -> int:
@@ -162,13 +221,20 @@ class FeedbackStore:
         pred = self.get_prediction(prediction_id)
         if pred is None:
             raise StoreError("unknown prediction id: predict first, then send feedback for that prediction")
-        image_path = None
+        if image is None:
+            image = self.staged_image(pred["image_sha256"])
+            if image is None and not (self.images / f"{pred['image_sha256']}.png").exists():
+                days = self.staging_max_age_s / 86400
+                raise StoreError(f"the image of this prediction is no longer available (predicted images are kept "
+                                 f"{days:g} days for feedback): analyse the film again, then send feedback for the "
+                                 "new prediction")
         if image is not None:
             from modeling.image_io import pixel_sha256
 
             if pixel_sha256(image) != pred["image_sha256"]:
                 raise StoreError("the image does not match the prediction it is feedback for")
-            image_path = self.save_image(image, pred["image_sha256"])
+        image_path = self.save_image(image, pred["image_sha256"]) if image is not None else \
+            f"images/{pred['image_sha256']}.png"
         with self._connect() as con:
             cur = con.execute(
                 "INSERT INTO feedback (prediction_id, created_at, label, agrees, role, note, image_path) "
@@ -210,20 +276,26 @@ class FeedbackStore:
                         include_notes: bool = False) -> dict:
         """Write ``out_dir/manifest.csv`` + ``out_dir/images/`` for ``dataset_scripts``.
 
-        One row per image (the latest feedback on it wins; earlier disagreeing labels are counted in
-        the summary). Images without a stored PNG are skipped. Free-text notes are left out unless
-        ``include_notes``: a note is the one field a person could type an identifier into."""
+        One row per image: the newest feedback on it wins (whether or not that row was sent with the
+        pixels: they are stored once per image). The summary accounts for every feedback row: exported,
+        superseded by a newer reading of the same image, or left out with the reason (``left_out``).
+        Free-text notes are left out unless ``include_notes``: a note is the one field a person could
+        type an identifier into."""
         import shutil
 
         out = Path(out_dir)
         (out / "images").mkdir(parents=True, exist_ok=True)
-        fb = self.feedback_frame()
-        fb = fb[fb["image_path"].notna()]
-        rows, conflicts = [], 0
+        fb = self.feedback_frame().sort_values(["created_at", "id"], kind="stable")
+        rows, conflicts, superseded = [], 0, 0
+        left_out: dict[str, int] = {}
         for sha, group in fb.groupby("image_sha256", sort=True):
             latest = group.iloc[-1]
+            src = self.images / f"{sha}.png"
+            if not src.exists():
+                left_out["image file missing"] = left_out.get("image file missing", 0) + len(group)
+                continue
             conflicts += int(group["clinician_label"].nunique() > 1)
-            src = self.root / latest["image_path"]
+            superseded += len(group) - 1
             rel = f"images/{sha}.png"
             if not (out / rel).exists():
                 shutil.copy2(src, out / rel)
@@ -233,5 +305,5 @@ class FeedbackStore:
                 "note": latest["note"] if include_notes else "", "source": "space-feedback",
             })
         write_manifest(out, rows)
-        return {"images": len(rows), "feedback_rows": int(len(fb)), "images_with_conflicting_labels": conflicts,
-                "manifest": str(out / "manifest.csv")}
+        return {"images": len(rows), "feedback_rows": int(len(fb)), "superseded_rows": superseded,
+                "left_out": left_out, "images_with_conflicting_labels": conflicts, "manifest": "manifest.csv"}

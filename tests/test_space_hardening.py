@@ -1,0 +1,249 @@
+"""Space hardening (issue 13), in-process part: corrections are never lost, batches stream and give every
+input a row, single predictions are not starved by a batch. The running-app part (file lifecycle,
+identical concurrent uploads, limits, access control) is in test_space_hardening_app.py."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthetic import jpeg_bytes, xray_like
+from tiny_models import save_tiny_classifier
+
+from modeling.predict import Predictor
+
+
+def xray_bytes(seed: int = 0) -> bytes:
+    return jpeg_bytes(xray_like(seed, (256, 256)))
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_classifier(tmp_path_factory.mktemp("hardening-model") / "model", image_size=32, threshold=0.4)
+
+
+def make_service(model_dir, data_dir, **kwargs):
+    from space.service import CxrService
+    from space.store import FeedbackStore
+
+    return CxrService(Predictor.from_pretrained(str(model_dir)), FeedbackStore(data_dir, **kwargs))
+
+
+# ---- corrections are never lost ---------------------------------------------------------------------
+
+def test_api_feedback_has_its_pixels_after_many_predictions_and_a_restart(model_dir, tmp_path):
+    service = make_service(model_dir, tmp_path / "data")
+    first = service.analyze(xray_bytes(1), channel="api")
+    for seed in range(2, 140):  # far more than any in-memory cache would hold
+        service.analyze(png_bytes(xray_like(seed, (64, 64))), channel="api", heatmap=False)
+    restarted = make_service(model_dir, tmp_path / "data")  # a new process on the same data folder
+    restarted.feedback(first.prediction_id, "viral_pneumonia", "radiologist")
+    fb = restarted.store.feedback_frame()
+    assert fb["image_path"].notna().all()
+    stored = restarted.store.root / fb.iloc[0]["image_path"]
+    from modeling.image_io import load_image, pixel_sha256
+
+    assert pixel_sha256(load_image(stored)) == first.image_sha256
+
+
+def test_feedback_for_an_expired_staged_image_is_refused_not_stored_without_pixels(model_dir, tmp_path):
+    from space.store import StoreError
+
+    service = make_service(model_dir, tmp_path / "data", staging_max_age_s=0.0)
+    a = service.analyze(xray_bytes(3), channel="api")
+    service.store.purge_staging()
+    with pytest.raises(StoreError, match="no longer available"):
+        service.feedback(a.prediction_id, "normal", "radiologist")
+    assert service.store.count("feedback") == 0
+
+
+def test_staging_is_bounded_in_size_oldest_first(model_dir, tmp_path):
+    service = make_service(model_dir, tmp_path / "data", staging_max_bytes=1)
+    a = service.analyze(xray_bytes(4), channel="api", heatmap=False)
+    time.sleep(0.05)
+    b = service.analyze(xray_bytes(5), channel="api", heatmap=False)
+    service.store.purge_staging()
+    assert service.store.staged_image(a.image_sha256) is None and service.store.staged_image(b.image_sha256) is None
+    big = make_service(model_dir, tmp_path / "data2", staging_max_bytes=10**9)
+    c = big.analyze(xray_bytes(6), channel="api", heatmap=False)
+    big.store.purge_staging()
+    assert big.store.staged_image(c.image_sha256) is not None
+
+
+def test_export_ships_the_newest_label_and_accounts_for_every_feedback_row(model_dir, tmp_path):
+    from dataset_scripts.sources import read_manifest
+
+    service = make_service(model_dir, tmp_path / "data")
+    a = service.analyze(xray_bytes(7))
+    service.feedback(a.prediction_id, "normal", "resident", image=a.image)  # UI feedback, with the pixels
+    b = service.analyze(xray_bytes(7), channel="api")  # the same film again, over the API
+    service.feedback(b.prediction_id, "viral_pneumonia", "radiologist")  # the newest reading: a correction
+    c = service.analyze(xray_bytes(8), channel="api")
+    service.feedback(c.prediction_id, "bacterial_pneumonia")
+    summary = service.store.export_manifest(tmp_path / "export")
+    listing = read_manifest(tmp_path / "export", [])
+    labels = {Path(r.path).stem: r.label for r in listing.records}
+    assert labels == {a.image_sha256: "viral_pneumonia", c.image_sha256: "bacterial_pneumonia"}
+    assert summary["feedback_rows"] == 3 and summary["images"] == 2
+    assert summary["superseded_rows"] == 1 and summary["left_out"] == {}
+    assert summary["images"] + summary["superseded_rows"] + sum(summary["left_out"].values()) == summary["feedback_rows"]
+
+
+def test_export_says_what_was_left_out_and_why(model_dir, tmp_path):
+    service = make_service(model_dir, tmp_path / "data")
+    a = service.analyze(xray_bytes(9))
+    service.feedback(a.prediction_id, "normal", image=a.image)
+    (service.store.root / "images" / f"{a.image_sha256}.png").unlink()  # lost on disk (or removed by hand)
+    summary = service.store.export_manifest(tmp_path / "export")
+    assert summary["images"] == 0 and summary["feedback_rows"] == 1
+    assert summary["left_out"] == {"image file missing": 1}
+
+
+# ---- batch: every input a row, decompression errors are rows, members streamed ----------------------
+
+def corrupt_zip(path: Path, method: int) -> Path:
+    """A zip whose first member's compressed stream is damaged (CRC and headers intact)."""
+    good = xray_bytes(20)
+    with zipfile.ZipFile(path, "w", compression=method) as zf:
+        zf.writestr("a_broken.png", png_bytes(xray_like(21, (256, 256))))
+        zf.writestr("b_good.jpg", good)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("a_broken.png")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    for i in range(start + 8, start + min(info.compress_size, 400), 3):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA],
+                         ids=["deflate", "bzip2", "lzma"])
+def test_a_corrupt_member_is_a_row_and_the_batch_goes_on(model_dir, tmp_path, method):
+    service = make_service(model_dir, tmp_path / "data")
+    z = corrupt_zip(tmp_path / "studies.zip", method)
+    after = tmp_path / "after.jpg"
+    after.write_bytes(xray_bytes(22))
+    rows = service.batch([str(z), str(after)])
+    assert [r["file"] for r in rows] == ["a_broken.png", "b_good.jpg", "after.jpg"]
+    assert rows[0]["error"] and "compressed data" in rows[0]["error"]
+    assert not rows[1]["error"] and not rows[2]["error"]
+
+
+def test_files_past_the_batch_limit_get_a_row_and_are_deleted(model_dir, tmp_path, monkeypatch):
+    import space.service as svc
+
+    monkeypatch.setattr(svc, "MAX_BATCH_FILES", 3)
+    service = make_service(model_dir, tmp_path / "data")
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"up{i}" / f"Doe_Jane_{i}.jpg"
+        p.parent.mkdir()
+        p.write_bytes(xray_bytes(30 + i))
+        paths.append(str(p))
+    rows = service.batch(paths, delete_uploads=True)
+    assert len(rows) == 5
+    assert [bool(r["error"]) for r in rows] == [False, False, False, True, True]
+    assert all("limit" in r["error"] for r in rows[3:])
+    assert not any(Path(p).exists() for p in paths)  # read or not, every upload is gone
+    assert service.store.count("predictions") == 3
+
+
+def test_zip_members_are_read_one_at_a_time(model_dir, tmp_path, monkeypatch):
+    """Memory is bounded by one member: the archive is not loaded whole and members are not all read
+    before the first prediction."""
+    import space.service as svc
+
+    z = tmp_path / "many.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for i in range(4):
+            zf.writestr(f"{i}.jpg", xray_bytes(40 + i))
+    service = make_service(model_dir, tmp_path / "data")
+    events = []
+    real_read = svc.read_member
+
+    def spy_read(zf, info):
+        events.append(("read", info.filename))
+        return real_read(zf, info)
+
+    real_analyze = service.analyze
+
+    def spy_analyze(payload, **kw):
+        events.append(("predict", None))
+        return real_analyze(payload, **kw)
+
+    monkeypatch.setattr(svc, "read_member", spy_read)
+    monkeypatch.setattr(service, "analyze", spy_analyze)
+    real_upload = svc.read_upload
+
+    def spy_upload(source, **kw):
+        if not isinstance(source, (bytes, bytearray)):
+            pytest.fail("the archive was read into memory whole")
+        return real_upload(source, **kw)
+
+    monkeypatch.setattr(svc, "read_upload", spy_upload)
+    rows = service.batch([str(z)])
+    assert len(rows) == 4 and not any(r["error"] for r in rows)
+    assert [e[0] for e in events] == ["read", "predict"] * 4
+
+
+# ---- a batch does not starve single predictions -------------------------------------------------------
+
+def test_a_single_prediction_overtakes_a_running_batch(model_dir, tmp_path):
+    service = make_service(model_dir, tmp_path / "data")
+    files = []
+    for i in range(60):
+        p = tmp_path / f"{i}.png"
+        p.write_bytes(png_bytes(xray_like(100 + i, (128, 128))))
+        files.append(str(p))
+    progress = []
+    done = {}
+
+    def run_batch():
+        service.batch(files, progress=lambda f, d: progress.append(f))
+        done["batch"] = len(progress)
+
+    t = threading.Thread(target=run_batch)
+    t.start()
+    while len(progress) < 3:
+        time.sleep(0.005)
+    service.analyze(xray_bytes(99), channel="api")
+    at_single = len(progress)
+    t.join()
+    # the single prediction finished while the batch still had most of its images to do
+    assert at_single < 0.5 * done["batch"], (at_single, done["batch"])
+
+
+def test_model_lock_gives_waiting_interactive_calls_priority():
+    from space.service import ModelLock
+
+    lock = ModelLock()
+    order = []
+    with lock.background():
+        threads = [threading.Thread(target=lambda: _hold(lock.background, order, "batch")),
+                   threading.Thread(target=lambda: _hold(lock.interactive, order, "single"))]
+        threads[0].start()
+        time.sleep(0.05)
+        threads[1].start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert order == ["single", "batch"]
+
+
+def _hold(ctx, order, name):
+    with ctx():
+        order.append(name)
