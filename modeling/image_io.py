@@ -54,7 +54,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO, Union
@@ -218,39 +218,57 @@ class _Log:
 
 
 def load_image(
-    source: Source, *, max_pixels: int = MAX_PIXELS, name: str | None = None
+    source: Source, *, max_pixels: int = MAX_PIXELS, name: str | None = None, max_side: int | None = None
 ) -> Image.Image:
     """Load ``source`` as an 8-bit grayscale ("L") PIL image without any metadata.
 
     See the module docstring for accepted inputs and the pixel-value rules.  ``name`` labels error
-    messages when ``source`` is bytes or an anonymous stream.  Raises :class:`ImageLoadError`.
+    messages when ``source`` is bytes or an anonymous stream.  ``max_side`` (for services that must
+    bound memory and time per request): images whose long side is larger are reduced to it, JPEGs
+    while decoding (libjpeg's DCT scaling, 1/2 to 1/8, then a resize), other formats right after
+    decoding; the reduction is listed in the notes.  Raises :class:`ImageLoadError`.
     """
-    image, _ = load_image_with_info(source, max_pixels=max_pixels, name=name)
+    image, _ = load_image_with_info(source, max_pixels=max_pixels, name=name, max_side=max_side)
     return image
 
 
 def load_image_with_info(
-    source: Source, *, max_pixels: int = MAX_PIXELS, name: str | None = None
+    source: Source, *, max_pixels: int = MAX_PIXELS, name: str | None = None, max_side: int | None = None
 ) -> tuple[Image.Image, ImageInfo]:
-    """Like :func:`load_image`, also returning an :class:`ImageInfo` describing the input."""
+    """Like :func:`load_image`, also returning an :class:`ImageInfo` describing the input (its
+    ``width``/``height`` are those of the returned image)."""
+    if max_side is not None and max_side < 16:
+        raise ValueError(f"max_side must be at least 16 pixels, got {max_side}")
     data, name = _read_source(source, name)
     if not data:
         raise ImageLoadError("empty", "empty file (0 bytes)", name)
 
     if _has_dicom_magic(data):
         ds = _parse_dicom(data, name, headerless=False)
-        return _load_dicom(ds, data, name, max_pixels)
+        return _fit_side(*_load_dicom(ds, data, name, max_pixels), max_side)
 
-    result = _try_load_raster(data, name, max_pixels)
+    result = _try_load_raster(data, name, max_pixels, max_side)
     if result is not None:
-        return result
+        return _fit_side(*result, max_side)
 
     # Neither "DICM" magic nor a Pillow format: maybe DICOM written without preamble/file meta.
     ds = _parse_dicom(data, name, headerless=True, require=("PixelData",))
     if ds is not None:
-        return _load_dicom(ds, data, name, max_pixels)
+        return _fit_side(*_load_dicom(ds, data, name, max_pixels), max_side)
 
     raise _unrecognised(data, name)
+
+
+def _fit_side(img: Image.Image, info: ImageInfo, max_side: int | None) -> tuple[Image.Image, ImageInfo]:
+    """Reduce ``img`` so that its long side is at most ``max_side`` (area-averaging: no aliasing)."""
+    if max_side is None or max(img.size) <= max_side:
+        return img, info
+    w, h = img.size
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = img.resize(size, Image.Resampling.BOX if max(w, h) > 2 * max_side else Image.Resampling.LANCZOS)
+    note = f"reduced from {w}x{h} to {size[0]}x{size[1]} (working size: long side {max_side} px)"
+    return small, replace(info, width=size[0], height=size[1], converted=True, notes=(*info.notes, note))
 
 
 def to_grayscale(image: Image.Image, *, name: str | None = None) -> Image.Image:
@@ -409,7 +427,7 @@ def _raster_magic(data: bytes) -> str | None:
 
 
 def _try_load_raster(
-    data: bytes, name: str | None, max_pixels: int
+    data: bytes, name: str | None, max_pixels: int, max_side: int | None = None
 ) -> tuple[Image.Image, ImageInfo] | None:
     """Decode with Pillow; None when Pillow does not recognise the data as an accepted format."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -440,6 +458,13 @@ def _try_load_raster(
         _check_pixels(width, height, max_pixels, name)  # header only; nothing decoded yet
         orig_mode = img.mode
         log = _Log()
+        if max_side is not None and fmt == "JPEG" and max(width, height) > 2 * max_side:
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale for a fraction of the time and memory; draft
+            # picks the smallest scale that still gives at least the requested size.
+            scale = max_side / max(width, height)
+            img.draft(img.mode, (max(1, int(width * scale)), max(1, int(height * scale))))
+            if img.size != (width, height):
+                log.add(f"decoded at {img.size[0]}x{img.size[1]} instead of {width}x{height} (JPEG DCT scaling)")
         try:
             n_frames = int(getattr(img, "n_frames", 1) or 1)  # TIFF walks its IFDs here
             if n_frames > 1:

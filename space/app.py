@@ -15,18 +15,28 @@ Settings (environment variables):
   model's threshold to 1, at least 0.5).
 * ``FEEDBACK_REPO`` + ``HF_TOKEN``: push the feedback export to this Hub dataset every
   ``FEEDBACK_SYNC_MINUTES`` (default 10) with huggingface_hub's CommitScheduler.
+* ``CXR_ADMIN_TOKEN`` (a secret) and/or ``CXR_ADMINS`` (Hugging Face user names, on a Space): who may
+  export the feedback and see the History tab (:mod:`access`). Neither set: nobody.
+* ``CXR_TMP_DIR``: the private temp folder for uploads and outputs (Gradio's ``GRADIO_TEMP_DIR`` is
+  pointed at it); ``CXR_TMP_MAX_AGE_S`` (default 600): anything in it older than this is deleted.
+* ``CXR_STAGING_DAYS`` (default 7) / ``CXR_STAGING_MAX_MB`` (default 2048): how long and how much of
+  the de-identified pixels of predicted images are kept for later feedback.
+* Limits: ``CXR_MAX_UPLOAD_MB`` (per uploaded file, default 256: a zip of a batch), ``CXR_MAX_SIDE``
+  (working size, default 2048 px: larger films are reduced while decoding), ``CXR_MAX_BATCH_FILES``
+  (200), ``CXR_QUEUE_SIZE`` (64 waiting calls; more are refused with "queue is full").
 * ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: Gradio's own.
 
-API (``gradio_client``): ``/predict`` (file, heatmap_class -> result dict, heatmap image),
-``/feedback`` (prediction_id, label, role, note -> dict), ``/batch`` (files -> table, CSV),
-``/export`` (-> zip of the manifest export). See the README.
+API (``gradio_client``): ``/predict`` (file, heatmap_class -> result dict with the heatmap as inline
+PNG), ``/feedback`` (prediction_id, label, role, note -> dict), ``/batch`` (files -> table, CSV),
+``/export`` (administrators: -> zip of the manifest export). See the README.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +45,30 @@ HERE = Path(__file__).resolve().parent
 if not (HERE / "modeling").is_dir() and str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))  # running from the repo: modeling/ is beside space/
 
+if __package__:
+    from .files import TempFiles, UploadGone, private_temp_dir
+else:  # python space/app.py, or app.py at the root of a Space
+    from files import TempFiles, UploadGone, private_temp_dir  # type: ignore
+# Gradio reads its temp folder when it is imported and when components are built: point it at the
+# Space's private folder first (space/files.py says why).
+if not os.environ.get("GRADIO_TEMP_DIR"):
+    os.environ["GRADIO_TEMP_DIR"] = str(private_temp_dir())
+
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from modeling.labels import LABELS  # noqa: E402
 from modeling.predict import Predictor  # noqa: E402
 
 if __package__:
-    from .service import LABEL_NAMES, CxrService, InputError, heatmap_overlay, rows_to_csv
+    from .access import AccessDenied, AccessPolicy, request_token
+    from .service import LABEL_NAMES, MAX_UPLOAD_BYTES, CxrService, InputError, heatmap_overlay, rows_to_csv
     from .store import ROLES, FeedbackStore, StoreError
-else:  # python space/app.py, or app.py at the root of a Space
-    from service import LABEL_NAMES, CxrService, InputError, heatmap_overlay, rows_to_csv  # type: ignore
+else:
+    from access import AccessDenied, AccessPolicy, request_token  # type: ignore
+    from service import (LABEL_NAMES, MAX_UPLOAD_BYTES, CxrService, InputError, heatmap_overlay,  # type: ignore
+                         rows_to_csv)
     from store import ROLES, FeedbackStore, StoreError  # type: ignore
 
 DISCLAIMER = (
@@ -68,6 +91,13 @@ class AppConfig:
     feedback_repo: str | None = None
     sync_minutes: float = 10.0
     feedback_license: str = "CC-BY-4.0"
+    tmp_max_age_s: float = 600.0
+    staging_days: float = 7.0
+    staging_max_mb: float = 2048.0
+    max_upload_mb: float = 256.0
+    max_side: int = 2048
+    max_batch_files: int = 200
+    queue_size: int = 64
 
     @classmethod
     def from_env(cls) -> "AppConfig":
@@ -81,6 +111,13 @@ class AppConfig:
             uncertain_high=float(high) if high else None,
             feedback_repo=env.get("FEEDBACK_REPO") or None,
             sync_minutes=float(env.get("FEEDBACK_SYNC_MINUTES", "10")),
+            tmp_max_age_s=float(env.get("CXR_TMP_MAX_AGE_S", "600")),
+            staging_days=float(env.get("CXR_STAGING_DAYS", "7")),
+            staging_max_mb=float(env.get("CXR_STAGING_MAX_MB", "2048")),
+            max_upload_mb=float(env.get("CXR_MAX_UPLOAD_MB", "256")),
+            max_side=int(env.get("CXR_MAX_SIDE", "2048")),
+            max_batch_files=int(env.get("CXR_MAX_BATCH_FILES", "200")),
+            queue_size=int(env.get("CXR_QUEUE_SIZE", "64")),
         )
 
 
@@ -110,36 +147,77 @@ def _info_md(service: CxrService, a) -> str:
             + (f"\n\nThe file was converted on loading:{notes}" if notes else ""))
 
 
-def build_app(service: CxrService, config: AppConfig) -> gr.Blocks:
+def overlay_png(image, heatmap, alpha: float, max_side: int = 1024) -> bytes:
+    """The Grad-CAM overlay as PNG bytes, at most ``max_side`` px: returned inline (data, not a file in
+    Gradio's cache that anyone with the URL could fetch)."""
+    over = Image.fromarray(heatmap_overlay(image, heatmap, alpha))
+    if max(over.size) > max_side:
+        over.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    over.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def overlay_html(image, heatmap, alpha: float) -> str:
+    data = base64.b64encode(overlay_png(image, heatmap, alpha, max_side=768)).decode()
+    return (f'<img src="data:image/png;base64,{data}" alt="Grad-CAM heatmap overlay" '
+            'style="max-width:100%;height:auto;display:block;margin:auto">')
+
+
+LOCKED = "Administrators only: the history and the export show what clinicians stored."
+
+
+def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = None,
+              access: AccessPolicy | None = None) -> gr.Blocks:
     """The Blocks app around a :class:`CxrService` (tests build it with a tiny model)."""
-    export_dir = config.data_dir / "export"
+    files = files or TempFiles(Path(os.environ["GRADIO_TEMP_DIR"]), max_age_s=config.tmp_max_age_s, keep=_is_example)
+    access = access or AccessPolicy.from_env()
+
+    def take(upload) -> bytes:
+        """The upload's bytes; the file itself is gone from disk when this returns."""
+        try:
+            return files.consume(upload, max_bytes=MAX_UPLOAD_BYTES)
+        except UploadGone:
+            raise gr.Error("The uploaded file is gone: uploads are deleted once read and after "
+                           f"{config.tmp_max_age_s / 60:g} minutes. Upload it again.", title="Input not accepted") from None
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Input not accepted") from None
+
+    def admin(token: str | None, profile) -> None:
+        try:
+            access.require(token=token, username=getattr(profile, "username", None))
+        except AccessDenied as exc:
+            raise gr.Error(str(exc), title="Not allowed") from None
 
     # ---------------- handlers (UI) ----------------
     def ui_predict(file, heatmap_class, alpha):
         if not file:
             raise gr.Error("Upload a chest X-ray first (JPEG, PNG, TIFF or DICOM).")
         try:
-            a = service.analyze(file, target_class=heatmap_class, channel="ui", delete_upload=not _is_example(file))
+            a = service.analyze(take(file), target_class=heatmap_class, channel="ui")
         except InputError as exc:
             raise gr.Error(str(exc), title="Input not accepted") from None
-        over = heatmap_overlay(a.image, a.prediction.heatmap, alpha)
         verdict = f"### {LABEL_NAMES[a.prediction.label]}\n\n{a.verdict}"
         state = {"prediction_id": a.prediction_id, "image": a.image, "heatmap": a.prediction.heatmap,
                  "label": a.prediction.label}
-        return (_label_dict(a.prediction.probabilities), verdict, over, _info_md(service, a), state,
-                gr.update(value=a.prediction.label, interactive=True), gr.update(interactive=True), "")
+        return (_label_dict(a.prediction.probabilities), verdict, overlay_html(a.image, a.prediction.heatmap, alpha),
+                _info_md(service, a), state, gr.update(value=a.prediction.label, interactive=True),
+                gr.update(interactive=True), "")
 
     def ui_heatmap_class(state, heatmap_class, alpha):
         if not state:
             return gr.skip()
-        pred = service.heatmap(state["image"], heatmap_class)
+        try:
+            pred = service.heatmap(state["image"], heatmap_class)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
         state = {**state, "heatmap": pred.heatmap}
-        return heatmap_overlay(state["image"], pred.heatmap, alpha), state
+        return overlay_html(state["image"], pred.heatmap, alpha), state
 
     def ui_alpha(state, alpha):
         if not state:
             return gr.skip()
-        return heatmap_overlay(state["image"], state["heatmap"], alpha)
+        return overlay_html(state["image"], state["heatmap"], alpha)
 
     def ui_feedback(state, label, role, note, consent):
         if not state:
@@ -156,14 +234,15 @@ def build_app(service: CxrService, config: AppConfig) -> gr.Blocks:
 
     # ---------------- handlers (API) ----------------
     def api_predict(file, heatmap_class="predicted"):
-        """Classify one chest X-ray file. Returns the result dict and the Grad-CAM overlay."""
+        """Classify one chest X-ray file. Returns the result dict; ``heatmap_png`` is the Grad-CAM
+        overlay as base64 PNG (at most 1024 px)."""
         if not file:
             raise gr.Error("No file given.")
         try:
-            a = service.analyze(file, target_class=heatmap_class, channel="api", delete_upload=True)
+            a = service.analyze(take(file), target_class=heatmap_class or "predicted", channel="api")
         except InputError as exc:
             raise gr.Error(str(exc), title="Input not accepted") from None
-        return a.to_dict(), heatmap_overlay(a.image, a.prediction.heatmap, 0.4)
+        return {**a.to_dict(), "heatmap_png": base64.b64encode(overlay_png(a.image, a.prediction.heatmap, 0.4)).decode()}
 
     def api_feedback(prediction_id, label, role="not specified", note=""):
         """Store a clinician's label for a prediction id returned by /predict."""
@@ -173,31 +252,50 @@ def build_app(service: CxrService, config: AppConfig) -> gr.Blocks:
             raise gr.Error(str(exc)) from None
         return {"feedback_id": fid, "prediction_id": prediction_id, "label": label}
 
-    def batch(files, progress=gr.Progress()):
-        if not files:
+    def batch(uploads, progress=gr.Progress()):
+        paths = [f if isinstance(f, str) else f.name for f in (uploads or [])]
+        if not paths:
             raise gr.Error("Upload one or more X-rays or a .zip of them.")
-        paths = [f if isinstance(f, str) else f.name for f in files]
-        rows = service.batch(paths, progress=lambda frac, desc: progress(frac, desc=desc), delete_uploads=True)
-        out = Path(tempfile.mkdtemp(prefix="cxr-batch-")) / "predictions.csv"
-        rows_to_csv(rows, out)
+        rows = service.batch(paths, progress=lambda frac, desc: progress(frac, desc=desc), delete_uploads=True,
+                             discard=files.discard)
+        out = rows_to_csv(rows, files.scratch("batch") / "predictions.csv")
         cols = ["#", "file", "label", "p_pneumonia", "decision", "error"]
         return pd.DataFrame(rows).reindex(columns=cols).fillna(""), str(out)
 
-    def export():
-        summary = service.store.export_manifest(export_dir, license=config.feedback_license)
-        zpath = Path(tempfile.mkdtemp(prefix="cxr-export-")) / "feedback-manifest.zip"
+    def export_zip():
+        """The feedback as a manifest folder, zipped in a scratch folder (the unzipped copy is removed)."""
+        scratch = files.scratch("export")
+        staging = scratch / "manifest"
+        summary = service.store.export_manifest(staging, license=config.feedback_license)
+        zpath = scratch / "feedback-manifest.zip"
         with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
-            for p in sorted(export_dir.rglob("*")):
+            for p in sorted(staging.rglob("*")):
                 if p.is_file():
-                    zf.write(p, p.relative_to(export_dir).as_posix())
-        summary["manifest"] = "manifest.csv"  # not the server's path
+                    zf.write(p, p.relative_to(staging).as_posix())
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
         return str(zpath), summary
 
-    def history():
+    def ui_export(token, profile: gr.OAuthProfile | None = None):
+        admin(token, profile)
+        return export_zip()
+
+    def api_export(request: gr.Request):
+        """Administrators: the clinician feedback as a manifest zip (send the X-CXR-Admin-Token header)."""
+        admin(request_token(request), None)
+        return export_zip()
+
+    def history(token, profile: gr.OAuthProfile | None = None):
+        if not access.is_admin(token=token, username=getattr(profile, "username", None)):
+            empty = pd.DataFrame()
+            return (LOCKED if access.enabled else LOCKED + " (no administrator is configured)",
+                    pd.DataFrame({"day": [], "predictions": []}), pd.DataFrame({"label": [], "count": []}), empty, empty)
         return analytics(service.store)
 
     # ---------------- layout ----------------
-    with gr.Blocks(title="Pediatric chest X-ray pneumonia triage") as demo:
+    with gr.Blocks(title="Pediatric chest X-ray pneumonia triage",
+                   delete_cache=(60, max(60, int(config.tmp_max_age_s)))) as demo:
         gr.Markdown("# Pediatric chest X-ray: normal, bacterial or viral pneumonia")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
         state = gr.State(None)
@@ -207,7 +305,7 @@ def build_app(service: CxrService, config: AppConfig) -> gr.Blocks:
                     upload = gr.File(label="Chest X-ray (JPEG, PNG 8/16-bit, TIFF or DICOM)", type="filepath",
                                      file_types=FILE_TYPES, elem_id="upload")
                     heat_class = gr.Dropdown(HEATMAP_CHOICES, value="predicted", label="Heatmap for class",
-                                             elem_id="heatmap-class")
+                                             allow_custom_value=True, elem_id="heatmap-class")
                     alpha = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity", elem_id="opacity")
                     run = gr.Button("Analyse", variant="primary", elem_id="analyse")
                     if examples():
@@ -215,8 +313,8 @@ def build_app(service: CxrService, config: AppConfig) -> gr.Blocks:
                 with gr.Column(scale=1):
                     probs = gr.Label(label="Calibrated probabilities", num_top_classes=3, elem_id="probs")
                     verdict = gr.Markdown(elem_id="verdict")
-                    heat = gr.Image(label="Grad-CAM: what drove the score", type="numpy", format="png",
-                                    interactive=False, elem_id="heatmap")
+                    gr.Markdown("**Grad-CAM: what drove the score**")
+                    heat = gr.HTML(elem_id="heatmap", js_on_load=None)
                     info = gr.Markdown(elem_id="info")
             with gr.Group():
                 gr.Markdown("### Clinician feedback\nConfirm or correct the model's reading. Stored with the "
@@ -233,15 +331,23 @@ def build_app(service: CxrService, config: AppConfig) -> gr.Blocks:
                 fb_status = gr.Markdown(elem_id="fb-status")
 
         with gr.Tab("Batch", id="batch"):
-            gr.Markdown("Many files or a .zip (up to 200 images). No heatmaps. The CSV keeps row order and image "
-                        "hashes, not file names (names can carry patient names).")
+            gr.Markdown(f"Many files or a .zip (up to {config.max_batch_files} images; every file gets a row, skipped "
+                        "ones with the reason). No heatmaps. The CSV keeps row order and image hashes, not file names "
+                        "(names can carry patient names).")
             b_files = gr.File(label="X-rays or .zip", file_count="multiple", type="filepath", elem_id="batch-files")
             b_run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
             b_table = gr.Dataframe(label="Results", interactive=False, elem_id="batch-table")
             b_csv = gr.File(label="CSV", elem_id="batch-csv")
 
         with gr.Tab("History", id="history"):
-            h_refresh = gr.Button("Refresh", elem_id="history-refresh")
+            gr.Markdown("For administrators: what was predicted, what clinicians said, and the export of their "
+                        "feedback as a dataset manifest.")
+            with gr.Row():
+                if access.oauth:
+                    gr.LoginButton(elem_id="login")
+                h_token = gr.Textbox(label="Administrator token", type="password", visible=bool(access.admin_token),
+                                     elem_id="admin-token")
+                h_refresh = gr.Button("Show / refresh", elem_id="history-refresh")
             h_summary = gr.Markdown(elem_id="history-summary")
             with gr.Row():
                 h_time = gr.BarPlot(x="day", y="predictions", title="Predictions per day", elem_id="history-time")
@@ -256,36 +362,44 @@ def build_app(service: CxrService, config: AppConfig) -> gr.Blocks:
         with gr.Tab("About", id="about"):
             gr.Markdown(about_markdown(service, config))
 
-        # hidden components carrying the API endpoints
+        # hidden components carrying the API endpoints; free-text inputs so that no value is refused by
+        # Gradio before our handler runs (which would leave the upload behind): the handlers validate
         with gr.Row(visible=False):
             api_file = gr.File(type="filepath")
-            api_class = gr.Dropdown(HEATMAP_CHOICES, value="predicted")
+            api_class = gr.Textbox(value="predicted")
             api_result = gr.JSON()
-            api_heat = gr.Image(type="numpy", format="png")
             api_pid = gr.Textbox()
-            api_label = gr.Dropdown(list(LABELS))
-            api_role = gr.Dropdown(list(ROLES), value="not specified")
+            api_label = gr.Textbox()
+            api_role = gr.Textbox(value="not specified")
             api_note = gr.Textbox()
             api_fb_out = gr.JSON()
+            api_zip = gr.File()
+            api_export_info = gr.JSON()
             api_btn = gr.Button()
             api_fb_btn = gr.Button()
+            api_export_btn = gr.Button()
 
         # ---------------- events ----------------
-        model_events = {"concurrency_id": "model", "concurrency_limit": 1}
+        # Single predictions and batches in separate groups: the model lock then lets a /predict
+        # overtake a running batch between two of its images (service.ModelLock).
+        predict_events = {"concurrency_id": "predict", "concurrency_limit": 2}
         run.click(ui_predict, [upload, heat_class, alpha],
                   [probs, verdict, heat, info, state, fb_label, fb_send, fb_status],
-                  api_visibility="private", **model_events)
+                  api_visibility="private", **predict_events)
         heat_class.change(ui_heatmap_class, [state, heat_class, alpha], [heat, state], api_visibility="private",
-                          **model_events)
+                          **predict_events)
         alpha.release(ui_alpha, [state, alpha], heat, api_visibility="private")
         fb_send.click(ui_feedback, [state, fb_label, fb_role, fb_note, fb_consent], fb_status,
                       api_visibility="private", concurrency_limit=8)
-        b_run.click(batch, b_files, [b_table, b_csv], api_name="batch", **model_events)
+        b_run.click(batch, b_files, [b_table, b_csv], api_name="batch", concurrency_id="batch", concurrency_limit=1)
         outs = [h_summary, h_time, h_mix, h_corr, h_recent]
-        h_refresh.click(history, None, outs, api_visibility="private")
-        demo.load(history, None, outs, api_visibility="private")
-        h_export.click(export, None, [h_zip, h_export_info], api_name="export")
-        api_btn.click(api_predict, [api_file, api_class], [api_result, api_heat], api_name="predict", **model_events)
+        h_refresh.click(history, h_token, outs, api_visibility="private", concurrency_id="admin", concurrency_limit=2)
+        demo.load(history, h_token, outs, api_visibility="private", concurrency_id="admin", concurrency_limit=2)
+        h_export.click(ui_export, h_token, [h_zip, h_export_info], api_visibility="private", concurrency_id="admin",
+                       concurrency_limit=2)
+        api_export_btn.click(api_export, None, [api_zip, api_export_info], api_name="export", concurrency_id="admin",
+                             concurrency_limit=2)
+        api_btn.click(api_predict, [api_file, api_class], api_result, api_name="predict", **predict_events)
         api_fb_btn.click(api_feedback, [api_pid, api_label, api_role, api_note], api_fb_out, api_name="feedback",
                          concurrency_limit=16)
     return demo
@@ -364,9 +478,10 @@ sensitivity of {cal.target_sensitivity}; from there up to {service.uncertain_hig
 non-chest or lateral DICOM, tiny, blank or oddly shaped images are refused with the reason. The gate is a set
 of simple rules, not a detector: a knee radiograph may pass it, and the model will still answer.
 
-**What is stored.** Each prediction (time, model and revision, image hash, probabilities, decision); with
-feedback, the clinician's label, role and note, and the image re-encoded from its pixels. Never the file name
-or DICOM header. Data folder: `{config.data_dir}`.
+**What is stored.** Each prediction (time, model and revision, image hash, probabilities, decision) and, for
+{config.staging_days:g} days, the image re-encoded from its pixels so that feedback sent later keeps it; with
+feedback, the clinician's label, role and note, and that image. Never the file name or DICOM header; uploads
+are deleted once read. The history and the export are for the Space's administrators.
 """
 
 
@@ -374,11 +489,20 @@ def make_service(config: AppConfig) -> CxrService:
     predictor = Predictor.from_pretrained(config.model_id, revision=config.revision, precision=config.precision)
     if Path(config.model_id).resolve() == (HERE / "model").resolve():
         predictor.model_id = "bundled:space/model"  # records and UI show a stable name, not a server path
-    return CxrService(predictor, FeedbackStore(config.data_dir), uncertain_high=config.uncertain_high)
+    store = FeedbackStore(config.data_dir, staging_max_age_s=config.staging_days * 86400,
+                          staging_max_bytes=int(config.staging_max_mb * 2**20))
+    return CxrService(predictor, store, uncertain_high=config.uncertain_high, max_side=config.max_side,
+                      max_batch_files=config.max_batch_files)
 
 
 def main() -> None:
+    import atexit
+
     config = AppConfig.from_env()
+    files = TempFiles(Path(os.environ["GRADIO_TEMP_DIR"]), max_age_s=config.tmp_max_age_s, keep=_is_example)
+    files.sweep()  # what an earlier run left behind
+    files.start_sweeper()
+    atexit.register(files.clear)
     service = make_service(config)
     service.warmup()
     if config.feedback_repo:
@@ -388,8 +512,10 @@ def main() -> None:
             from sync import start_feedback_sync  # type: ignore
         start_feedback_sync(service.store, config.feedback_repo, every_minutes=config.sync_minutes,
                             license=config.feedback_license)
-    demo = build_app(service, config)
-    demo.queue(default_concurrency_limit=4).launch(theme=gr.themes.Soft())
+    demo = build_app(service, config, files, AccessPolicy.from_env())
+    demo.queue(max_size=config.queue_size, default_concurrency_limit=4).launch(
+        theme=gr.themes.Soft(), max_file_size=int(config.max_upload_mb * 2**20), run_history=False,
+        enable_monitoring=False)
 
 
 if __name__ == "__main__":

@@ -167,9 +167,12 @@ class CxrService:
     """The Space's behaviour. Thread-safe: the model is used by one call at a time (:class:`ModelLock`;
     the Gradio queue limits concurrency too, this also covers direct Python use)."""
 
-    def __init__(self, predictor: Predictor, store: FeedbackStore, *, uncertain_high: float | None = None) -> None:
+    def __init__(self, predictor: Predictor, store: FeedbackStore, *, uncertain_high: float | None = None,
+                 max_side: int | None = 2048, max_batch_files: int | None = None) -> None:
         self.predictor = predictor
         self.store = store
+        self.max_side = max_side  # working size: larger films are reduced while decoding (memory, time)
+        self.max_batch_files = max_batch_files
         t = predictor.threshold
         # Default band: from the threshold halfway to 1, and at least to 0.5. A fixed 0.5 would leave no
         # band at all for a model whose validation threshold is above 0.5 (the v2 release's is 0.59).
@@ -188,7 +191,7 @@ class CxrService:
     def load(self, data: bytes) -> tuple[Image.Image, list[str]]:
         """Decode and gate an upload. Raises :class:`InputError` with a readable message."""
         try:
-            gray, info = load_image_with_info(data)
+            gray, info = load_image_with_info(data, max_side=self.max_side)
         except ImageLoadError as exc:
             raise InputError(f"Cannot read this file: {exc.detail}") from None
         problems = xray_problems(gray, info, data)
@@ -240,12 +243,13 @@ class CxrService:
 
     # --- batch ---------------------------------------------------------------------------------
     def batch(self, uploads: Iterable[str | os.PathLike], progress: Callable[[float, str], None] | None = None,
-              delete_uploads: bool = False) -> list[dict]:
+              delete_uploads: bool = False, discard: Callable[[Path], None] | None = None) -> list[dict]:
         """Analyse many files (zips are opened) without Grad-CAM. One row per input, failures and
         skipped files included with the reason; never raises for a bad member. Members are read one at a
-        time (memory is bounded by one image), and with ``delete_uploads`` every upload is deleted,
-        also those past the batch limit."""
-        plan = plan_batch([Path(u) for u in uploads])
+        time (memory is bounded by one image), and with ``delete_uploads`` every upload is deleted
+        (by ``discard``, default: unlink), also those past the batch limit."""
+        uploads = [Path(u) for u in uploads]
+        plan = plan_batch(uploads, self.max_batch_files)
         rows = []
         try:
             for i, item in enumerate(plan, start=1):
@@ -264,7 +268,7 @@ class CxrService:
         finally:
             if delete_uploads:
                 for u in uploads:
-                    _remove_upload(Path(u))
+                    (discard or _remove_upload)(u)
         if progress:
             progress(1.0, "done")
         return rows
@@ -307,18 +311,19 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
-def plan_batch(uploads: list[Path]) -> list[BatchItem]:
+def plan_batch(uploads: list[Path], max_files: int | None = None) -> list[BatchItem]:
     """Every input of a batch in order (zip members sorted by name; folders, macOS resource forks and
-    hidden files skipped), without reading any image: files past MAX_BATCH_FILES and archives over
-    MAX_ZIP_UNCOMPRESSED get an item with the reason instead."""
+    hidden files skipped), without reading any image: files past ``max_files`` (default
+    MAX_BATCH_FILES) and archives over MAX_ZIP_UNCOMPRESSED get an item with the reason instead."""
     items: list[BatchItem] = []
     count = 0
+    limit = MAX_BATCH_FILES if max_files is None else max_files
 
     def add(item: BatchItem) -> None:
         nonlocal count
         count += 1
-        if count > MAX_BATCH_FILES and not item.error:
-            item.error = f"Skipped: more than {MAX_BATCH_FILES} files in one batch (the batch limit)."
+        if count > limit and not item.error:
+            item.error = f"Skipped: more than {limit} files in one batch (the batch limit)."
         items.append(item)
 
     for path in uploads:

@@ -866,3 +866,30 @@ def test_image_info_is_frozen() -> None:
     assert isinstance(info, ImageInfo)
     with pytest.raises(AttributeError):
         info.width = 1  # type: ignore[misc]
+
+
+def test_max_side_reduces_large_images_jpeg_while_decoding():
+    """A service's working size: a JPEG is decoded at a DCT fraction (never at full size), other formats
+    are reduced right after decoding; small images are untouched; every reduction is noted."""
+    import io as _io
+
+    from modeling.image_io import load_image_with_info
+
+    big = Image.fromarray((np.indices((3000, 4000)).sum(0) % 251).astype(np.uint8), "L")
+    jpg, png = _io.BytesIO(), _io.BytesIO()
+    big.save(jpg, format="JPEG", quality=90)
+    big.save(png, format="PNG")
+    img, info = load_image_with_info(jpg.getvalue(), max_side=900)
+    assert img.size == (900, 675) and (info.width, info.height) == (900, 675) and info.converted
+    assert any("DCT scaling" in n and "1000x750" in n for n in info.notes), info.notes
+    assert any("reduced from 1000x750" in n for n in info.notes)
+    img, info = load_image_with_info(png.getvalue(), max_side=900)
+    assert img.size == (900, 675) and any("reduced from 4000x3000" in n for n in info.notes)
+    full, info = load_image_with_info(jpg.getvalue())
+    assert full.size == (4000, 3000) and not info.notes
+    small = _io.BytesIO()
+    big.resize((400, 300)).save(small, format="PNG")
+    img, info = load_image_with_info(small.getvalue(), max_side=900)
+    assert img.size == (400, 300) and not info.converted
+    with pytest.raises(ValueError, match="max_side"):
+        load_image_with_info(small.getvalue(), max_side=4)

@@ -32,6 +32,7 @@ from modeling.predict import Predictor
 
 PHI_STRINGS = [PATIENT["PatientName"], PATIENT["PatientID"], "Doe_Jane", "Doe^Jane"]
 PHI_FILE_NAME = "Doe_Jane_PID-12345_chest.dcm"
+ADMIN_TOKEN = "test-admin-token-7f3a"
 
 
 def _png(img: Image.Image) -> bytes:
@@ -247,10 +248,12 @@ class RunningApp:
     def __init__(self, url: str, data_dir: Path, temp_dir: Path, proc: subprocess.Popen, log: Path) -> None:
         self.url, self.data_dir, self.temp_dir, self.proc, self.log = url, data_dir, temp_dir, proc, log
 
-    def client(self):
+    def client(self, admin: bool = False):
         from gradio_client import Client
 
-        return Client(self.url, verbose=False, download_files=str(self.data_dir.parent / "client-downloads"))
+        headers = {"X-CXR-Admin-Token": ADMIN_TOKEN} if admin else None
+        return Client(self.url, verbose=False, download_files=str(self.data_dir.parent / "client-downloads"),
+                      headers=headers)
 
     def rows(self, table: str) -> int:
         con = sqlite3.connect(self.data_dir / "feedback.sqlite3")
@@ -266,7 +269,8 @@ def start_app(model_dir: Path, root: Path, extra_env: dict | None = None) -> Run
     temp_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MODEL_ID": str(model_dir), "CXR_DATA_DIR": str(data_dir), "CXR_PRECISION": "float32",
            "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_TEMP_DIR": str(temp_dir),
-           "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", **(extra_env or {})}
+           "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "CXR_ADMIN_TOKEN": ADMIN_TOKEN,
+           "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", **(extra_env or {})}
     log = root / "app.log"
     proc = subprocess.Popen([sys.executable, str(ROOT / "space" / "app.py")], env=env, cwd=root,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -308,17 +312,19 @@ def test_api_predict_feedback_export(app, tmp_path) -> None:
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/predict", "/feedback", "/batch", "/export"} <= set(api)
     before = app.rows("predictions")
-    result, heat = client.predict(handle_file(_write(tmp_path, "film.jpg", xray_bytes(30))), "viral_pneumonia",
-                                  api_name="/predict")
+    result = client.predict(handle_file(_write(tmp_path, "film.jpg", xray_bytes(30))), "viral_pneumonia",
+                            api_name="/predict")
     assert result["heatmap_class"] == "viral_pneumonia" and result["label"] in LABELS
     assert result["decision"] in ("no_pneumonia", "uncertain", "pneumonia")
     assert (result["pneumonia_probability"] >= result["threshold"]) == (result["decision"] != "no_pneumonia")
-    with Image.open(heat) as im:
+    import base64
+
+    with Image.open(io.BytesIO(base64.b64decode(result["heatmap_png"]))) as im:
         assert im.size == (256, 256) and im.mode == "RGB"
     assert app.rows("predictions") == before + 1
     fb = client.predict(result["prediction_id"], "normal", "radiologist", "", api_name="/feedback")
     assert fb["label"] == "normal" and fb["feedback_id"] >= 1
-    zpath, summary = client.predict(api_name="/export")
+    zpath, summary = app.client(admin=True).predict(api_name="/export")
     with zipfile.ZipFile(zpath) as zf:
         names = zf.namelist()
         manifest = zf.read("manifest.csv").decode()
@@ -335,7 +341,7 @@ def test_api_bad_inputs_readable_errors_app_keeps_serving(app, tmp_path) -> None
     for name, data, ok in bad_inputs():
         path = _write(tmp_path, name, data)
         if ok:
-            result, _ = client.predict(handle_file(path), "predicted", api_name="/predict")
+            result = client.predict(handle_file(path), "predicted", api_name="/predict")
             assert result["notes"]
             accepted += 1
             continue
@@ -344,8 +350,8 @@ def test_api_bad_inputs_readable_errors_app_keeps_serving(app, tmp_path) -> None
         msg = str(err.value)
         assert ("Cannot read this file" in msg or "does not look like" in msg or "empty" in msg), (name, msg)
     assert app.rows("predictions") == before + accepted
-    result, _ = client.predict(handle_file(_write(tmp_path, "ok.jpg", xray_bytes(31))), "predicted",
-                               api_name="/predict")
+    result = client.predict(handle_file(_write(tmp_path, "ok.jpg", xray_bytes(31))), "predicted",
+                            api_name="/predict")
     assert result["label"] in LABELS and app.proc.poll() is None
 
 
@@ -359,8 +365,8 @@ def test_50_concurrent_feedbacks_give_50_rows(app, tmp_path) -> None:
     from gradio_client import handle_file
 
     client = app.client()
-    result, _ = client.predict(handle_file(_write(tmp_path, "c.jpg", xray_bytes(40))), "predicted",
-                               api_name="/predict")
+    result = client.predict(handle_file(_write(tmp_path, "c.jpg", xray_bytes(40))), "predicted",
+                            api_name="/predict")
     before = app.rows("feedback")
     start = threading.Barrier(50)
 
@@ -398,9 +404,9 @@ def test_no_written_file_carries_phi_or_upload_name(app, tmp_path) -> None:
 
     client = app.client()
     path = _write(tmp_path, PHI_FILE_NAME, phi_dicom())
-    result, _ = client.predict(handle_file(path), "predicted", api_name="/predict")
+    result = client.predict(handle_file(path), "predicted", api_name="/predict")
     client.predict(result["prediction_id"], "bacterial_pneumonia", "radiologist", "", api_name="/feedback")
-    client.predict(api_name="/export")
+    app.client(admin=True).predict(api_name="/export")
     offenders = []
     for folder in (app.data_dir, app.temp_dir):
         for p in folder.rglob("*"):
@@ -444,6 +450,7 @@ def test_browser_upload_predict_correct_and_see_history(app, tmp_path) -> None:
             page.locator("#fb-send").click()
             page.locator("#fb-status", has_text="Thank you").wait_for(timeout=30_000)
             page.get_by_role("tab", name="History").click()
+            page.locator("#admin-token input").fill(ADMIN_TOKEN)
             page.locator("#history-refresh").click()
             page.locator("#history-summary", has_text="clinician readings").wait_for(timeout=30_000)
             page.wait_for_function(

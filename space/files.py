@@ -1,0 +1,177 @@
+"""Every temporary file of the Space, owned in one place: uploads, scratch folders, archives.
+
+Why this module: Gradio writes an upload to its temp folder (``GRADIO_TEMP_DIR``) in a separate
+request, *before* the event runs, under a path made of a hash of the content and the original file
+name (which can be a patient's name); a DICOM keeps its header. Nothing in Gradio deletes a file per
+request, and calls that Gradio refuses before our handler runs (a value outside a dropdown's choices),
+uploads that are never analysed and files past a batch limit never reach a handler at all. So:
+
+* the Space points ``GRADIO_TEMP_DIR`` at a private folder it owns (:func:`private_temp_dir`, mode
+  0700), set before Gradio is imported;
+* handlers take uploads through :meth:`TempFiles.consume`, which reads and deletes the file at once;
+  the bytes of a consumed path are remembered for a short while (memory only) because Gradio's
+  upload paths are content-addressed: two people uploading the same file at the same moment get one
+  path, and the second handler must not find it gone;
+* outputs that Gradio would serve from its cache to anyone with the URL are not files at all where
+  possible (the heatmap is inline PNG data); the batch CSV and the export archive are written into
+  :meth:`TempFiles.scratch` folders inside the private temp folder (so Gradio serves them without
+  copying them elsewhere) and expire with everything else;
+* a sweeper thread (:meth:`TempFiles.start_sweeper`) deletes everything in the folder older than
+  ``max_age_s`` (default 10 minutes), and empty folders: the backstop for every path no handler saw.
+  Bundled examples (recognised by a predicate) are kept: Gradio reuses its copy of them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_MAX_AGE_S = 600.0
+RECENT_TTL_S = 120.0
+RECENT_MAX_BYTES = 256 * 1024 * 1024
+
+
+def private_temp_dir() -> Path:
+    """``CXR_TMP_DIR`` or ``<system temp>/cxr-space-<uid>``, created with mode 0700."""
+    root = Path(os.environ.get("CXR_TMP_DIR") or Path(tempfile.gettempdir()) / f"cxr-space-{os.getuid()}")
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, stat.S_IRWXU)
+    return root
+
+
+class UploadGone(FileNotFoundError):
+    """An upload path that no longer exists and was not consumed recently."""
+
+
+class TempFiles:
+    """The Space's temp folder: consuming uploads, scratch folders, the age-based sweeper."""
+
+    def __init__(self, root: str | os.PathLike, *, max_age_s: float = DEFAULT_MAX_AGE_S,
+                 keep: Callable[[Path], bool] | None = None, recent_ttl_s: float = RECENT_TTL_S,
+                 recent_max_bytes: int = RECENT_MAX_BYTES) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_age_s = float(max_age_s)
+        self.keep = keep or (lambda p: False)
+        self._recent: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._recent_ttl = recent_ttl_s
+        self._recent_max = recent_max_bytes
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # --- uploads -----------------------------------------------------------------------------------
+    def consume(self, path: str | os.PathLike, *, max_bytes: int | None = None) -> bytes:
+        """The upload's bytes; the file is deleted (unless ``keep`` says it is a bundled example).
+        Raises :class:`UploadGone` for a path that is gone and was not consumed in the last minutes,
+        ``ValueError`` for a file over ``max_bytes`` (deleted too)."""
+        p = Path(path)
+        key = str(p)
+        if self.keep(p):
+            return p.read_bytes()
+        try:
+            size = p.stat().st_size
+            if max_bytes is not None and size > max_bytes:
+                self.discard(p)
+                raise ValueError(f"The file is {size / 2**20:.0f} MB; the limit is {max_bytes / 2**20:.0f} MB.")
+            data = p.read_bytes()
+        except FileNotFoundError:
+            with self._lock:
+                self._expire_recent()
+                hit = self._recent.get(key)
+            if hit is None:
+                raise UploadGone(key) from None
+            return hit[1]
+        self.discard(p)
+        with self._lock:
+            self._recent[key] = (time.monotonic(), data)
+            self._recent.move_to_end(key)
+            self._expire_recent()
+        return data
+
+    def discard(self, path: str | os.PathLike) -> None:
+        """Delete an upload without reading it (its hash folder is left to the sweeper: another
+        identical upload may be renaming into it right now)."""
+        p = Path(path)
+        if self.keep(p):
+            return
+        try:
+            p.unlink()
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            pass
+
+    def _expire_recent(self) -> None:
+        now = time.monotonic()
+        total = sum(len(v[1]) for v in self._recent.values())
+        while self._recent:
+            key, (t, data) = next(iter(self._recent.items()))
+            if now - t <= self._recent_ttl and total <= self._recent_max:
+                break
+            self._recent.popitem(last=False)
+            total -= len(data)
+
+    # --- outputs -----------------------------------------------------------------------------------
+    def scratch(self, prefix: str) -> Path:
+        """A new private folder under the temp root for one request's outputs (swept by age)."""
+        d = self.root / "cxr-scratch" / f"{prefix}-{uuid.uuid4().hex}"
+        d.mkdir(parents=True)
+        return d
+
+    # --- the sweeper ------------------------------------------------------------------------------
+    def sweep(self, now: float | None = None) -> int:
+        """Delete files older than ``max_age_s`` (by modification or status change, whichever is newer),
+        then empty folders. Returns the number of files deleted."""
+        now = time.time() if now is None else now
+        removed = 0
+        for dirpath, dirnames, filenames in os.walk(self.root, topdown=False):
+            d = Path(dirpath)
+            for name in filenames:
+                p = d / name
+                try:
+                    st = p.lstat()
+                except FileNotFoundError:
+                    continue
+                if now - max(st.st_mtime, st.st_ctime) > self.max_age_s and not self.keep(p):
+                    try:
+                        p.unlink()
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+            if d != self.root:
+                try:
+                    if now - d.lstat().st_mtime > min(self.max_age_s, 60.0):
+                        d.rmdir()  # only succeeds when empty
+                except OSError:
+                    pass
+        with self._lock:
+            self._expire_recent()
+        return removed
+
+    def start_sweeper(self, every_s: float | None = None) -> threading.Thread:
+        """Sweep in a daemon thread every ``every_s`` seconds (default: a tenth of the age, 1-60 s)."""
+        every = every_s if every_s is not None else min(60.0, max(1.0, self.max_age_s / 10))
+
+        def loop() -> None:
+            while not self._stop.wait(every):
+                try:
+                    self.sweep()
+                except Exception:  # noqa: BLE001 - the sweeper must outlive one bad file
+                    pass
+
+        t = threading.Thread(target=loop, name="cxr-temp-sweeper", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def clear(self) -> None:
+        """Remove everything but kept files, whatever their age (at shutdown)."""
+        self.sweep(now=math.inf)

@@ -1,0 +1,206 @@
+"""Space hardening (issue 13) on the running app, driven over HTTP and gradio_client: every failure
+path leaves no patient file behind (each test scans the data folder, Gradio's temp folder and the
+system temp folder for the planted file name and DICOM values), identical concurrent uploads all
+succeed, limits hold, a batch does not starve single predictions, stored data is for administrators."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_space import (ADMIN_TOKEN, PHI_FILE_NAME, PHI_STRINGS, _write, phi_dicom, start_app, xray_bytes)
+from test_space_hardening import corrupt_zip
+from tiny_models import save_tiny_classifier
+
+TTL = 6.0  # CXR_TMP_MAX_AGE_S of the app under test (an upload waiting longer in the queue is lost)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hardened-app")
+    model = save_tiny_classifier(root / "model", image_size=32, threshold=0.4)
+    systmp = root / "system-tmp"
+    systmp.mkdir()
+    running = start_app(model, root, {"CXR_TMP_MAX_AGE_S": str(TTL), "CXR_MAX_BATCH_FILES": "3",
+                                      "CXR_MAX_UPLOAD_MB": "1", "TMPDIR": str(systmp)})
+    running.system_tmp = systmp
+    yield running
+    running.proc.terminate()
+    try:
+        running.proc.wait(timeout=20)
+    except Exception:
+        running.proc.kill()
+
+
+def phi_offenders(app) -> list[str]:
+    """Files (anywhere the app writes) whose name carries the planted file name or whose bytes carry a
+    planted DICOM value."""
+    out = []
+    for folder in (app.data_dir, app.temp_dir, app.system_tmp):
+        for p in folder.rglob("*"):
+            if any(s in p.name for s in ("Doe_Jane", "PID-12345")):
+                out.append(f"name: {p}")
+            elif p.is_file() and any(s.encode() in p.read_bytes() for s in PHI_STRINGS):
+                out.append(f"content: {p}")
+    return out
+
+
+def non_empty_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and p.stat().st_size > 0]
+
+
+def upload_only(app, path: str) -> str:
+    """What the browser does when a file is chosen: the upload request alone, no event."""
+    with open(path, "rb") as f:
+        r = httpx.post(app.url + "gradio_api/upload", files={"files": (Path(path).name, f)}, timeout=30)
+    r.raise_for_status()
+    return r.json()[0]
+
+
+def wait_until(cond, timeout: float) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.25)
+    return cond()
+
+
+def test_a_call_refused_for_a_bad_argument_leaves_no_upload(app, tmp_path):
+    from gradio_client import handle_file
+
+    path = _write(tmp_path, PHI_FILE_NAME, phi_dicom())
+    with pytest.raises(Exception, match="Unknown heatmap class"):
+        app.client().predict(handle_file(path), "lungs", api_name="/predict")
+    assert not phi_offenders(app)  # at once, not after the sweeper
+
+
+def test_uploads_never_analysed_are_removed_by_the_sweeper(app, tmp_path):
+    path = _write(tmp_path, PHI_FILE_NAME, phi_dicom())
+    served = upload_only(app, path)
+    assert Path(served).exists() and phi_offenders(app)  # there while the user might still analyse it
+    assert wait_until(lambda: not phi_offenders(app), timeout=TTL + 8), phi_offenders(app)
+    assert not Path(served).exists()
+
+
+def test_batch_every_file_a_row_past_the_limit_deleted_corrupt_zip_a_row(app, tmp_path):
+    from gradio_client import handle_file
+
+    files = [_write(tmp_path / f"u{i}", f"Doe_Jane_{i}.dcm", phi_dicom()) for i in range(2)
+             if (tmp_path / f"u{i}").mkdir() is None]
+    z = corrupt_zip(tmp_path / "Doe_Jane_studies.zip", zipfile.ZIP_DEFLATED)
+    extra = [_write(tmp_path / f"x{i}", f"Doe_Jane_late_{i}.dcm", phi_dicom()) for i in range(2)
+             if (tmp_path / f"x{i}").mkdir() is None]
+    table, csv_path = app.client().predict([handle_file(p) for p in files + [str(z)] + extra], api_name="/batch")
+    rows = table["data"]
+    header = table["headers"]
+    err = [r[header.index("error")] for r in rows]
+    assert len(rows) == 2 + 2 + 2  # two files, two zip members, two files past the limit of 3
+    assert "compressed data" in err[2] and not err[0] and not err[1]
+    assert all("limit" in e for e in err[3:])
+    assert not phi_offenders(app)
+    assert wait_until(lambda: not Path(csv_path).exists() or "client-downloads" in csv_path, timeout=1)
+
+
+def test_identical_files_uploaded_at_the_same_moment_all_succeed(app, tmp_path):
+    from gradio_client import handle_file
+
+    data = xray_bytes(77)
+    start = threading.Barrier(6)
+
+    def one(i: int):
+        p = tmp_path / f"user{i}" / "same_name.jpg"  # same name and bytes: one upload path on the server
+        p.parent.mkdir()
+        p.write_bytes(data)
+        c = app.client()
+        start.wait(timeout=60)
+        return c.predict(handle_file(str(p)), "predicted", api_name="/predict")
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(one, range(6)))
+    assert len({r["image_sha256"] for r in results}) == 1 and len({r["prediction_id"] for r in results}) == 6
+
+
+def test_no_output_file_lands_in_the_cache_and_scratch_outputs_expire(app, tmp_path):
+    from gradio_client import handle_file
+
+    before = set(non_empty_files(app.temp_dir))
+    result = app.client().predict(handle_file(_write(tmp_path, PHI_FILE_NAME, phi_dicom())), "predicted",
+                                  api_name="/predict")
+    assert result["heatmap_png"]  # the overlay comes back inline...
+    assert set(non_empty_files(app.temp_dir)) <= before  # ...and no file was written for it or kept of the upload
+    app.client().predict(result["prediction_id"], "viral_pneumonia", "radiologist", "", api_name="/feedback")
+    zpath, summary = app.client(admin=True).predict(api_name="/export")
+    _, csv_path = app.client().predict([handle_file(_write(tmp_path, "ok.jpg", xray_bytes(5)))], api_name="/batch")
+    assert summary["images"] >= 1 and Path(zpath).exists()
+    # the export archive and the batch CSV live in the private temp folder and expire with it; the
+    # system temp folder gets nothing
+    assert wait_until(lambda: not [p for p in app.temp_dir.rglob("*") if p.suffix in (".zip", ".csv")],
+                      timeout=TTL + 8)
+    assert not list(app.system_tmp.iterdir())
+    assert not phi_offenders(app)
+
+
+def test_upload_size_limit_is_enforced_by_the_server(app, tmp_path):
+    path = _write(tmp_path, "big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * (1024 * 1024 + 10))
+    with open(path, "rb") as f:
+        r = httpx.post(app.url + "gradio_api/upload", files={"files": ("big.png", f)}, timeout=30)
+    assert r.status_code == 413 and "maximum allowed size" in r.text
+
+
+def test_a_single_prediction_does_not_wait_for_a_running_batch(app, tmp_path):
+    from gradio_client import handle_file
+
+    from synthetic import jpeg_bytes, xray_like
+
+    z = tmp_path / "many.zip"
+    big = jpeg_bytes(xray_like(200, (2040, 2040)))  # slow enough to decode and reduce
+    with zipfile.ZipFile(z, "w") as zf:
+        for i in range(3):  # the batch limit of this app is 3 files: many batches queued instead
+            zf.writestr(f"{i}.jpg", big)
+    batch_client, single = app.client(), app.client()
+    jobs = [batch_client.submit([handle_file(str(z))], api_name="/batch") for _ in range(40)]
+    while not jobs[0].done():
+        time.sleep(0.05)
+    single.predict(handle_file(_write(tmp_path, "now.jpg", xray_bytes(300))), "predicted", api_name="/predict")
+    finished_batches = sum(j.done() for j in jobs)
+    for j in jobs:
+        j.result(timeout=300)
+    assert finished_batches < len(jobs)
+
+
+def test_export_and_history_are_for_administrators(app):
+    with pytest.raises(Exception, match="Administrators only"):
+        app.client().predict(api_name="/export")
+    from gradio_client import Client
+
+    wrong = Client(app.url, verbose=False, headers={"X-CXR-Admin-Token": ADMIN_TOKEN + "x"})
+    with pytest.raises(Exception, match="Administrators only"):
+        wrong.predict(api_name="/export")
+    zpath, summary = app.client(admin=True).predict(api_name="/export")
+    assert "feedback_rows" in summary and Path(zpath).exists()
+    page = httpx.get(app.url, timeout=30).text + httpx.get(app.url + "config", timeout=30).text
+    assert str(app.data_dir) not in page and str(app.temp_dir) not in page
+
+
+def test_history_handler_reveals_nothing_without_the_token(tmp_path):
+    """The History tab's handler itself checks access (a hidden endpoint can still be called)."""
+    from space.access import AccessDenied, AccessPolicy
+
+    policy = AccessPolicy(admin_token="s3cret")
+    assert policy.is_admin(token="s3cret") and not policy.is_admin(token="s3cre") and not policy.is_admin()
+    with pytest.raises(AccessDenied, match="Administrators only"):
+        policy.require(token=None)
+    nobody = AccessPolicy()
+    with pytest.raises(AccessDenied, match="disabled"):
+        nobody.require(token="anything")
+    space = AccessPolicy(admins=frozenset({"dr-lee"}), on_space=True)
+    assert space.oauth and space.is_admin(username="Dr-Lee") and not space.is_admin(username="mallory")
+    local = AccessPolicy(admins=frozenset({"dr-lee"}), on_space=False)  # no OAuth off a Space: mocked login
+    assert not local.oauth and not local.is_admin(username="dr-lee")
