@@ -28,8 +28,10 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .calibration import Calibration
+from .gate import GateVerdict, InputGate, load_gate
 from .image_io import ImageLoadError, load_image, to_grayscale
 from .labels import LABELS
+from .models import classifier_head
 from .preprocessing import crop_fraction, is_letterbox, pixel_values
 
 ImageInput = Image.Image | str | os.PathLike | bytes | bytearray | io.IOBase
@@ -48,6 +50,7 @@ class Prediction:
     image_size: tuple[int, int]
     heatmap: np.ndarray | None = field(default=None, repr=False)
     heatmap_class: str | None = None
+    gate: GateVerdict | None = None  # the learned input gate's verdict, when the model has one
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no heatmap array)."""
@@ -59,6 +62,7 @@ class Prediction:
             "threshold": self.threshold,
             "image_size": list(self.image_size),
             "heatmap_class": self.heatmap_class,
+            "gate": None if self.gate is None else self.gate.to_dict(),
         }
 
 
@@ -111,8 +115,9 @@ class Predictor:
     """A calibrated classifier with optional Grad-CAM. Build with :meth:`from_pretrained`."""
 
     def __init__(self, model, processor, *, model_id: str | None = None, revision: str | None = None,
-                 precision: str = "float32") -> None:
+                 precision: str = "float32", gate: InputGate | None = None) -> None:
         self.model = model.eval()
+        self.gate = gate
         # float32 reproduces the model card's numbers exactly; "bfloat16" runs plain predictions on
         # a bf16 copy of the weights: faster on CPUs with native bf16, probabilities change by a few
         # 1e-3 (benchmarks/latency.py measures both). A copy rather than autocast: autocast re-casts
@@ -145,7 +150,8 @@ class Predictor:
         # otherwise pick its torchvision resize, which differs slightly (train/serve skew).
         processor = AutoImageProcessor.from_pretrained(model_id_or_dir, revision=revision, backend="pil")
         return cls(model, processor, model_id=str(model_id_or_dir),
-                   revision=resolve_revision(str(model_id_or_dir), revision), precision=precision)
+                   revision=resolve_revision(str(model_id_or_dir), revision), precision=precision,
+                   gate=load_gate(str(model_id_or_dir), revision))
 
     @property
     def threshold(self) -> float:
@@ -167,11 +173,15 @@ class Predictor:
 
     def logits(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Raw (calibrated) logits for already-loaded PIL images, no heatmap."""
-        pv = pixel_values(self.processor, list(images))
-        with torch.inference_mode():
-            if self._fast is not None:
-                return self._fast(pixel_values=pv.to(torch.bfloat16)).logits.float()
-            return self.model(pixel_values=pv).logits.float()
+        return self._forward(list(images))[0]
+
+    def _forward(self, images: list[Image.Image]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Logits, and the head's input features when there is a gate to read them (same pass)."""
+        pv = pixel_values(self.processor, images)
+        net = self._fast if self._fast is not None else self.model
+        with torch.inference_mode(), _head_inputs(net, self.gate is not None) as feats:
+            logits = net(pixel_values=pv.to(next(net.parameters()).dtype)).logits.float()
+        return logits, (feats[0].float().numpy() if feats else None)
 
     def predict(
         self,
@@ -188,18 +198,21 @@ class Predictor:
         out: list[Prediction] = []
         for start in range(0, len(grays), batch_size):
             batch = grays[start:start + batch_size]
-            maps = classes = None
+            maps = classes = feats = None
             if heatmap:
                 from .gradcam import cam_to_image
 
                 pv = pixel_values(self.processor, batch)
-                res = self._gradcam().explain(pv, None if target is None else [target] * len(batch))
+                with _head_inputs(self.model, self.gate is not None) as captured:
+                    res = self._gradcam().explain(pv, None if target is None else [target] * len(batch))
+                feats = captured[0].detach().float().numpy() if captured else None
                 logits = res.logits.detach().float()
                 maps = [cam_to_image(m, im.size, is_letterbox(self.processor), crop_fraction(self.processor))
                         for m, im in zip(res.maps, batch)]
                 classes = res.target_classes
             else:
-                logits = self.logits(batch)
+                logits, feats = self._forward(batch)
+            verdicts = self.gate.verdicts(feats) if self.gate is not None and feats is not None else None
             probs = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
             for i, (p, im) in enumerate(zip(probs, batch)):
                 p_pneu = float(p[1] + p[2])
@@ -212,11 +225,30 @@ class Predictor:
                     image_size=im.size,
                     heatmap=None if maps is None else maps[i].astype(np.float32),
                     heatmap_class=None if classes is None else LABELS[int(classes[i])],
+                    gate=None if verdicts is None else verdicts[i],
                 ))
         return out
 
     def predict_one(self, image: ImageInput, **kwargs) -> Prediction:
         return self.predict([image], **kwargs)[0]
+
+
+class _head_inputs:
+    """Collect the classification head's input during a forward pass (a pre-hook), when ``enabled``:
+    the features the input gate reads, at no extra cost."""
+
+    def __init__(self, model, enabled: bool) -> None:
+        self.model, self.enabled, self.captured, self._hook = model, enabled, [], None
+
+    def __enter__(self) -> list:
+        if self.enabled:
+            self._hook = classifier_head(self.model).register_forward_pre_hook(
+                lambda _m, args: self.captured.append(args[0].detach()))
+        return self.captured
+
+    def __exit__(self, *exc) -> None:
+        if self._hook is not None:
+            self._hook.remove()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,7 @@ class Analysis:
             "image_size": list(p.image_size),
             "image_sha256": self.image_sha256,
             "notes": self.notes,
+            "gate": None if p.gate is None else p.gate.to_dict(),
         }
 
 
@@ -212,6 +213,13 @@ class CxrService:
         t0 = time.perf_counter()
         with (self._lock.background() if channel == "batch" else self._lock.interactive()):
             pred = self.predictor.predict_one(gray, heatmap=heatmap, target_class=target_class)
+            if pred.gate is not None and pred.gate.needs_correction:
+                # the learned gate (modeling.gate): a turned or inverted film is put right and predicted again
+                notes += pred.gate.notes()
+                gray = pred.gate.correct(gray)
+                pred = self.predictor.predict_one(gray, heatmap=heatmap, target_class=target_class)
+        if pred.gate is not None and pred.gate.out_of_distribution:
+            raise InputError("This does not look like a frontal chest X-ray: " + pred.gate.refusal() + ".")
         latency = (time.perf_counter() - t0) * 1000
         decision, verdict = decide(pred.pneumonia_probability, pred.threshold, self.uncertain_high)
         sha = pixel_sha256(gray)

@@ -1,0 +1,275 @@
+"""A learned input gate beside the rules of :mod:`modeling.quality`: is the film upright, is it the right
+way round in grey levels, and does it look like the films the model was trained on?
+
+Why: the rules (colour, DICOM tags, geometry) let through a film rotated by 90 degrees (called "no
+pneumonia" although upright it is 0.999 pneumonia), an inverted film, a grey portrait photograph and
+a grey screenshot. The classifier answers one of its three classes for anything, so the gate has to
+say when its answer means nothing.
+
+How: on the model's own head features (:func:`modeling.features.head_inputs_and_layers`: the input of
+the classification layer, captured in the same forward pass as the prediction, so the gate costs no
+extra pass and no new dependency):
+
+* orientation: a 4-way logistic regression (upright, or turned 90, 180, 270 degrees) trained on the
+  training films turned each way;
+* polarity: a 2-way logistic regression (as acquired, or grey levels inverted) trained on the films
+  and their inverted copies;
+* distance to the training distribution: the Mahalanobis distance of the features to those of the
+  upright training films (Ledoit-Wolf shrunk covariance; scikit-learn), refused above a limit chosen
+  on the validation films (a quantile: the false-refusal rate is fixed by construction, and reported
+  on the official test films too).
+
+A rotated or inverted film is turned upright (and its grey levels inverted back) when the gate is
+confident (:attr:`InputGate.confidence`) and then predicted as such, with a note; a film far from the
+training films is refused with the distance in the reason. Fit with ``python -m modeling.gate``;
+saved beside the weights as ``input_gate.npz``, which the predictor loads when present.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .probe import LinearHead, fit_probe
+
+GATE_FILE = "input_gate.npz"
+ROTATIONS = (0, 90, 180, 270)  # degrees the film was turned counter-clockwise (PIL's convention)
+
+
+def turn(img: Image.Image, degrees: int) -> Image.Image:
+    """``img`` turned ``degrees`` counter-clockwise (exact, no resampling)."""
+    return img if degrees % 360 == 0 else img.rotate(degrees, expand=True)
+
+
+def invert(img: Image.Image) -> Image.Image:
+    return ImageOps.invert(img.convert("L"))
+
+
+@dataclass
+class GateVerdict:
+    """What the gate says of one image. ``rotation``: degrees the film appears turned (0 = upright);
+    ``inverted``: grey levels appear inverted; both only when the gate is confident. ``distance`` above
+    ``distance_limit`` means out of distribution."""
+
+    rotation: int
+    rotation_probability: float
+    inverted: bool
+    inverted_probability: float
+    distance: float
+    distance_limit: float
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return self.distance > self.distance_limit
+
+    @property
+    def needs_correction(self) -> bool:
+        return self.rotation != 0 or self.inverted
+
+    def correct(self, img: Image.Image) -> Image.Image:
+        """The film turned upright and its grey levels restored."""
+        out = turn(img, -self.rotation) if self.rotation else img
+        return invert(out) if self.inverted else out
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.rotation:
+            out.append(f"the film appeared turned by {self.rotation} degrees (gate probability "
+                       f"{self.rotation_probability:.2f}); it was turned upright before prediction")
+        if self.inverted:
+            out.append(f"the film's grey levels appeared inverted (gate probability {self.inverted_probability:.2f}); "
+                       "they were inverted back before prediction")
+        return out
+
+    def refusal(self) -> str | None:
+        if not self.out_of_distribution:
+            return None
+        return (f"it is far from the chest X-rays the model was trained on (distance {self.distance:.1f}, limit "
+                f"{self.distance_limit:.1f}): a photograph, a screenshot, another body part or view, or a very "
+                "unusual film")
+
+    def to_dict(self) -> dict:
+        return {"rotation": self.rotation, "rotation_probability": round(self.rotation_probability, 4),
+                "inverted": self.inverted, "inverted_probability": round(self.inverted_probability, 4),
+                "distance": round(self.distance, 3), "distance_limit": round(self.distance_limit, 3),
+                "out_of_distribution": self.out_of_distribution}
+
+
+@dataclass
+class InputGate:
+    orientation: LinearHead
+    polarity: LinearHead
+    mean: np.ndarray
+    precision: np.ndarray
+    distance_limit: float
+    confidence: float = 0.9
+    meta: dict = field(default_factory=dict)
+
+    def distances(self, feats: np.ndarray) -> np.ndarray:
+        d = np.asarray(feats, np.float64) - self.mean
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision, d), 0.0))
+
+    def verdicts(self, feats: np.ndarray) -> list[GateVerdict]:
+        from .calibration import softmax
+
+        feats = np.asarray(feats, np.float64)
+        po = softmax(self.orientation.logits(feats))
+        pp = softmax(self.polarity.logits(feats))
+        dist = self.distances(feats)
+        out = []
+        for o, p, d in zip(po, pp, dist):
+            k = int(o.argmax())
+            rot = ROTATIONS[k] if k and o[k] >= self.confidence else 0
+            inv = bool(p[1] >= self.confidence)
+            out.append(GateVerdict(rotation=rot, rotation_probability=float(o[k]), inverted=inv,
+                                   inverted_probability=float(p[1]), distance=float(d),
+                                   distance_limit=float(self.distance_limit)))
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        np.savez(path, orientation_weight=self.orientation.weight, orientation_bias=self.orientation.bias,
+                 polarity_weight=self.polarity.weight, polarity_bias=self.polarity.bias, mean=self.mean,
+                 precision=self.precision.astype(np.float32),
+                 config=np.frombuffer(json.dumps({"distance_limit": self.distance_limit, "confidence": self.confidence,
+                                                  "meta": self.meta}).encode(), dtype=np.uint8))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "InputGate":
+        with np.load(path) as z:
+            cfg = json.loads(bytes(z["config"]).decode())
+            return cls(orientation=LinearHead(z["orientation_weight"], z["orientation_bias"]),
+                       polarity=LinearHead(z["polarity_weight"], z["polarity_bias"]), mean=z["mean"],
+                       precision=z["precision"].astype(np.float64), distance_limit=float(cfg["distance_limit"]),
+                       confidence=float(cfg["confidence"]), meta=cfg.get("meta", {}))
+
+
+def fit_gate(upright: np.ndarray, turned: dict[int, np.ndarray], inverted: np.ndarray, validation: np.ndarray, *,
+             false_refusal: float = 0.005, C: float = 0.1, confidence: float = 0.9, meta: dict | None = None
+             ) -> InputGate:
+    """Fit the gate from head features: ``upright`` training films, the same films ``turned`` by each of
+    90/180/270 degrees, ``inverted`` copies, and upright ``validation`` films whose distances set the
+    limit at the ``1 - false_refusal`` quantile."""
+    from sklearn.covariance import LedoitWolf
+
+    rot_x = np.concatenate([upright] + [turned[r] for r in ROTATIONS[1:]])
+    rot_y = np.concatenate([np.full(len(upright), 0)] + [np.full(len(turned[r]), i) for i, r in
+                                                          enumerate(ROTATIONS) if r])
+    orientation = fit_probe(rot_x, rot_y, C=C, n_classes=len(ROTATIONS))
+    polarity = fit_probe(np.concatenate([upright, inverted]),
+                         np.concatenate([np.zeros(len(upright), int), np.ones(len(inverted), int)]), C=C, n_classes=2)
+    lw = LedoitWolf().fit(np.asarray(upright, np.float64))
+    gate = InputGate(orientation=orientation, polarity=polarity, mean=lw.location_, precision=lw.precision_,
+                     distance_limit=float("inf"), confidence=confidence, meta=dict(meta or {}))
+    gate.distance_limit = float(np.quantile(gate.distances(validation), 1 - false_refusal))
+    gate.meta.update(false_refusal_target=false_refusal, shrinkage=float(lw.shrinkage_), n_upright=int(len(upright)))
+    return gate
+
+
+def load_gate(model_id_or_dir: str, revision: str | None = None) -> InputGate | None:
+    """The gate saved beside a model (folder or Hub repo), or None when it has none."""
+    path = Path(model_id_or_dir)
+    if path.is_dir():
+        return InputGate.load(path / GATE_FILE) if (path / GATE_FILE).exists() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return InputGate.load(hf_hub_download(model_id_or_dir, GATE_FILE, revision=revision))
+    except EntryNotFoundError:
+        return None
+
+
+def gate_features(model, processor, images, *, batch_size: int = 32, precision: str = "bfloat16") -> np.ndarray:
+    """Head features of PIL images (what :class:`InputGate` reads), in the Space's precision."""
+    from .features import features_fn
+
+    fn = features_fn(model, processor, n_layers=0, precision=precision)
+    images = list(images)
+    return np.concatenate([fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]) if images \
+        else np.zeros((0, 0))
+
+
+def fit_for_model(model_dir: str, dataset: str, *, n_fit: int = 1500, seed: int = 0, false_refusal: float = 0.005,
+                  progress: bool = True) -> tuple[InputGate, dict]:
+    """Fit the gate of a saved model: ``n_fit`` training films (stratified) upright, turned and
+    inverted; the limit from all validation films. Returns the gate and the validation numbers
+    (false refusals, and how many turned / inverted validation films are caught)."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .data import load_cxr_dataset, stratified_subset
+    from .image_io import to_grayscale
+
+    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    ds = load_cxr_dataset(dataset)
+    train = stratified_subset(ds["train"], n_fit, seed)
+    films = [to_grayscale(r["image"]) for r in tqdm(train, desc="gate: training films", disable=not progress)]
+    feats = lambda imgs: gate_features(model, processor, imgs)  # noqa: E731
+    upright = feats(films)
+    turned = {r: feats([turn(f, r) for f in films]) for r in ROTATIONS[1:]}
+    inverted = feats([invert(f) for f in films])
+    val_films = [to_grayscale(r["image"]) for r in ds["validation"]]
+    val = feats(val_films)
+    gate = fit_gate(upright, turned, inverted, val, false_refusal=false_refusal,
+                    meta={"model": str(model_dir), "n_fit": len(films), "seed": seed, "precision": "bfloat16"})
+    report = {"validation_films": len(val_films), "validation": summarize(gate.verdicts(val), expect=None)}
+    for r in ROTATIONS[1:]:
+        report[f"validation_turned_{r}"] = summarize(gate.verdicts(feats([turn(f, r) for f in val_films])), expect=r)
+    report["validation_inverted"] = summarize(gate.verdicts(feats([invert(f) for f in val_films])), expect="inverted")
+    return gate, report
+
+
+def summarize(verdicts: list[GateVerdict], expect: int | str | None) -> dict:
+    """Counts over verdicts: refused (out of distribution), corrected as expected (``expect``: the
+    rotation, or "inverted"), and, for upright films (``expect=None``), wrongly corrected."""
+    n = len(verdicts)
+    refused = sum(v.out_of_distribution for v in verdicts)
+    out = {"n": n, "refused": refused, "refused_rate": refused / n if n else float("nan")}
+    if expect is None:
+        wrong = sum(v.needs_correction for v in verdicts)
+        out.update(wrongly_corrected=wrong, false_refusal_or_change_rate=(sum(
+            v.out_of_distribution or v.needs_correction for v in verdicts) / n if n else float("nan")))
+    else:
+        ok = sum((v.rotation == expect) if isinstance(expect, int) else v.inverted for v in verdicts)
+        caught = sum(((v.rotation == expect) if isinstance(expect, int) else v.inverted) or v.out_of_distribution
+                     for v in verdicts)
+        out.update(corrected=ok, caught=caught, caught_rate=caught / n if n else float("nan"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m modeling.gate --model DIR --dataset DIR``: fit the gate, save it beside the weights."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(prog="python -m modeling.gate", description=main.__doc__.split(":")[0])
+    ap.add_argument("--model", required=True, help="save_pretrained folder; input_gate.npz is written into it")
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--n-fit", type=int, default=1500, help="training films used (stratified)")
+    ap.add_argument("--false-refusal", type=float, default=0.005, help="validation false-refusal rate of the limit")
+    ap.add_argument("--report", default=None, help="write the validation numbers here (JSON)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gate, report = fit_for_model(args.model, args.dataset, n_fit=args.n_fit, false_refusal=args.false_refusal,
+                                 progress=not args.no_progress)
+    gate.save(Path(args.model) / GATE_FILE)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

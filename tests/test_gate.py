@@ -1,0 +1,125 @@
+"""The learned input gate (modeling/gate.py): fitting, verdicts, save/load, the predictor reading it in
+the same forward pass, and the Space turning a film upright or refusing it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modeling.gate import GATE_FILE, ROTATIONS, InputGate, fit_gate, invert, turn
+from modeling.probe import LinearHead
+from synthetic import jpeg_bytes, xray_like
+from tiny_models import save_tiny_classifier
+
+
+def clusters(n, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = {k: rng.normal(0, 6, d) for k in ("up", 90, 180, 270, "inv")}
+    return {k: c + rng.normal(0, 1, (n, d)) for k, c in centres.items()}, centres
+
+
+def test_fit_gate_tells_orientation_polarity_and_distance():
+    train, centres = clusters(300)
+    val, _ = clusters(400, seed=1)
+    val = {k: v - np.mean(v, 0) + centres[k] for k, v in val.items()}  # same centres, new noise
+    gate = fit_gate(train["up"], {r: train[r] for r in ROTATIONS[1:]}, train["inv"], val["up"], false_refusal=0.01)
+    up = gate.verdicts(val["up"])
+    assert sum(v.out_of_distribution for v in up) == pytest.approx(4, abs=1)  # the quantile: 1% of 400
+    assert sum(v.needs_correction for v in up) <= 4
+    for r in ROTATIONS[1:]:
+        assert np.mean([v.rotation == r for v in gate.verdicts(val[r])]) > 0.95
+    assert np.mean([v.inverted for v in gate.verdicts(val["inv"])]) > 0.95
+    far = gate.verdicts(np.full((1, 8), 50.0))[0]
+    assert far.out_of_distribution and "far from the chest X-rays" in far.refusal()
+
+
+def test_gate_round_trips_through_its_file(tmp_path):
+    train, _ = clusters(100)
+    gate = fit_gate(train["up"], {r: train[r] for r in ROTATIONS[1:]}, train["inv"], train["up"], meta={"x": 1})
+    gate.save(tmp_path / GATE_FILE)
+    again = InputGate.load(tmp_path / GATE_FILE)
+    assert again.meta["x"] == 1 and again.distance_limit == gate.distance_limit
+    probe = np.vstack([train["up"][:5], train[90][:5]])
+    for a, b in zip(again.verdicts(probe), gate.verdicts(probe)):
+        assert (a.rotation, a.inverted, a.out_of_distribution) == (b.rotation, b.inverted, b.out_of_distribution)
+        assert a.distance == pytest.approx(b.distance, rel=1e-4)  # the precision matrix is stored as float32
+
+
+def test_turn_and_invert_are_exact_and_correct_undoes_them():
+    img = xray_like(3, (60, 40))
+    v = InputGate(LinearHead(np.zeros((4, 1)), np.array([0.0, 9.0, 0.0, 0.0])),
+                  LinearHead(np.zeros((2, 1)), np.array([0.0, 9.0])), mean=np.zeros(1), precision=np.eye(1),
+                  distance_limit=1.0).verdicts(np.zeros((1, 1)))[0]
+    assert v.rotation == 90 and v.inverted and not v.out_of_distribution and len(v.notes()) == 2
+    broken = invert(turn(img, 90))
+    assert broken.size == (40, 60)
+    assert np.array_equal(np.asarray(v.correct(broken)), np.asarray(img))
+
+
+def _gate_for(model_dir, *, rotation_bias=None, limit=1e9):
+    """A gate over the model's head features whose verdicts we choose: every film 'turned 90' (a huge
+    bias), or every film out of distribution (limit 0)."""
+    import json
+
+    d = 2 * json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    bias = np.zeros(4) if rotation_bias is None else np.asarray(rotation_bias, float)
+    return InputGate(LinearHead(np.zeros((4, d)), bias), LinearHead(np.zeros((2, d)), np.array([0.0, -9.0])),
+                     mean=np.zeros(d), precision=np.eye(d) * 1e-6, distance_limit=limit)
+
+
+def test_predictor_loads_the_gate_and_reads_it_in_the_same_pass(tmp_path):
+    from modeling.predict import Predictor
+
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=32)
+    plain = Predictor.from_pretrained(str(model_dir)).predict_one(xray_like(1, (64, 64)))
+    assert plain.gate is None and plain.to_dict()["gate"] is None
+    _gate_for(model_dir).save(model_dir / GATE_FILE)
+    for precision in ("float32", "bfloat16"):
+        p = Predictor.from_pretrained(str(model_dir), precision=precision)
+        for heatmap in (False, True):
+            pred = p.predict_one(xray_like(1, (64, 64)), heatmap=heatmap)
+            assert pred.gate is not None and pred.gate.distance > 0 and not pred.gate.needs_correction
+            assert pred.probabilities == pytest.approx(plain.probabilities, abs=0.02)
+            assert pred.to_dict()["gate"]["distance_limit"] == pytest.approx(1e9)
+
+
+def test_space_turns_a_turned_film_upright_and_refuses_an_outlier(tmp_path):
+    from modeling.image_io import load_image, pixel_sha256
+    from modeling.predict import Predictor
+    from space.service import CxrService, InputError
+    from space.store import FeedbackStore
+
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=32)
+    _gate_for(model_dir, rotation_bias=[0, 9, 0, 0]).save(model_dir / GATE_FILE)  # "every film is turned 90"
+    service = CxrService(Predictor.from_pretrained(str(model_dir)), FeedbackStore(tmp_path / "data"))
+    data = jpeg_bytes(xray_like(5, (200, 160)))
+    a = service.analyze(data)
+    assert any("turned by 90 degrees" in n for n in a.notes) and a.to_dict()["gate"]["rotation"] == 90
+    upright = turn(load_image(data), -90)
+    assert a.image.size == (160, 200) and a.image_sha256 == pixel_sha256(upright)
+
+    outlier_dir = save_tiny_classifier(tmp_path / "o", image_size=32)
+    _gate_for(outlier_dir, limit=0.0).save(outlier_dir / GATE_FILE)
+    strict = CxrService(Predictor.from_pretrained(str(outlier_dir)), FeedbackStore(tmp_path / "data2"))
+    with pytest.raises(InputError, match="far from the chest X-rays the model was trained on"):
+        strict.analyze(data)
+    assert strict.store.count("predictions") == 0
+    assert list(strict.store.staging.iterdir()) == []
+
+
+def test_fit_for_model_end_to_end_on_a_tiny_model(tmp_path):
+    """The CLI fits, saves and reports on validation (turned and inverted copies counted)."""
+    import json
+
+    from modeling.gate import main
+    from synthetic import make_class_dataset
+
+    data = make_class_dataset(tmp_path / "data", n_train=30, n_val=20, n_test=6)
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=32)
+    assert main(["--model", str(model_dir), "--dataset", str(data), "--n-fit", "30", "--false-refusal", "0.05",
+                 "--report", str(tmp_path / "gate.json"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "gate.json").read_text())
+    assert report["validation"]["n"] == 20 and report["validation"]["refused"] <= 1
+    assert {"validation_turned_90", "validation_inverted"} <= set(report)
+    assert InputGate.load(model_dir / GATE_FILE).meta["n_fit"] == 30
