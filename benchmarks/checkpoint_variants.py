@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from modeling.calibration import choose_threshold, fit_temperature, nll, softmax  # noqa: E402
 from modeling.data import groups_of, load_cxr_dataset  # noqa: E402
+from modeling.labels import pneumonia_probability  # noqa: E402
 from modeling.metrics import paired_bootstrap_macro_f1  # noqa: E402
 from modeling.preprocessing import build_image_processor, config_from_processor, pixel_values  # noqa: E402
 
@@ -94,7 +95,7 @@ def val_logits(model, processor, split, view_names: list[str], batch_size: int =
 def summary(logits: np.ndarray, labels: np.ndarray, target_sensitivity: float) -> dict:
     t = fit_temperature(logits, labels)
     p = softmax(logits / t)
-    pneu = p[:, 1] + p[:, 2]
+    pneu = pneumonia_probability(p)
     is_p = labels > 0
     thr = choose_threshold(pneu, is_p, target_sensitivity)
     pred = p.argmax(1)

@@ -24,11 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modeling.image_io import IMAGE_EXTENSIONS  # noqa: E402
+
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "kermany" / "chest_xray" / "test"
 
 
 def list_images(folder: Path, n: int) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpeg", ".jpg", ".png", ".dcm"})
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise SystemExit(f"no images under {folder}")
     step = max(1, len(files) // n)  # spread over classes (folders are sorted by class)

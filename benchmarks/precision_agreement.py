@@ -20,6 +20,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modeling.labels import pneumonia_probability  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "model_revision": fp32.revision, "split": args.split, "n": int(len(d)),
         "max_abs_prob_diff": float(d.max()), "p99_abs_prob_diff": float(np.percentile(d, 99)),
         "label_changes": int((a.argmax(1) != b.argmax(1)).sum()),
-        "pneumonia_call_changes": int((((a[:, 1] + a[:, 2]) >= t) != ((b[:, 1] + b[:, 2]) >= t)).sum()),
+        "pneumonia_call_changes": int(((pneumonia_probability(a) >= t) != (pneumonia_probability(b) >= t)).sum()),
     }
     print(json.dumps(report, indent=2))
     if args.output:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
+from .labels import pneumonia_probability
 from .models import CALIBRATION_KEY, classifier_head
 
 CONFIG_KEY = CALIBRATION_KEY
@@ -139,7 +140,7 @@ def calibrate(model, val_logits, val_labels, *, target_sensitivity: float = 0.98
     y = _as_numpy(val_labels).astype(np.int64)
     t = fit_temperature(z, y)
     probs = softmax(z / t)
-    p_pneu = probs[:, 1:].sum(axis=1)
+    p_pneu = pneumonia_probability(probs)
     is_pneu = y != 0
     thr = choose_threshold(p_pneu, is_pneu, target_sensitivity)
     sens, spec = binary_rates(p_pneu, is_pneu, thr)

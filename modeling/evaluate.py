@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .calibration import softmax
 from .data import groups_of, load_cxr_dataset, require_split, stratified_subset
-from .labels import LABELS
+from .labels import LABELS, pneumonia_probability
 from .preprocessing import pixel_values
 
 
@@ -107,7 +107,7 @@ def write_predictions(path: Path, split, probs: np.ndarray, threshold: float) ->
         w = csv.writer(f)
         w.writerow(["row", *ids, "label", "predicted", *[f"p_{n}" for n in LABELS], "p_pneumonia", "pneumonia_call"])
         for i, (p, y) in enumerate(zip(probs, split["label"])):
-            pp = float(p[1] + p[2])
+            pp = pneumonia_probability(p)
             w.writerow([i, *(ids[c][i] for c in ids), LABELS[y], LABELS[int(p.argmax())],
                         *(f"{v:.6f}" for v in p), f"{pp:.6f}", int(pp >= threshold)])
 

@@ -60,3 +60,19 @@ def accepted_label_names() -> list[str]:
 
 def is_pneumonia(label: str) -> bool:
     return label in PNEUMONIA_LABELS
+
+
+#: How each label is shown to people (the Space, cards, plots).
+DISPLAY_NAMES: dict[str, str] = {NORMAL: "Normal", BACTERIAL: "Bacterial pneumonia", VIRAL: "Viral pneumonia"}
+
+
+def pneumonia_probability(probs):
+    """P(pneumonia) = P(bacterial) + P(viral): of one probability vector (a float) or of an (N, 3)
+    array (an (N,) array). The normal-vs-pneumonia view every threshold and AUC is computed on."""
+    import numpy as np
+
+    p = np.asarray(probs, dtype=np.float64)
+    if p.shape[-1] != len(LABELS):
+        raise ValueError(f"expected {len(LABELS)} class probabilities ({', '.join(LABELS)}), got shape {p.shape}")
+    out = p[..., LABELS.index(BACTERIAL)] + p[..., LABELS.index(VIRAL)]
+    return float(out) if out.ndim == 0 else out

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from modeling.labels import LABELS
+from modeling.labels import LABELS, pneumonia_probability
 from modeling.metrics import _to_numpy, compute_metrics
 
 DPI = 120
@@ -90,7 +90,7 @@ def plot_roc(probs, labels, path, *, threshold: float = 0.5, title_prefix: str =
     b = metrics["binary"]
     pneumonia = y != 0
     if pneumonia.any() and not pneumonia.all():
-        fpr, tpr, _ = roc_curve(pneumonia, p[:, 1] + p[:, 2])
+        fpr, tpr, _ = roc_curve(pneumonia, pneumonia_probability(p))
         ax.plot(fpr, tpr, lw=2.2, color="black", label=f"normal vs pneumonia (AUC {_auc_text(b['auc'])})")
         ax.plot([1 - b["specificity"]], [b["sensitivity"]], "o", color="red", ms=7,
                 label=f"threshold {b['threshold']:g}: sens {b['sensitivity']:.2f}, spec {b['specificity']:.2f}")

@@ -30,7 +30,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from .calibration import Calibration
 from .gate import GateVerdict, InputGate, load_gate
 from .image_io import ImageLoadError, load_image, to_grayscale
-from .labels import LABELS
+from .labels import LABELS, pneumonia_probability
 from .models import classifier_head
 from .preprocessing import crop_fraction, is_letterbox, pixel_values
 
@@ -215,7 +215,7 @@ class Predictor:
             verdicts = self.gate.verdicts(feats) if self.gate is not None and feats is not None else None
             probs = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
             for i, (p, im) in enumerate(zip(probs, batch)):
-                p_pneu = float(p[1] + p[2])
+                p_pneu = pneumonia_probability(p)
                 out.append(Prediction(
                     label=LABELS[int(p.argmax())],
                     probabilities={name: float(v) for name, v in zip(LABELS, p)},

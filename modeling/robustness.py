@@ -209,10 +209,12 @@ def fit_operating_point(plain_logits: np.ndarray, labels: np.ndarray, target_sen
                         ) -> OperatingPoint:
     """Temperature and threshold fit on plain validation, exactly as the release calibration does."""
     from .calibration import choose_threshold, fit_temperature, softmax
+    from .labels import pneumonia_probability
 
     t = fit_temperature(plain_logits, labels)
     p = softmax(np.asarray(plain_logits, np.float64) / t)
-    return OperatingPoint(temperature=t, threshold=choose_threshold(p[:, 1:].sum(1), labels != 0, target_sensitivity))
+    return OperatingPoint(temperature=t, threshold=choose_threshold(pneumonia_probability(p), labels != 0,
+                                                                          target_sensitivity))
 
 
 def condition_metrics(logits: np.ndarray, labels: np.ndarray, op: OperatingPoint) -> dict:

@@ -58,6 +58,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from modeling.image_io import IMAGE_EXTENSIONS  # noqa: E402
 from modeling.labels import LABELS  # noqa: E402
 from modeling.predict import Predictor  # noqa: E402
 
@@ -78,7 +79,7 @@ DISCLAIMER = (
     "Do not upload images with names or other identifiers burned into the pixels."
 )
 HEATMAP_CHOICES = ["predicted"] + list(LABELS)
-FILE_TYPES = [".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm", ".dicom", ".bmp", ".webp"]
+FILE_TYPES = sorted(IMAGE_EXTENSIONS)
 
 
 @dataclass
@@ -132,7 +133,7 @@ def default_data_dir() -> Path:
 
 def examples() -> list[str]:
     folder = HERE / "examples"
-    return sorted(str(p) for p in folder.glob("*") if p.suffix.lower() in {".jpeg", ".jpg", ".png", ".dcm"})
+    return sorted(str(p) for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _label_dict(probabilities: dict) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from modeling.image_io import ImageLoadError, load_image_with_info, pixel_sha256
-from modeling.labels import LABELS
+from modeling.labels import DISPLAY_NAMES, LABELS
 from modeling.predict import Prediction, Predictor
 from modeling.quality import xray_problems
 
@@ -32,7 +32,7 @@ try:  # imported as the package ``space`` (tests) or as top-level modules (pytho
 except ImportError:  # pragma: no cover - exercised by the subprocess tests
     from store import FeedbackStore, PredictionRecord  # type: ignore[no-redef]
 
-LABEL_NAMES = {"normal": "Normal", "bacterial_pneumonia": "Bacterial pneumonia", "viral_pneumonia": "Viral pneumonia"}
+LABEL_NAMES = DISPLAY_NAMES  # modeling.labels: one place
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a large uncompressed DICOM CR is ~30 MB
 MAX_BATCH_FILES = 200
 MAX_ZIP_UNCOMPRESSED = 1024 * 1024 * 1024

@@ -495,3 +495,13 @@ def test_calibration_cli_calibrates_a_checkpoint_for_a_new_centre_crop(tmp_path,
     with pytest.raises(SystemExit, match="validation"):
         export_main(["--model", str(out), "--output-dir", str(tmp_path / "r2"), "--check-dataset", str(data),
                      "--check-split", "test"])
+
+
+def test_pneumonia_probability_is_bacterial_plus_viral_for_a_vector_and_a_batch():
+    from modeling.labels import DISPLAY_NAMES, pneumonia_probability
+
+    assert pneumonia_probability([0.2, 0.5, 0.3]) == pytest.approx(0.8)
+    assert np.allclose(pneumonia_probability(np.array([[0.9, 0.05, 0.05], [0.1, 0.1, 0.8]])), [0.1, 0.9])
+    with pytest.raises(ValueError, match="3 class probabilities"):
+        pneumonia_probability([0.5, 0.5])
+    assert set(DISPLAY_NAMES) == set(LABELS)
