@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +61,12 @@ from modeling.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, PreprocessConfi
                                     pixel_values)
 
 logger = logging.getLogger("train")
+
+
+class TrainError(ValueError):
+    """A run that cannot start or continue as configured (a wrong setting, an earlier run's directory,
+    a resume with other settings, validation without both classes...). ``python train.py`` prints
+    the message and exits with status 2; Python callers can catch it like any ValueError."""
 
 
 @dataclass
@@ -208,10 +215,10 @@ def check_input_size(model, size: int) -> None:
     not interpolate them), so a different size must be refused rather than silently degraded."""
     cfg = model.config
     if cfg.model_type in ("vit", "deit", "beit") and int(cfg.image_size) != size:
-        raise SystemExit(f"{cfg.model_type} base was trained at {cfg.image_size} px; use --image-size {cfg.image_size}")
+        raise TrainError(f"{cfg.model_type} base was trained at {cfg.image_size} px; use --image-size {cfg.image_size}")
     patch = getattr(cfg, "patch_size", None)
     if cfg.model_type.startswith("dinov2") and patch and size % patch:
-        raise SystemExit(f"--image-size {size} is not a multiple of the patch size {patch}")
+        raise TrainError(f"--image-size {size} is not a multiple of the patch size {patch}")
 
 
 def check_validation(val_split) -> None:
@@ -219,7 +226,7 @@ def check_validation(val_split) -> None:
     the start, not after hours of training."""
     counts = np.bincount(np.asarray(val_split["label"]), minlength=len(LABELS))
     if counts[0] == 0 or counts[1:].sum() == 0:
-        raise SystemExit(f"validation needs normal and pneumonia images to calibrate; has {dict(zip(LABELS, counts.tolist()))}")
+        raise TrainError(f"validation needs normal and pneumonia images to calibrate; has {dict(zip(LABELS, counts.tolist()))}")
 
 
 # Fields that may differ between a run and its resumption: they do not change how an epoch is
@@ -238,13 +245,13 @@ def prepare_output_dir(cfg: "TrainConfig", out: Path) -> None:
     together and a later --resume would pick up the wrong state)."""
     if cfg.resume or cfg.resume_from:
         if cfg.overwrite_output_dir:
-            raise SystemExit("--overwrite-output-dir and --resume/--resume-from contradict each other")
+            raise TrainError("--overwrite-output-dir and --resume/--resume-from contradict each other")
         return
     earlier = [out / name for name in RUN_FILES[:5] if (out / name).exists()]
     if not earlier:
         return
     if not cfg.overwrite_output_dir:
-        raise SystemExit(f"{out} holds an earlier run ({', '.join(p.name for p in earlier)}); "
+        raise TrainError(f"{out} holds an earlier run ({', '.join(p.name for p in earlier)}); "
                          "use --resume to continue it or --overwrite-output-dir to start over")
     for p in (out / name for name in RUN_FILES):
         if p.is_dir():
@@ -266,7 +273,7 @@ def check_resume_config(cfg: "TrainConfig", saved: dict) -> None:
     diff = {k: (saved[k], v) for k, v in asdict(cfg).items()
             if k not in RESUME_MAY_CHANGE and k in saved and not _same_setting(saved[k], v)}
     if diff:
-        raise SystemExit("--resume with other training settings than the checkpoint's: "
+        raise TrainError("--resume with other training settings than the checkpoint's: "
                          + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items())))
 
 
@@ -325,13 +332,48 @@ def selection_value(metric: str, val: dict, robust: dict | None) -> float:
     raise ValueError(f"--selection-metric {metric!r} cannot be computed (robust_worst_macro_f1 needs --robustness)")
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the whole recipe; returns the final metrics dict (also written to ``metrics.json``)."""
-    out = Path(cfg.output_dir)
+@dataclass
+class Run:
+    """Everything one training run holds between epochs (built by :func:`prepare_run`)."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Accelerator
+    precision: str
+    pcfg: PreprocessConfig
+    processor: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_ds: XrayDataset
+    train_dl: Any
+    val_dl: Any
+    val_split: Any
+    test_split: Any
+    test_subset: bool
+    n_train: int
+    weights: torch.Tensor | None
+    ema: Any = None
+
+    @property
+    def progress(self) -> bool:
+        return not self.cfg.no_progress
+
+    def evaluated_model(self):
+        """What is validated, selected and saved: the EMA weights when there are any."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+
+
+def check_config(cfg: TrainConfig) -> None:
     if cfg.selection_metric not in ("macro_f1", "nll", "robust_worst_macro_f1"):
-        raise SystemExit(f"unknown --selection-metric {cfg.selection_metric!r}")
+        raise TrainError(f"unknown --selection-metric {cfg.selection_metric!r}")
     if cfg.selection_metric == "robust_worst_macro_f1" and not cfg.robustness:
-        raise SystemExit("--selection-metric robust_worst_macro_f1 needs --robustness (the battery is what it reads)")
+        raise TrainError("--selection-metric robust_worst_macro_f1 needs --robustness (the battery is what it reads)")
+
+
+def prepare_run(cfg: TrainConfig) -> Run:
+    """Data, preprocessing, model, optimiser, scheduler, EMA, wrapped by Accelerate."""
+    check_config(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     precision = resolve_mixed_precision(cfg.mixed_precision)
@@ -347,9 +389,7 @@ def train(cfg: TrainConfig) -> dict:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     set_seed(cfg.seed)
-    progress = not cfg.no_progress
 
-    # ---- data and preprocessing ------------------------------------------------------------------
     ds = load_cxr_dataset(cfg.dataset, revision=cfg.dataset_revision)
     train_split = stratified_subset(require_split(ds, "train"), cfg.max_train_samples, cfg.seed)
     val_split = stratified_subset(require_split(ds, "validation"), cfg.max_eval_samples, cfg.seed)
@@ -390,8 +430,17 @@ def train(cfg: TrainConfig) -> dict:
         optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_updates) * accelerator.num_processes,
         num_training_steps=total_updates * accelerator.num_processes)
     scheduler = accelerator.prepare(scheduler)
+    return Run(cfg=cfg, out=Path(cfg.output_dir), accelerator=accelerator, precision=precision, pcfg=pcfg,
+               processor=processor, model=model, optimizer=optimizer, scheduler=scheduler, train_ds=train_ds,
+               train_dl=train_dl, val_dl=val_dl, val_split=val_split, test_split=test_split, test_subset=test_subset,
+               n_train=len(train_split), weights=weights, ema=ema)
 
-    # ---- resume ----------------------------------------------------------------------------------
+
+def restore(run: Run) -> tuple[dict, dict | None]:
+    """The training state to continue from: fresh, or the checkpoint ``--resume``/``--resume-from``
+    names (its settings checked, the log trimmed to it). The second value is the final metrics when
+    the run had already finished (nothing left to do)."""
+    cfg, out, accelerator = run.cfg, run.out, run.accelerator
     if accelerator.is_main_process:
         prepare_output_dir(cfg, out)
     accelerator.wait_for_everyone()
@@ -415,7 +464,7 @@ def train(cfg: TrainConfig) -> dict:
             done = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
             if cfg.push_to_hub and accelerator.is_main_process and (out / "model.safetensors").exists():
                 done["hub_commit"] = push(out, cfg.push_to_hub, private=cfg.hub_private)
-            return done
+            return state, done
         accelerator.load_state(str(resume_path))
         state = {**saved, "config": asdict(cfg)}
         logger.info("resumed from %s (epoch %d done)", resume_path, state["epoch"])
@@ -428,107 +477,135 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "checkpoints").mkdir(exist_ok=True)
         info_path = out / "training_config.json"
-        info = run_info(cfg, precision, accelerator, pcfg, len(train_split), len(val_split))
+        info = run_info(cfg, run.precision, accelerator, run.pcfg, run.n_train, len(run.val_split))
         if resume_path is not None and info_path.exists():  # keep the original command; list the resumes
             first = json.loads(info_path.read_text())
             first.setdefault("resumed", []).append({"command": info["command"], "from": str(resume_path)})
             info = first
         info_path.write_text(json.dumps(info, indent=2) + "\n")
-    log_path = out / "train_log.jsonl"
+    return state, None
 
-    # ---- epochs ----------------------------------------------------------------------------------
+
+def train_epoch(run: Run, epoch: int, state: dict) -> dict:
+    """One pass over the training data; returns the epoch's loss, throughput and whether the backbone
+    was frozen."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    frozen = epoch <= cfg.freeze_backbone_epochs
+    set_backbone_trainable(accelerator.unwrap_model(model), not frozen)
+    run.train_ds.epoch = epoch
+    run.train_dl.set_epoch(epoch)
+    model.train()
+    t0, seen, loss_sum, n_batches = time.perf_counter(), 0, 0.0, 0
+    bar = tqdm(run.train_dl, desc=f"epoch {epoch}/{cfg.epochs}",
+               disable=not run.progress or not accelerator.is_local_main_process)
+    for pv, y in bar:
+        with accelerator.accumulate(model):
+            target = y
+            if cfg.mixup_alpha > 0:
+                lam = float(np.random.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+                perm = torch.randperm(pv.shape[0], device=pv.device)
+                pv = lam * pv + (1 - lam) * pv[perm]
+                onehot = F.one_hot(y, len(LABELS)).float()
+                target = lam * onehot + (1 - lam) * onehot[perm]
+            with accelerator.autocast():
+                logits = model(pixel_values=pv).logits
+            loss = loss_fn(logits, target, cfg, run.weights)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            state["global_step"] += 1
+            if run.ema is not None:
+                run.ema.update_parameters(accelerator.unwrap_model(model))
+        seen += pv.shape[0] * accelerator.num_processes
+        loss_sum += loss.item()
+        n_batches += 1
+        bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
+    seconds = time.perf_counter() - t0
+    return {"train_loss": loss_sum / max(n_batches, 1), "backbone_frozen": frozen,
+            "train_images_per_second": round(seen / seconds, 3), "train_seconds": round(seconds, 1)}
+
+
+def validate_epoch(run: Run, epoch: int, state: dict) -> tuple[dict, bool]:
+    """Validation metrics (and the robustness battery with ``--robustness``); updates the best epoch
+    and the early-stopping count. Returns the log fields and whether this epoch is the new best."""
+    t1 = time.perf_counter()
+    val_logits, val_labels = predict(run.accelerator, run.ema.module if run.ema is not None else run.model, run.val_dl,
+                                     "validation", run.progress)
+    val_seconds = time.perf_counter() - t1
+    val = quick_metrics(val_logits, val_labels)
+    robust = robustness_summary(run.evaluated_model(), run.processor, run.val_split) if run.cfg.robustness else None
+    value = selection_value(run.cfg.selection_metric, val, robust)
+    improved = state["best_metric"] is None or value > state["best_metric"] + 1e-6
+    if improved:
+        state.update(best_metric=value, best_val_macro_f1=val["macro_f1"], best_epoch=epoch, bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    fields = {"eval_images_per_second": round(len(val_labels) / val_seconds, 3), "val": val}
+    if robust is not None:
+        fields["robustness"] = robust
+    return fields, improved
+
+
+def save_epoch(run: Run, epoch: int, state: dict, record: dict, improved: bool) -> None:
+    """The Accelerate state for --resume, the best model so far, the log line, old checkpoints rotated."""
+    cfg, out, accelerator = run.cfg, run.out, run.accelerator
+    accelerator.wait_for_everyone()
+    ckpt = out / "checkpoints" / f"epoch-{epoch:03d}"
+    accelerator.save_state(str(ckpt))
+    if accelerator.is_main_process:
+        if improved:  # after save_state: best/ never runs ahead of a resumable checkpoint
+            best = out / "checkpoints" / "best"
+            run.evaluated_model().save_pretrained(best)
+            run.processor.save_pretrained(best)
+            (best / "best_epoch.json").write_text(json.dumps({"epoch": epoch}) + "\n")
+        with open(out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        robust = record.get("robustness")
+        logger.info("epoch %d: loss %.4f val macro-F1 %.4f acc %.4f nll %.4f%s (best epoch %s) %.2f img/s",
+                    epoch, record["train_loss"], record["val"]["macro_f1"], record["val"]["accuracy"],
+                    record["val"]["nll"],
+                    "" if robust is None else f" robustness worst macro-F1 {robust['worst_macro_f1']:.4f}",
+                    state["best_epoch"], record["train_images_per_second"])
+        (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        old = sorted((out / "checkpoints").glob("epoch-*"))[:-cfg.save_total_limit] if cfg.save_total_limit else []
+        for c in old:
+            shutil.rmtree(c, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the whole recipe; returns the final metrics dict (also written to ``metrics.json``). Raises
+    :class:`TrainError` when the run cannot start or continue as configured."""
+    run = prepare_run(cfg)
+    state, done = restore(run)
+    if done is not None:
+        return done
     stopped_early = False
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if cfg.early_stopping_patience and state["bad_epochs"] >= cfg.early_stopping_patience:
             stopped_early = True
             break
-        frozen = epoch <= cfg.freeze_backbone_epochs
-        set_backbone_trainable(accelerator.unwrap_model(model), not frozen)
-        train_ds.epoch = epoch
-        train_dl.set_epoch(epoch)
-        model.train()
-        t0, seen, loss_sum, n_batches = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress or not accelerator.is_local_main_process)
-        for pv, y in bar:
-            with accelerator.accumulate(model):
-                target = y
-                if cfg.mixup_alpha > 0:
-                    lam = float(np.random.beta(cfg.mixup_alpha, cfg.mixup_alpha))
-                    perm = torch.randperm(pv.shape[0], device=pv.device)
-                    pv = lam * pv + (1 - lam) * pv[perm]
-                    onehot = F.one_hot(y, len(LABELS)).float()
-                    target = lam * onehot + (1 - lam) * onehot[perm]
-                with accelerator.autocast():
-                    logits = model(pixel_values=pv).logits
-                loss = loss_fn(logits, target, cfg, weights)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                state["global_step"] += 1
-                if ema is not None:
-                    ema.update_parameters(accelerator.unwrap_model(model))
-            seen += pv.shape[0] * accelerator.num_processes
-            loss_sum += loss.item()
-            n_batches += 1
-            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
-        train_seconds = time.perf_counter() - t0
-
-        t1 = time.perf_counter()
-        val_logits, val_labels = predict(accelerator, ema.module if ema is not None else model, val_dl, "validation",
-                                         progress)
-        val_seconds = time.perf_counter() - t1
-        val = quick_metrics(val_logits, val_labels)
-        robust = None
-        if cfg.robustness:
-            robust = robustness_summary(ema.module if ema is not None else accelerator.unwrap_model(model), processor,
-                                        val_split)
-        value = selection_value(cfg.selection_metric, val, robust)
-        improved = state["best_metric"] is None or value > state["best_metric"] + 1e-6
-        if improved:
-            state.update(best_metric=value, best_val_macro_f1=val["macro_f1"], best_epoch=epoch, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
+        t0 = time.perf_counter()
+        record = {"epoch": epoch, **train_epoch(run, epoch, state)}
+        fields, improved = validate_epoch(run, epoch, state)
         state["epoch"] = epoch
         state["wall_seconds"] = state.get("wall_seconds", 0.0) + (time.perf_counter() - t0)
-        record = {"epoch": epoch, "global_step": state["global_step"], "train_loss": loss_sum / max(n_batches, 1),
-                  "lr": lr_of(optimizer, head=False), "head_lr": lr_of(optimizer, head=True), "backbone_frozen": frozen,
-                  "train_images_per_second": round(seen / train_seconds, 3),
-                  "eval_images_per_second": round(len(val_labels) / val_seconds, 3),
-                  "train_seconds": round(train_seconds, 1), "val": val, "best_epoch": state["best_epoch"]}
-        if robust is not None:
-            record["robustness"] = robust
-        accelerator.wait_for_everyone()
-        ckpt = out / "checkpoints" / f"epoch-{epoch:03d}"
-        accelerator.save_state(str(ckpt))
-        if accelerator.is_main_process:
-            if improved:  # after save_state: best/ never runs ahead of a resumable checkpoint
-                best = out / "checkpoints" / "best"
-                (ema.module if ema is not None else accelerator.unwrap_model(model)).save_pretrained(best)
-                processor.save_pretrained(best)
-                (best / "best_epoch.json").write_text(json.dumps({"epoch": epoch}) + "\n")
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            logger.info("epoch %d: loss %.4f val macro-F1 %.4f acc %.4f nll %.4f%s (best epoch %s) %.2f img/s",
-                        epoch, record["train_loss"], val["macro_f1"], val["accuracy"], val["nll"],
-                        "" if robust is None else f" robustness worst macro-F1 {robust['worst_macro_f1']:.4f}",
-                        state["best_epoch"], record["train_images_per_second"])
-        if accelerator.is_main_process:
-            (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-            old = sorted((out / "checkpoints").glob("epoch-*"))[:-cfg.save_total_limit] if cfg.save_total_limit else []
-            for c in old:
-                shutil.rmtree(c, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        record.update(global_step=state["global_step"], lr=lr_of(run.optimizer, head=False),
+                      head_lr=lr_of(run.optimizer, head=True), **fields, best_epoch=state["best_epoch"])
+        save_epoch(run, epoch, state, record, improved)
 
     # ---- calibrate, evaluate, save, card, push ----------------------------------------------------
     result = {}
-    model = optimizer = scheduler = train_dl = val_dl = ema = None  # free the training copies before finish()
+    accelerator, out = run.accelerator, run.out
+    processor, val_split, test_split, test_subset = run.processor, run.val_split, run.test_split, run.test_subset
+    run.model = run.optimizer = run.scheduler = run.train_dl = run.val_dl = run.ema = None  # free the training copies
     accelerator.free_memory()
     if accelerator.is_main_process:
-        result = finish(cfg, out, processor, val_split, test_split, state, stopped_early, progress,
+        result = finish(cfg, out, processor, val_split, test_split, state, stopped_early, run.progress,
                         accelerator.device, test_subset)
         last = latest_checkpoint(out)
         if last is not None:  # a later --resume of this directory has nothing left to do
@@ -550,7 +627,7 @@ def finish(cfg: TrainConfig, out: Path, processor, val_split, test_split, state:
     best_dir = out / "checkpoints" / "best"
     written = json.loads((best_dir / "best_epoch.json").read_text())["epoch"] if (best_dir / "best_epoch.json").exists() else None
     if written is not None and written != state["best_epoch"]:
-        raise SystemExit(f"{best_dir} holds epoch {written} but the training state says the best epoch is "
+        raise TrainError(f"{best_dir} holds epoch {written} but the training state says the best epoch is "
                          f"{state['best_epoch']} (a crash between the two writes?); resume from an earlier checkpoint")
     model = AutoModelForImageClassification.from_pretrained(best_dir, dtype=torch.float32).to(device)
     val_logits = predict_logits(model, processor, val_split, batch_size=cfg.eval_batch_size, progress=progress,
@@ -629,7 +706,11 @@ def run_info(cfg: TrainConfig, precision: str, accelerator: Accelerator, pcfg: P
 
 def main(argv: list[str] | None = None) -> int:
     (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(argv)
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except TrainError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
     if metrics.get("test"):
         from modeling.metrics import format_summary
 

@@ -392,3 +392,18 @@ def test_robust_selection_without_the_battery_is_refused_before_training(data, t
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "needs --robustness" in proc.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_train_api_raises_a_value_error_and_the_cli_exits_2(data, tmp_path):
+    """Helpers used to raise SystemExit, which slips past `except Exception` in a Python caller."""
+    import train
+
+    cfg = train.TrainConfig(dataset=str(data["dataset"]), base_model=str(data["dinov2"]), output_dir=str(tmp_path / "o"),
+                            selection_metric="robust_worst_macro_f1")
+    with pytest.raises(ValueError, match="needs --robustness") as err:
+        train.train(cfg)
+    assert isinstance(err.value, train.TrainError)
+    proc = subprocess.run([sys.executable, "train.py", *common(data["dataset"], data["vit"], tmp_path / "v",
+                                                               "--image-size", "48")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "train.py: error:" in proc.stderr and "Traceback" not in proc.stderr
