@@ -1,7 +1,7 @@
 """Evaluate a saved model on a dataset split: metrics with patient-grouped bootstrap CIs, plots,
-per-image predictions.
+per-image predictions; and calibrate a saved checkpoint on validation (:func:`calibrate_saved`).
 
-    python -m modeling.evaluate --model DIR_OR_HUB_ID --dataset DIR_OR_HUB_ID --split test --output-dir DIR
+    cxr-evaluate --model DIR_OR_HUB_ID --dataset DIR_OR_HUB_ID --split test --output-dir DIR
 
 ``train.py`` calls :func:`evaluate_model` for its final test evaluation, so the numbers in a model
 card and the numbers this command prints for the same model are computed by the same code.
@@ -14,10 +14,8 @@ which count twice in the usual numbers.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,8 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import softmax
-from .data import groups_of, load_cxr_dataset, require_split, stratified_subset
+from .calibration import Calibration, calibrate, softmax
+from .data import groups_of, load_cxr_dataset, require_split
 from .labels import LABELS, pneumonia_probability
 from .preprocessing import pixel_values
 
@@ -112,47 +110,32 @@ def write_predictions(path: Path, split, probs: np.ndarray, threshold: float) ->
                         *(f"{v:.6f}" for v in p), f"{pp:.6f}", int(pp >= threshold)])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m modeling.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="Hub id or save_pretrained directory")
-    ap.add_argument("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
-    ap.add_argument("--dataset", required=True, help="dataset directory (dataset_scripts.build) or Hub id")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-samples", type=int, default=None,
-                    help="evaluate a stratified subset of N rows (smoke tests; marked subset=true, not a result)")
-    ap.add_argument("--dataset-revision", default=None, help="dataset revision on the Hub")
-    ap.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0 = none)")
-    ap.add_argument("--threshold", type=float, default=None,
-                    help="pneumonia threshold (default: the one stored with the model)")
-    ap.add_argument("--seed", type=int, default=42,
-                    help="bootstrap and --max-samples seed (train.py's default, so its subsets are reproduced)")
-    ap.add_argument("--no-progress", action="store_true")
-    return ap
+def calibrate_saved(model_dir: str, dataset: str, output_dir: str, *, crop_pct: float | None = None,
+                    target_sensitivity: float = 0.985, split: str = "validation", batch_size: int = 32,
+                    progress: bool = True) -> Calibration:
+    """Calibrate an uncalibrated ``save_pretrained`` folder (a ``train.py`` ``checkpoints/best``) on the
+    dataset's validation split and save the result (weights with T baked in, config, processor) to
+    ``output_dir``. ``crop_pct`` replaces the processor's evaluation centre crop first, so the
+    temperature and threshold are fit for the preprocessing that is saved: the way to adopt a crop
+    chosen on validation (``benchmarks/checkpoint_variants.py``) without retraining."""
+    from dataclasses import replace
 
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .metrics import format_summary
-    from .predict import Predictor
+    from .preprocessing import build_image_processor, config_from_processor
 
-    predictor = Predictor.from_pretrained(args.model, revision=args.revision)
-    ds = load_cxr_dataset(args.dataset, revision=args.dataset_revision)
-    split = require_split(ds, args.split)
-    subset = bool(args.max_samples) and args.max_samples < len(split)
-    if subset:
-        split = stratified_subset(split, args.max_samples, args.seed)
-    threshold = predictor.threshold if args.threshold is None else args.threshold
-    metrics = evaluate_model(predictor.model, predictor.processor, split, Path(args.output_dir), threshold=threshold,
-                             split_name=args.split, batch_size=args.batch_size, n_bootstrap=args.n_bootstrap,
-                             seed=args.seed, progress=not args.no_progress,
-                             extra={"model": args.model, "model_revision": predictor.revision, "dataset": args.dataset,
-                                    "subset": subset})
-    print(format_summary(metrics))
-    print(f"wrote {Path(args.output_dir) / 'metrics.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if split == "test":
+        raise ValueError("calibration is fit on validation only; the official test split is for reporting")
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty")
+    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float32)
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    if crop_pct is not None:
+        processor = build_image_processor(replace(config_from_processor(processor), crop_pct=crop_pct))
+    val = require_split(load_cxr_dataset(dataset), split)
+    logits = predict_logits(model, processor, val, batch_size=batch_size, progress=progress, desc="calibrate")
+    cal = calibrate(model, logits, np.asarray(val["label"]), target_sensitivity=target_sensitivity)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return cal

@@ -79,31 +79,3 @@ def export_model(src: str | Path, dst: str | Path, *, weights_dtype: str = "floa
         summary.update({"checked_images": int(len(d)), "max_abs_probability_diff": float(d.max()),
                         "label_changes": changed})
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m modeling.export --model SRC --output-dir DST [--check-dataset D] [--overwrite]``"""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m modeling.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="calibrated save_pretrained folder (train.py output)")
-    ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--weights-dtype", default="float16", choices=sorted(WEIGHT_DTYPES))
-    ap.add_argument("--check-dataset", default=None, help="dataset whose --check-split images measure the rounding")
-    ap.add_argument("--check-split", default="validation")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    args = ap.parse_args(argv)
-    images = None
-    if args.check_dataset:
-        from .data import load_cxr_dataset, require_split
-
-        if args.check_split == "test":
-            raise SystemExit("check the export on validation: the official test split is for the one evaluation")
-        images = require_split(load_cxr_dataset(args.check_dataset), args.check_split)["image"]
-    print(json.dumps(export_model(args.model, args.output_dir, weights_dtype=args.weights_dtype,
-                                  check_images=images, overwrite=args.overwrite), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

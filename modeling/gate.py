@@ -21,7 +21,7 @@ extra pass and no new dependency):
 
 A rotated or inverted film is turned upright (and its grey levels inverted back) when the gate is
 confident (:attr:`InputGate.confidence`) and then predicted as such, with a note; a film far from the
-training films is refused with the distance in the reason. Fit with ``python -m modeling.gate``;
+training films is refused with the distance in the reason. Fit with ``cxr-gate`` (``python -m modeling gate``);
 saved beside the weights as ``input_gate.npz``, which the predictor loads when present.
 """
 
@@ -243,33 +243,3 @@ def summarize(verdicts: list[GateVerdict], expect: int | str | None) -> dict:
                      for v in verdicts)
         out.update(corrected=ok, caught=caught, caught_rate=caught / n if n else float("nan"))
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m modeling.gate --model DIR --dataset DIR``: fit the gate, save it beside the weights."""
-    import argparse
-
-    import torch
-
-    ap = argparse.ArgumentParser(prog="python -m modeling.gate", description=main.__doc__.split(":")[0])
-    ap.add_argument("--model", required=True, help="save_pretrained folder; input_gate.npz is written into it")
-    ap.add_argument("--dataset", required=True)
-    ap.add_argument("--n-fit", type=int, default=1500, help="training films used (stratified)")
-    ap.add_argument("--false-refusal", type=float, default=0.005, help="validation false-refusal rate of the limit")
-    ap.add_argument("--report", default=None, help="write the validation numbers here (JSON)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    gate, report = fit_for_model(args.model, args.dataset, n_fit=args.n_fit, false_refusal=args.false_refusal,
-                                 progress=not args.no_progress)
-    gate.save(Path(args.model) / GATE_FILE)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -29,7 +29,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .calibration import Calibration
 from .gate import GateVerdict, InputGate, load_gate
-from .image_io import ImageLoadError, load_image, to_grayscale
+from .image_io import load_image, to_grayscale
 from .labels import LABELS, pneumonia_probability
 from .models import classifier_head
 from .preprocessing import crop_fraction, is_letterbox, pixel_values
@@ -249,53 +249,3 @@ class _head_inputs:
     def __exit__(self, *exc) -> None:
         if self._hook is not None:
             self._hook.remove()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m modeling.predict --model DIR_OR_HUB_ID FILE...``: one JSON line per file.
-
-    A file that cannot be read gets a JSON line with its error (reason code and message) and the
-    others are still predicted; the exit code is 1 if any file failed, else 0."""
-    import argparse
-    import json
-    import sys
-
-    ap = argparse.ArgumentParser(prog="python -m modeling.predict", description=main.__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="Hub id or save_pretrained directory")
-    ap.add_argument("--revision", default=None)
-    ap.add_argument("--heatmap-dir", default=None, help="write a Grad-CAM overlay PNG per file here")
-    ap.add_argument("--target-class", default=None, choices=LABELS, help="heatmap class (default: the predicted one)")
-    ap.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in the overlay")
-    ap.add_argument("--precision", default="float32", choices=PRECISIONS,
-                    help="compute precision (float32 reproduces the model card; bfloat16 is faster on CPUs with native bf16)")
-    ap.add_argument("files", nargs="+")
-    args = ap.parse_args(argv)
-
-    predictor = Predictor.from_pretrained(args.model, revision=args.revision, precision=args.precision)
-    heat_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
-    if heat_dir:
-        heat_dir.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for i, name in enumerate(args.files):
-        record: dict[str, Any] = {"file": name}
-        try:
-            gray = load_image(name)
-            pred = predictor.predict_one(gray, heatmap=heat_dir is not None, target_class=args.target_class)
-            record.update(pred.to_dict())
-            if heat_dir is not None:
-                from .gradcam import overlay
-
-                out = heat_dir / f"{i:05d}_{Path(name).stem}_gradcam_{pred.heatmap_class}.png"
-                Image.fromarray(overlay(gray, pred.heatmap, alpha=args.alpha)).save(out)
-                record["heatmap_file"] = str(out)
-        except (ImageLoadError, OSError) as exc:
-            failed += 1
-            record["error"] = {"reason": getattr(exc, "reason", "io_error"), "message": str(exc)}
-        print(json.dumps(record), flush=True)
-    if failed:
-        print(f"{failed} of {len(args.files)} file(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,7 +17,7 @@ again", and short of destroying the findings a radiologist reads. Each condition
 of the image (noise is seeded by the image's own pixels), so a candidate scored twice gets the same
 numbers and two candidates see exactly the same films.
 
-    python -m modeling.robustness --model DIR --dataset data/cxr-pneumonia --output-dir OUT
+    cxr-robustness --model DIR --dataset data/cxr-pneumonia --output-dir OUT   (python -m modeling robustness ...)
 
 Functions, smallest first: :func:`apply` (one condition, one image), :func:`battery_logits` (a
 model's logits under every condition), :func:`score` (metrics per condition, worst case and mean),
@@ -374,38 +374,3 @@ def format_report(report: dict) -> str:
                 f"{s['mean_macro_f1']:.4f}; worst specificity {s['worst_specificity']:.4f} "
                 f"({s['worst_condition_specificity']}), mean {s['mean_specificity']:.4f}")
     return "\n".join(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m modeling.robustness --model DIR --dataset DIR --output-dir OUT``"""
-    import argparse
-    import json
-    from pathlib import Path
-
-    import torch
-
-    ap = argparse.ArgumentParser(prog="python -m modeling.robustness",
-                                 description="Score a model on validation and under the fixed robustness battery.")
-    ap.add_argument("--model", required=True, help="save_pretrained folder or Hub id")
-    ap.add_argument("--dataset", required=True, help="dataset directory (dataset_scripts.build) or Hub id")
-    ap.add_argument("--output-dir", required=True, help="robustness.json and logits.npz go here")
-    ap.add_argument("--split", default="validation", help="any split but test")
-    ap.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report, logits = evaluate_robustness(args.model, args.dataset, split=args.split, precision=args.precision,
-                                         batch_size=args.batch_size, progress=not args.no_progress)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "robustness.json").write_text(json.dumps({**report, "battery": battery_description()}, indent=2) + "\n")
-    np.savez_compressed(out / "logits.npz", **logits)
-    print(format_report(report))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

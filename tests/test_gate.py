@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from modeling.gate import GATE_FILE, ROTATIONS, InputGate, fit_gate, invert, turn
 from modeling.probe import LinearHead
@@ -112,13 +111,13 @@ def test_fit_for_model_end_to_end_on_a_tiny_model(tmp_path):
     """The CLI fits, saves and reports on validation (turned and inverted copies counted)."""
     import json
 
-    from modeling.gate import main
+    from modeling.cli import gate_main as main
     from synthetic import make_class_dataset
 
     data = make_class_dataset(tmp_path / "data", n_train=30, n_val=20, n_test=6)
     model_dir = save_tiny_classifier(tmp_path / "m", image_size=32)
     assert main(["--model", str(model_dir), "--dataset", str(data), "--n-fit", "30", "--false-refusal", "0.05",
-                 "--report", str(tmp_path / "gate.json"), "--no-progress"]) == 0
+                 "--output", str(tmp_path / "gate.json"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "gate.json").read_text())
     assert report["validation"]["n"] == 20 and report["validation"]["refused"] <= 1
     assert {"validation_turned_90", "validation_inverted"} <= set(report)

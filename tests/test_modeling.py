@@ -396,7 +396,7 @@ def test_predict_cli_reports_bad_files_and_keeps_going(tmp_path, tiny_bases):
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     heat = tmp_path / "heat"
     proc = subprocess.run(
-        [sys.executable, "-m", "modeling.predict", "--model", str(model_dir), "--heatmap-dir", str(heat),
+        [sys.executable, "-m", "modeling", "predict", "--model", str(model_dir), "--heatmap-dir", str(heat),
          str(good), str(bad), str(missing), str(good)],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True,
         text=True, timeout=300)
@@ -452,10 +452,10 @@ def test_export_model_half_weights_float32_compute(tiny_bases, tmp_path) -> None
         export_model(_saved_model(tmp_path / "u", tiny_bases["vit"]), tmp_path / "other")
 
 
-def test_calibration_cli_calibrates_a_checkpoint_for_a_new_centre_crop(tmp_path, tiny_bases):
-    """``python -m modeling.calibration``: an uncalibrated checkpoint + a crop chosen on validation ->
+def test_calibration_cli_calibrates_a_checkpoint_for_a_new_centre_crop(tmp_path, tiny_bases, capsys):
+    """``cxr-calibrate``: an uncalibrated checkpoint + a crop chosen on validation ->
     a folder whose processor has the crop and whose temperature and threshold were fit with it."""
-    from modeling.calibration import main as calibration_main
+    from modeling.cli import calibrate_main as calibration_main
     from synthetic import make_class_dataset
 
     data = make_class_dataset(tmp_path / "data", n_train=6, n_val=30, n_test=6)
@@ -485,16 +485,18 @@ def test_calibration_cli_calibrates_a_checkpoint_for_a_new_centre_crop(tmp_path,
     with pytest.raises(FileExistsError):
         calibration_main(["--model", str(ckpt), "--dataset", str(data), "--output-dir", str(out), "--no-progress"])
     # ... and the export CLI takes it from there: float16 on disk, the crop kept, checked on validation
-    from modeling.export import main as export_main
+    from modeling.cli import export_main
 
     release = tmp_path / "release"
-    assert export_main(["--model", str(out), "--output-dir", str(release), "--check-dataset", str(data)]) == 0
+    assert export_main(["--model", str(out), "--output-dir", str(release), "--dataset", str(data)]) == 0
     assert json.loads((release / "preprocessor_config.json").read_text())["crop_size"]["height"] == 32
     shipped = Predictor.from_pretrained(str(release))
     assert shipped.model.dtype == torch.float32 and shipped.threshold == pytest.approx(cal.pneumonia_threshold)
-    with pytest.raises(SystemExit, match="validation"):
-        export_main(["--model", str(out), "--output-dir", str(tmp_path / "r2"), "--check-dataset", str(data),
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(out), "--output-dir", str(tmp_path / "r2"), "--dataset", str(data),
                      "--check-split", "test"])
+    assert "check the export on validation" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
 
 
 def test_pneumonia_probability_is_bacterial_plus_viral_for_a_vector_and_a_batch():

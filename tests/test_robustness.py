@@ -119,14 +119,17 @@ def test_cli_writes_the_report_and_refuses_the_test_split(tmp_path):
     data = make_class_dataset(tmp_path / "data", n_train=6, n_val=18, n_test=6)
     model = save_tiny_classifier(tmp_path / "model")
     out = tmp_path / "rob"
-    assert rb.main(["--model", str(model), "--dataset", str(data), "--output-dir", str(out), "--no-progress",
+    from modeling.cli import robustness_main
+
+    assert robustness_main(["--model", str(model), "--dataset", str(data), "--output-dir", str(out), "--no-progress",
                     "--precision", "float32"]) == 0
     report = json.loads((out / "robustness.json").read_text())
     assert list(report["conditions"]) == rb.condition_names() and report["n"] == 18
     assert [c["name"] for c in report["battery"]] == [c.name for c in rb.BATTERY]
     assert set(np.load(out / "logits.npz").files) == set(rb.condition_names())
     with pytest.raises(ValueError, match="validation tool"):
-        rb.main(["--model", str(model), "--dataset", str(data), "--output-dir", str(tmp_path / "t"), "--split", "test"])
+        robustness_main(["--model", str(model), "--dataset", str(data), "--output-dir", str(tmp_path / "t"),
+                         "--split", "test"])
 
 
 def _summary(worst_f1, worst_spec, mean_f1=0.8):

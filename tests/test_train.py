@@ -105,7 +105,7 @@ def test_train_writes_a_complete_calibrated_model_directory(dinov2_run):
 
 def test_evaluate_cli_reproduces_the_training_test_metrics(dinov2_run, data, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "modeling.evaluate", "--model", str(dinov2_run), "--dataset", str(data["dataset"]),
+        [sys.executable, "-m", "modeling", "evaluate", "--model", str(dinov2_run), "--dataset", str(data["dataset"]),
          "--split", "test", "--output-dir", str(tmp_path / "ev"), "--n-bootstrap", "20", "--seed", "42",
          "--no-progress"],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,

@@ -1,0 +1,277 @@
+"""The command line of the library: one function per command, each the mirror of a Python call.
+
+    cxr-evaluate    --model M --dataset D --output-dir O      modeling.evaluate.evaluate_model
+    cxr-predict     --model M FILE...                         modeling.predict.Predictor
+    cxr-calibrate   --model M --dataset D --output-dir O      modeling.evaluate.calibrate_saved
+    cxr-export      --model M --output-dir O [--dataset D]    modeling.export.export_model
+    cxr-robustness  --model M --dataset D --output-dir O      modeling.robustness.evaluate_robustness
+    cxr-gate        --model M --dataset D                     modeling.gate.fit_for_model
+
+(also ``python -m modeling COMMAND ...``). The commands live here, not in the library modules, so that
+importing ``modeling`` never runs argument parsing and the library has no import cycle.
+
+One flag vocabulary across the project (this module, ``train.py``, ``dataset_scripts``,
+``benchmarks``): ``--model`` (a saved model folder or Hub id), ``--base-model`` (what training starts
+from), ``--dataset`` (a built dataset folder or Hub id), ``--output-dir`` (a folder written) and
+``--output`` (a single file written). Older spellings (``--out``, ``--reference``, ``--model-dir``,
+``--check-dataset``) still work for one release and print a deprecation notice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option spelling: stores into the new destination and says so on stderr."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated and will be removed; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_flag(ap: argparse.ArgumentParser, name: str, *, old: tuple[str, ...] = (), **kwargs: Any) -> None:
+    """``ap.add_argument(name, ...)`` plus hidden deprecated spellings that fill the same value."""
+    dest = name.lstrip("-").replace("-", "_")
+    required = kwargs.pop("required", False)
+    ap.add_argument(name, dest=dest, required=required and not old, **kwargs)
+    for alias in old:
+        ap.add_argument(alias, dest=dest, action=DeprecatedAlias, new=name, help=argparse.SUPPRESS,
+                        type=kwargs.get("type"))
+    if required and old:
+        ap.set_defaults(**{f"_required_{dest}": name})
+
+
+def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args`` that also enforces flags made optional only because they have an old alias."""
+    args = ap.parse_args(argv)
+    for key, flag in list(vars(args).items()):
+        if key.startswith("_required_"):
+            if getattr(args, key[len("_required_"):]) is None:
+                ap.error(f"the following arguments are required: {flag}")
+            delattr(args, key)
+    return args
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+# ---- evaluate -----------------------------------------------------------------------------------------
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """Evaluate a saved model on a dataset split: metrics with patient-grouped CIs, plots, predictions."""
+    from .data import load_cxr_dataset, require_split, stratified_subset
+    from .evaluate import evaluate_model
+    from .metrics import format_summary
+    from .predict import Predictor
+
+    ap = argparse.ArgumentParser(prog="cxr-evaluate", description=evaluate_main.__doc__)
+    add_flag(ap, "--model", required=True, help="Hub id or save_pretrained directory")
+    ap.add_argument("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
+    add_flag(ap, "--dataset", required=True, help="dataset directory (dataset_scripts.build) or Hub id")
+    ap.add_argument("--split", default="test")
+    add_flag(ap, "--output-dir", required=True, help="metrics.json, predictions.csv and plots/ go here")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-samples", type=int, default=None,
+                    help="evaluate a stratified subset of N rows (smoke tests; marked subset=true, not a result)")
+    ap.add_argument("--dataset-revision", default=None, help="dataset revision on the Hub")
+    ap.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0 = none)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="pneumonia threshold (default: the one stored with the model)")
+    ap.add_argument("--seed", type=int, default=42,
+                    help="bootstrap and --max-samples seed (train.py's default, so its subsets are reproduced)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = parse(ap, argv)
+    predictor = Predictor.from_pretrained(args.model, revision=args.revision)
+    split = require_split(load_cxr_dataset(args.dataset, revision=args.dataset_revision), args.split)
+    subset = bool(args.max_samples) and args.max_samples < len(split)
+    if subset:
+        split = stratified_subset(split, args.max_samples, args.seed)
+    threshold = predictor.threshold if args.threshold is None else args.threshold
+    metrics = evaluate_model(predictor.model, predictor.processor, split, Path(args.output_dir), threshold=threshold,
+                             split_name=args.split, batch_size=args.batch_size, n_bootstrap=args.n_bootstrap,
+                             seed=args.seed, progress=not args.no_progress,
+                             extra={"model": args.model, "model_revision": predictor.revision, "dataset": args.dataset,
+                                    "subset": subset})
+    print(format_summary(metrics))
+    print(f"wrote {Path(args.output_dir) / 'metrics.json'}")
+    return 0
+
+
+# ---- predict ------------------------------------------------------------------------------------------
+
+def predict_main(argv: list[str] | None = None) -> int:
+    """One JSON line per file. A file that cannot be read gets a line with its error (reason code and
+    message) and the others are still predicted; the exit code is 1 if any file failed, else 0."""
+    from PIL import Image
+
+    from .image_io import ImageLoadError, load_image
+    from .labels import LABELS
+    from .predict import PRECISIONS, Predictor
+
+    ap = argparse.ArgumentParser(prog="cxr-predict", description="Classify chest X-ray files. " + predict_main.__doc__)
+    add_flag(ap, "--model", required=True, help="Hub id or save_pretrained directory")
+    ap.add_argument("--revision", default=None)
+    ap.add_argument("--heatmap-dir", default=None, help="write a Grad-CAM overlay PNG per file here")
+    ap.add_argument("--target-class", default=None, choices=LABELS, help="heatmap class (default: the predicted one)")
+    ap.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in the overlay")
+    ap.add_argument("--precision", default="float32", choices=PRECISIONS,
+                    help="compute precision (float32 reproduces the model card; bfloat16 is faster on CPUs with native bf16)")
+    ap.add_argument("files", nargs="+")
+    args = parse(ap, argv)
+
+    predictor = Predictor.from_pretrained(args.model, revision=args.revision, precision=args.precision)
+    heat_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
+    if heat_dir:
+        heat_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for i, name in enumerate(args.files):
+        record: dict[str, Any] = {"file": name}
+        try:
+            gray = load_image(name)
+            pred = predictor.predict_one(gray, heatmap=heat_dir is not None, target_class=args.target_class)
+            record.update(pred.to_dict())
+            if heat_dir is not None:
+                from .gradcam import overlay
+
+                out = heat_dir / f"{i:05d}_{Path(name).stem}_gradcam_{pred.heatmap_class}.png"
+                Image.fromarray(overlay(gray, pred.heatmap, alpha=args.alpha)).save(out)
+                record["heatmap_file"] = str(out)
+        except (ImageLoadError, OSError) as exc:
+            failed += 1
+            record["error"] = {"reason": getattr(exc, "reason", "io_error"), "message": str(exc)}
+        print(json.dumps(record), flush=True)
+    if failed:
+        print(f"{failed} of {len(args.files)} file(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ---- calibrate ----------------------------------------------------------------------------------------
+
+def calibrate_main(argv: list[str] | None = None) -> int:
+    """Fit temperature and pneumonia threshold on validation; save a calibrated copy."""
+    from .evaluate import calibrate_saved
+
+    ap = argparse.ArgumentParser(prog="cxr-calibrate", description=calibrate_main.__doc__)
+    add_flag(ap, "--model", required=True, help="uncalibrated save_pretrained folder (train.py checkpoints/best)")
+    add_flag(ap, "--dataset", required=True, help="dataset directory (dataset_scripts.build) or Hub id")
+    add_flag(ap, "--output-dir", required=True)
+    ap.add_argument("--crop-pct", type=float, default=None, help="set the processor's evaluation centre crop first")
+    ap.add_argument("--target-sensitivity", type=float, default=0.985)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = parse(ap, argv)
+    _threads(args.threads)
+    cal = calibrate_saved(args.model, args.dataset, args.output_dir, crop_pct=args.crop_pct,
+                          target_sensitivity=args.target_sensitivity, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    print(json.dumps(asdict(cal), indent=2))
+    return 0
+
+
+# ---- export -------------------------------------------------------------------------------------------
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Write release weights (float16 on disk, float32 compute), checked on validation images."""
+    from .export import WEIGHT_DTYPES, export_model
+
+    ap = argparse.ArgumentParser(prog="cxr-export", description=export_main.__doc__)
+    add_flag(ap, "--model", required=True, help="calibrated save_pretrained folder (train.py output)")
+    add_flag(ap, "--output-dir", required=True)
+    ap.add_argument("--weights-dtype", default="float16", choices=sorted(WEIGHT_DTYPES))
+    add_flag(ap, "--dataset", old=("--check-dataset",), default=None,
+             help="dataset whose --check-split images measure the rounding")
+    ap.add_argument("--check-split", default="validation")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    args = parse(ap, argv)
+    images = None
+    if args.dataset:
+        from .data import load_cxr_dataset, require_split
+
+        if args.check_split == "test":
+            ap.error("check the export on validation: the official test split is for the one evaluation")
+        images = require_split(load_cxr_dataset(args.dataset), args.check_split)["image"]
+    print(json.dumps(export_model(args.model, args.output_dir, weights_dtype=args.weights_dtype,
+                                  check_images=images, overwrite=args.overwrite), indent=2))
+    return 0
+
+
+# ---- robustness ---------------------------------------------------------------------------------------
+
+def robustness_main(argv: list[str] | None = None) -> int:
+    """Score a model on validation and under the fixed robustness battery."""
+    import numpy as np
+
+    from .robustness import battery_description, evaluate_robustness, format_report
+
+    ap = argparse.ArgumentParser(prog="cxr-robustness", description=robustness_main.__doc__)
+    add_flag(ap, "--model", required=True, help="save_pretrained folder or Hub id")
+    add_flag(ap, "--dataset", required=True, help="dataset directory (dataset_scripts.build) or Hub id")
+    add_flag(ap, "--output-dir", required=True, help="robustness.json and logits.npz go here")
+    ap.add_argument("--split", default="validation", help="any split but test")
+    ap.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = parse(ap, argv)
+    _threads(args.threads)
+    report, logits = evaluate_robustness(args.model, args.dataset, split=args.split, precision=args.precision,
+                                         batch_size=args.batch_size, progress=not args.no_progress)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "robustness.json").write_text(json.dumps({**report, "battery": battery_description()}, indent=2) + "\n")
+    np.savez_compressed(out / "logits.npz", **logits)
+    print(format_report(report))
+    return 0
+
+
+# ---- gate ---------------------------------------------------------------------------------------------
+
+def gate_main(argv: list[str] | None = None) -> int:
+    """Fit the learned input gate of a saved model and save it beside the weights (input_gate.npz)."""
+    from .gate import GATE_FILE, fit_for_model
+
+    ap = argparse.ArgumentParser(prog="cxr-gate", description=gate_main.__doc__)
+    add_flag(ap, "--model", required=True, help="save_pretrained folder; input_gate.npz is written into it")
+    add_flag(ap, "--dataset", required=True)
+    ap.add_argument("--n-fit", type=int, default=1500, help="training films used (stratified)")
+    ap.add_argument("--false-refusal", type=float, default=0.005, help="validation false-refusal rate of the limit")
+    add_flag(ap, "--output", old=("--report",), default=None, help="write the validation numbers here (JSON)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = parse(ap, argv)
+    _threads(args.threads)
+    gate, report = fit_for_model(args.model, args.dataset, n_fit=args.n_fit, false_refusal=args.false_refusal,
+                                 progress=not args.no_progress)
+    gate.save(Path(args.model) / GATE_FILE)
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+COMMANDS = {"evaluate": evaluate_main, "predict": predict_main, "calibrate": calibrate_main, "export": export_main,
+            "robustness": robustness_main, "gate": gate_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m modeling COMMAND [args]``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: python -m modeling {" + ",".join(COMMANDS) + "} [args]   (or cxr-COMMAND)", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
