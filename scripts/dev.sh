@@ -44,7 +44,7 @@ case "$cmd" in
   space)
     setup
     export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-    exec .venv/bin/python space/app.py "$@" ;;
+    exec .venv/bin/python -m space.app "$@" ;;
   dataset)
     setup
     exec .venv/bin/python -m dataset_scripts.build \

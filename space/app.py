@@ -1,8 +1,8 @@
 """The Gradio Space: pediatric chest X-ray triage with calibrated probabilities, Grad-CAM and
 clinician feedback.
 
-    python space/app.py                      # the bundled model (space/model), http://127.0.0.1:7860
-    MODEL_ID=org/model python space/app.py   # any model saved by train.py (Hub id or folder)
+    cxr-space                                # the bundled model (space/model), http://127.0.0.1:7860
+    MODEL_ID=org/model python -m space.app   # any model saved by train.py (Hub id or folder)
 
 Settings (environment variables):
 
@@ -36,19 +36,12 @@ from __future__ import annotations
 import base64
 import io
 import os
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if not (HERE / "modeling").is_dir() and str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))  # running from the repo: modeling/ is beside space/
+from .files import TempFiles, UploadGone, private_temp_dir
 
-if __package__:
-    from .files import TempFiles, UploadGone, private_temp_dir
-else:  # python space/app.py, or app.py at the root of a Space
-    from files import TempFiles, UploadGone, private_temp_dir  # type: ignore
 # Gradio reads its temp folder when it is imported and when components are built: point it at the
 # Space's private folder first (space/files.py says why).
 if not os.environ.get("GRADIO_TEMP_DIR"):
@@ -62,15 +55,11 @@ from modeling.image_io import IMAGE_EXTENSIONS  # noqa: E402
 from modeling.labels import LABELS  # noqa: E402
 from modeling.predict import Predictor  # noqa: E402
 
-if __package__:
-    from .access import AccessDenied, AccessPolicy, request_token
-    from .service import LABEL_NAMES, MAX_UPLOAD_BYTES, CxrService, InputError, heatmap_overlay, rows_to_csv
-    from .store import ROLES, FeedbackStore, StoreError
-else:
-    from access import AccessDenied, AccessPolicy, request_token  # type: ignore
-    from service import (LABEL_NAMES, MAX_UPLOAD_BYTES, CxrService, InputError, heatmap_overlay,  # type: ignore
-                         rows_to_csv)
-    from store import ROLES, FeedbackStore, StoreError  # type: ignore
+from .access import AccessDenied, AccessPolicy, request_token  # noqa: E402
+from .service import LABEL_NAMES, MAX_UPLOAD_BYTES, CxrService, InputError, heatmap_overlay, rows_to_csv  # noqa: E402
+from .store import ROLES, FeedbackStore, StoreError  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 DISCLAIMER = (
     "**Research prototype, not a medical device.** It has not been cleared or approved for clinical use. "
@@ -507,10 +496,7 @@ def main() -> None:
     service = make_service(config)
     service.warmup()
     if config.feedback_repo:
-        if __package__:
-            from .sync import start_feedback_sync
-        else:
-            from sync import start_feedback_sync  # type: ignore
+        from .sync import start_feedback_sync
         start_feedback_sync(service.store, config.feedback_repo, every_minutes=config.sync_minutes,
                             license=config.feedback_license)
     demo = build_app(service, config, files, AccessPolicy.from_env())

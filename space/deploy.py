@@ -1,12 +1,14 @@
 """Deploy the Space: upload the app, the ``modeling`` library and the model to a Hub Space repo.
 
-    python -m space.deploy --repo ORG/cxr-pneumonia-triage                    # bundles space/model
-    python -m space.deploy --repo ORG/cxr-pneumonia-triage --model-id ORG/model   # model from the Hub
+    cxr-deploy --repo ORG/cxr-pneumonia-triage                       # bundles space/model
+    cxr-deploy --repo ORG/cxr-pneumonia-triage --model-id ORG/model   # model from the Hub
 
-The Space repo's layout is flat (``app.py`` at its root, as Spaces expect), so the staging folder
-gets ``space/*.py``, ``README.md`` (Space YAML), ``requirements.txt``, ``examples/``, the
-``modeling/`` package and either ``model/`` or a ``MODEL_ID`` Space variable. One commit; files of
-an earlier deployment that are no longer part of it are deleted in the same commit.
+The Space repo keeps the project's package layout: ``app.py`` at its root (what Spaces run) is a
+two-line launcher of ``space.app``; beside it the ``space/`` package (its modules, ``examples/`` and,
+when bundled, ``model/``), the ``modeling/`` package, ``README.md`` (the Space's YAML) and
+``requirements.txt``. The same relative imports therefore work in the repository and on the Space.
+One commit; files of an earlier deployment that are no longer part of it are deleted in the same
+commit.
 """
 
 from __future__ import annotations
@@ -19,21 +21,29 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-APP_FILES = ("app.py", "service.py", "store.py", "sync.py", "README.md", "requirements.txt")
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".DS_Store")
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".DS_Store", "data", "model")
+LAUNCHER = '''"""Hugging Face Space entry point: the app is the ``space`` package beside this file."""
+
+from space.app import main
+
+main()
+'''
 
 
 def stage(dest: Path, model_dir: Path | None) -> Path:
     """Lay out the Space repo in ``dest`` (see module docstring)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in APP_FILES:
+    (dest / "app.py").write_text(LAUNCHER)
+    for name in ("README.md", "requirements.txt"):
         shutil.copy2(HERE / name, dest / name)
-    shutil.copytree(HERE / "examples", dest / "examples", ignore=IGNORE)
+    shutil.copytree(HERE, dest / "space", ignore=IGNORE)
+    for name in ("README.md", "requirements.txt"):
+        (dest / "space" / name).unlink(missing_ok=True)
     shutil.copytree(ROOT / "modeling", dest / "modeling", ignore=IGNORE)
     if model_dir is not None:
         if not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir} is not a saved model (no config.json)")
-        shutil.copytree(model_dir, dest / "model", ignore=IGNORE)
+        shutil.copytree(model_dir, dest / "space" / "model", ignore=shutil.ignore_patterns("__pycache__", "eval"))
     return dest
 
 
@@ -57,15 +67,18 @@ def deploy(repo_id: str, *, model_dir: str | Path | None = HERE / "model", model
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m space.deploy", description=__doc__.split("\n\n")[0])
+    from modeling.cli import add_flag, parse
+
+    ap = argparse.ArgumentParser(prog="cxr-deploy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repo", required=True, help="Space repo id, e.g. ORG/cxr-pneumonia-triage")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--model-dir", default=str(HERE / "model"), help="model folder to bundle (default space/model)")
+    add_flag(g, "--model", old=("--model-dir",), default=str(HERE / "model"),
+             help="model folder to bundle (default space/model)")
     g.add_argument("--model-id", default=None, help="use this Hub model instead of bundling one")
     ap.add_argument("--private", action="store_true")
     ap.add_argument("--token", default=None, help="write token (default: HF_TOKEN / the stored login)")
-    args = ap.parse_args(argv)
-    url = deploy(args.repo, model_dir=args.model_dir, model_id=args.model_id, token=args.token, private=args.private)
+    args = parse(ap, argv)
+    url = deploy(args.repo, model_dir=args.model, model_id=args.model_id, token=args.token, private=args.private)
     print(url)
     return 0
 

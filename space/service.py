@@ -27,10 +27,7 @@ from modeling.labels import DISPLAY_NAMES, LABELS
 from modeling.predict import Prediction, Predictor
 from modeling.quality import xray_problems
 
-try:  # imported as the package ``space`` (tests) or as top-level modules (python space/app.py, the Space)
-    from .store import FeedbackStore, PredictionRecord
-except ImportError:  # pragma: no cover - exercised by the subprocess tests
-    from store import FeedbackStore, PredictionRecord  # type: ignore[no-redef]
+from .store import FeedbackStore, PredictionRecord
 
 LABEL_NAMES = DISPLAY_NAMES  # modeling.labels: one place
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a large uncompressed DICOM CR is ~30 MB

@@ -17,10 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitScheduler
 
-try:
-    from .store import FeedbackStore
-except ImportError:  # pragma: no cover
-    from store import FeedbackStore  # type: ignore[no-redef]
+from .store import FeedbackStore
 
 
 class FeedbackScheduler(CommitScheduler):

@@ -272,7 +272,8 @@ def start_app(model_dir: Path, root: Path, extra_env: dict | None = None) -> Run
            "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "CXR_ADMIN_TOKEN": ADMIN_TOKEN,
            "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", **(extra_env or {})}
     log = root / "app.log"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "space" / "app.py")], env=env, cwd=root,
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, "-m", "space.app"], env=env, cwd=root,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180

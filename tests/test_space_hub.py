@@ -30,19 +30,21 @@ print(json.dumps({{"first": first, "second": second, "sdk": info.sdk, "yaml": re
                   "variables": variables}}))
 """, env)
     first, second = got["first"], got["second"]
-    for f in ("app.py", "service.py", "store.py", "sync.py", "README.md", "requirements.txt",
-              "modeling/predict.py", "modeling/gradcam.py", "model/config.json", "model/model.safetensors",
-              "model/preprocessor_config.json"):
+    for f in ("app.py", "space/app.py", "space/service.py", "space/store.py", "space/sync.py", "space/files.py",
+              "space/access.py", "space/__init__.py", "README.md", "requirements.txt", "modeling/predict.py",
+              "modeling/gradcam.py", "space/model/config.json", "space/model/model.safetensors",
+              "space/model/preprocessor_config.json"):
         assert f in first, f
     assert got["sdk"] == "gradio" and got["yaml"]
     assert not any("__pycache__" in f for f in first)
     # redeploy with a Hub model: the bundled model is removed in the same commit, MODEL_ID is set
-    assert not any(f.startswith("model/") for f in second) and "app.py" in second
+    assert not any(f.startswith("space/model/") for f in second) and "app.py" in second
     assert got["variables"] == {"MODEL_ID": "org/released-model"}
 
 
 def test_deployed_layout_runs(tmp_path) -> None:
-    """The flat Space layout imports and builds its app (app.py at the root, modeling/ beside it)."""
+    """The deployed layout imports and builds its app with nothing of the repository on the path (app.py
+    launcher at the root, the space and modeling packages beside it)."""
     import subprocess
     import sys
 
@@ -50,7 +52,7 @@ def test_deployed_layout_runs(tmp_path) -> None:
 
     model = save_tiny_classifier(tmp_path / "model-src")
     folder = stage(tmp_path / "space", model)
-    code = ("import app, json; cfg = app.AppConfig.from_env(); svc = app.make_service(cfg); "
+    code = ("import json; import space.app as app; cfg = app.AppConfig.from_env(); svc = app.make_service(cfg); "
             "demo = app.build_app(svc, cfg); print(json.dumps({'model': svc.predictor.model_id, "
             "'n_fns': len(demo.fns)}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=300,
