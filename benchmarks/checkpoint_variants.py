@@ -7,7 +7,7 @@ patient-grouped paired bootstrap of the macro-F1 difference against the referenc
 release decision can be made before any test evaluation.
 
     python benchmarks/checkpoint_variants.py --dataset data/cxr-pneumonia \\
-        --reference outputs/stageB-224/checkpoints/best \\
+        --model outputs/stageB-224/checkpoints/best \\
         --soup outputs/stageB-224/checkpoints/best outputs/stageB-224/checkpoints/epoch-003 \\
                outputs/stageB-224/checkpoints/epoch-004 \\
         --out benchmarks/results/checkpoint_variants.json
@@ -33,15 +33,14 @@ from safetensors.torch import load_file
 from sklearn.metrics import f1_score, roc_auc_score
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+from modeling.cli import add_flag, parse
+from modeling.calibration import choose_threshold, fit_temperature, nll, softmax
+from modeling.data import groups_of, load_cxr_dataset
+from modeling.labels import pneumonia_probability
+from modeling.metrics import paired_bootstrap_macro_f1
+from modeling.preprocessing import build_image_processor, config_from_processor, pixel_values
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from modeling.calibration import choose_threshold, fit_temperature, nll, softmax  # noqa: E402
-from modeling.data import groups_of, load_cxr_dataset  # noqa: E402
-from modeling.labels import pneumonia_probability  # noqa: E402
-from modeling.metrics import paired_bootstrap_macro_f1  # noqa: E402
-from modeling.preprocessing import build_image_processor, config_from_processor, pixel_values  # noqa: E402
-
 
 def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
     """Float32 weights under the model's own parameter names: a ``save_pretrained`` folder is loaded
@@ -113,7 +112,8 @@ def summary(logits: np.ndarray, labels: np.ndarray, target_sensitivity: float) -
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="data/cxr-pneumonia")
-    ap.add_argument("--reference", required=True, type=Path, help="save_pretrained folder (has config.json)")
+    add_flag(ap, "--model", old=("--reference",), required=True, type=Path,
+             help="the reference: a save_pretrained folder (has config.json)")
     ap.add_argument("--soup", nargs="*", type=Path, default=[], help="checkpoints to weight-average (and logit-ensemble)")
     ap.add_argument("--candidates", nargs="*", type=Path, default=[], help="other save_pretrained folders to compare")
     ap.add_argument("--views", nargs="*", default=["identity", "zoom0.9", "scale252"])
@@ -121,15 +121,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="evaluate the reference with the saved processor's centre-crop variant at these fractions")
     ap.add_argument("--target-sensitivity", type=float, default=0.985)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/checkpoint_variants.json")
-    args = ap.parse_args(argv)
+    add_flag(ap, "--output", old=("--out",), type=Path, default=ROOT / "benchmarks/results/checkpoint_variants.json")
+    args = parse(ap, argv)
     torch.set_num_threads(args.threads)
 
     split = load_cxr_dataset(args.dataset)["validation"]
     labels = np.asarray(split["label"])
     groups = groups_of(split) or [str(i) for i in range(len(split))]
-    processor = AutoImageProcessor.from_pretrained(args.reference, backend="pil")  # as the predictor loads it
-    model = AutoModelForImageClassification.from_pretrained(args.reference)
+    processor = AutoImageProcessor.from_pretrained(args.model, backend="pil")  # as the predictor loads it
+    model = AutoModelForImageClassification.from_pretrained(args.model)
     reference_weights = {k: v.clone() for k, v in model.state_dict().items()}  # the soup rows overwrite them
 
     logits: dict[str, np.ndarray] = {}
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             np.savez_compressed(cache_file, **cache)
         return cache[key]
 
-    ref_views = cached(f"{args.reference.resolve()}|{','.join(args.views)}",
+    ref_views = cached(f"{args.model.resolve()}|{','.join(args.views)}",
                        lambda: val_logits(model, processor, split, args.views))
     for name, lv in zip(args.views, ref_views):
         logits[f"reference[{name}]"] = lv
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.soup:
         singles = []
         for p in args.soup:
-            if p.resolve() == args.reference.resolve():
+            if p.resolve() == args.model.resolve():
                 singles.append(ref_views[0])
                 continue
             def one(p=p):
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         def with_crop(cp=cp):
             model.load_state_dict(reference_weights)
             return val_logits(model, cp, split, ["identity"])[0]
-        logits[f"reference[crop_pct={f}]"] = cached(f"{args.reference.resolve()}|crop{f}", with_crop)
+        logits[f"reference[crop_pct={f}]"] = cached(f"{args.model.resolve()}|crop{f}", with_crop)
         print(f"crop {f}: {time.perf_counter() - t0:.0f} s", flush=True)
 
     for c in args.candidates:
@@ -191,16 +191,16 @@ def main(argv: list[str] | None = None) -> int:
               f"NLL {r['nll_calibrated']:.4f} AUC {r['binary_auc']:.4f} spec {r['specificity_at_threshold']:.3f} "
               f"dF1 {r['vs_reference']['delta_macro_f1']:+.4f} {r['vs_reference']['ci95']}", flush=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "split": "validation", "n": int(len(labels)), "reference": str(args.reference),
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({
+        "split": "validation", "n": int(len(labels)), "reference": str(args.model),
         "soup": [str(p) for p in args.soup], "views": args.views,
         "note": "threshold and temperature are fit and scored on validation itself (in-sample, same for every row)",
         "results": rows,
     }, indent=2) + "\n")
     (ROOT / "outputs").mkdir(exist_ok=True)
-    np.savez_compressed(ROOT / "outputs" / (args.out.stem + ".logits.npz"), labels=labels, **{k: v for k, v in logits.items()})
-    print(f"wrote {args.out}")
+    np.savez_compressed(ROOT / "outputs" / (args.output.stem + ".logits.npz"), labels=labels, **{k: v for k, v in logits.items()})
+    print(f"wrote {args.output}")
     return 0
 
 

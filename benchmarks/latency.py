@@ -17,14 +17,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from modeling.image_io import IMAGE_EXTENSIONS
 
-from modeling.image_io import IMAGE_EXTENSIONS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "kermany" / "chest_xray" / "test"
 

@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from modeling import robustness as rb
+from modeling.cli import add_flag, parse
+from modeling.augment import AugmentConfig
+from modeling.data import groups_of, load_cxr_dataset
+from modeling.features import ViewSpec, extract, features_fn
+from modeling.probe import LinearHead, embed, fit_probe, probe_model
 
-from modeling import robustness as rb  # noqa: E402
-from modeling.augment import AugmentConfig  # noqa: E402
-from modeling.data import groups_of, load_cxr_dataset  # noqa: E402
-from modeling.features import ViewSpec, extract, features_fn  # noqa: E402
-from modeling.probe import LinearHead, embed, fit_probe, probe_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # The anchor recipe's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and flip, plus our mild rotation
 # and intensity jitter: the training views of the augmented probes and of the fine-tuning runs.
@@ -288,8 +288,8 @@ def cmd_table(args) -> None:
         "decision": {k: v for k, v in decision.items() if k != "candidates"},
         "candidates": {name: {**row, "selection": decision["candidates"][name]} for name, row in rows.items()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
     order = sorted(rows, key=lambda n: -rows[n]["summary"]["worst_macro_f1"])
     print(f"{'candidate':62s} {'plainF1':>7s} {'spec':>5s} {'worstF1':>7s} {'meanF1':>6s} {'wSpec':>5s} {'mSpec':>5s} elig")
     for n in order:
@@ -337,12 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", required=True)
     e.add_argument("--members", nargs="+", required=True)
     t = sub.add_parser("table")
-    t.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipes.json"))
+    add_flag(t, "--output", old=("--out",), default=str(ROOT / "benchmarks" / "results" / "recipes.json"))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     torch.set_num_threads(args.threads)
     {"features": cmd_features, "probes": cmd_probes, "save-probe": cmd_save_probe, "score": cmd_score,
      "wise": cmd_wise, "save-wise": cmd_save_wise, "ensemble": cmd_ensemble, "table": cmd_table}[args.cmd](args)

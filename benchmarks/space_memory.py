@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from modeling.cli import add_flag, parse
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,13 +53,8 @@ def cases(folder: Path) -> dict[str, Path]:
     big.paste(film((1000, 1000)), (3000, 3000))
     save("bomb_like_7000x7000.png", big, optimize=True)
     save("photo_like_7000x7000.jpg", film((7000, 7000)), quality=85)
-    from pydicom.dataset import FileMetaDataset  # noqa: F401  (pydicom present: build a big DICOM)
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from synthetic import make_dicom
-
-    p = folder / "cr_3000x3000_16bit.dcm"
-    p.write_bytes(make_dicom((np.asarray(film((3000, 3000)), np.uint16) * 16)))
+    p = folder / "cr_3000x3000_12bit.dcm"
+    p.write_bytes(dicom_bytes(np.asarray(film((3000, 3000)), np.uint16) * 16))
     out[p.name] = p
     z = folder / "batch_50x2000.zip"
     one = io.BytesIO()
@@ -67,6 +64,26 @@ def cases(folder: Path) -> dict[str, Path]:
             zf.writestr(f"{i:02d}.jpg", one.getvalue())
     out[z.name] = z
     return out
+
+
+def dicom_bytes(pixels: np.ndarray) -> bytes:
+    """An uncompressed 12-bit CR chest DICOM of ``pixels`` (pydicom, no patient data)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def rss_mb() -> float:
@@ -82,7 +99,6 @@ def run_case(model: str, path: str, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    sys.path.insert(0, str(ROOT))
     from modeling.predict import Predictor
     from space.service import CxrService
     from space.store import FeedbackStore
@@ -110,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT / "space" / "model"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "space_memory.json"))
+    add_flag(ap, "--output", old=("--out",), default=str(ROOT / "benchmarks" / "results" / "space_memory.json"))
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case here
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     if args.case:
         print(json.dumps(run_case(args.model, args.case, args.threads)))
         return 0
@@ -131,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"model": args.model, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
            "date": time.strftime("%Y-%m-%d"), "bound": "< 1024 MB above baseline and < 3 s per accepted file",
            "results": results}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.output}")
     return 0
 
 

@@ -362,12 +362,14 @@ def build(cfg: BuildConfig) -> BuildResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataset_scripts.build", description=__doc__,
+    from modeling.cli import add_flag, parse
+
+    ap = argparse.ArgumentParser(prog="cxr-build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
                     help="kermany:PATH, folders:PATH, manifest:CSV or contributions:DIR_OR_REPO_ID "
                          "(merged contributions; repeatable; order = preference)")
-    ap.add_argument("--out", required=True, type=Path, help="output folder (save_to_disk)")
+    add_flag(ap, "--output-dir", old=("--out",), required=True, type=Path, help="output folder (save_to_disk)")
     ap.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                     help="skip files whose path relative to their source matches, e.g. 'TrainData/*' "
                          "for pre-augmented copies (repeatable)")
@@ -382,15 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--push-to-hub", metavar="REPO_ID", help="publish dataset + card as a Hub dataset")
     ap.add_argument("--private", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     if not 0 < args.val_fraction <= 0.5:
         ap.error("--val-fraction must be in (0, 0.5]")
 
-    cfg = BuildConfig(sources=args.source, out=args.out, exclude=args.exclude, val_fraction=args.val_fraction,
+    cfg = BuildConfig(sources=args.source, out=args.output_dir, exclude=args.exclude, val_fraction=args.val_fraction,
                       seed=args.seed, near_threshold=args.near_threshold,
                       cache_dir=None if args.no_cache else args.cache_dir, workers=args.workers,
                       progress=not args.no_progress,
-                      command="python -m dataset_scripts.build " + shlex.join(argv if argv is not None else sys.argv[1:]))
+                      command="cxr-build " + shlex.join(argv if argv is not None else sys.argv[1:]))
     try:
         result = build(cfg)
     except SourceError as e:

@@ -769,7 +769,9 @@ def _print_report(report: ValidationReport) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataset_scripts.contribute", description=__doc__,
+    from modeling.cli import add_flag, parse
+
+    ap = argparse.ArgumentParser(prog="cxr-contribute", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     for name in ("validate", "submit"):
@@ -778,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dataset", metavar="DIR_OR_HUB_ID",
                        help="the existing dataset (built by dataset_scripts.build): duplicates of its "
                             "images are dropped, label conflicts blocked")
-        p.add_argument("--output", type=Path, help=f"cleaned copy folder (default SUBMISSION_DIR/{CLEAN_DIRNAME})")
+        add_flag(p, "--output-dir", old=("--output",), type=Path,
+                 help=f"cleaned copy folder (default SUBMISSION_DIR/{CLEAN_DIRNAME})")
         p.add_argument("--near-threshold", type=int, default=dedup.DEFAULT_NEAR_THRESHOLD,
                        help="max Hamming distance (of 256 bits) for a near duplicate (default: the build's)")
         p.add_argument("--test-index", type=Path, default=TEST_INDEX, help=argparse.SUPPRESS)
@@ -786,25 +789,25 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--repo", required=True, metavar="REPO_ID", help="the Hub dataset repo")
     p = sub.add_parser("index-test-images", help="recompute the committed official test index (maintainers)")
     p.add_argument("kermany_dir", type=Path)
-    p.add_argument("--out", type=Path, default=TEST_INDEX)
-    args = ap.parse_args(argv)
+    add_flag(p, "--output", old=("--out",), type=Path, default=TEST_INDEX, help="the index file written")
+    args = parse(ap, argv)
 
     try:
         if args.command == "index-test-images":
             rows = compute_test_index(args.kermany_dir)
             if not rows:
                 raise UsageError(f"{args.kermany_dir}: no official test images found")
-            print(f"wrote {write_test_index(rows, args.out)} ({len(rows)} images)")
+            print(f"wrote {write_test_index(rows, args.output)} ({len(rows)} images)")
             return 0
         if args.command == "validate":
-            report = validate(args.submission_dir, dataset=args.dataset, output=args.output,
+            report = validate(args.submission_dir, dataset=args.dataset, output=args.output_dir,
                               near_threshold=args.near_threshold, test_index=args.test_index)
             _print_report(report)
             return report.exit_code
         from huggingface_hub.errors import HfHubHTTPError
 
         try:
-            result = submit(args.submission_dir, args.repo, dataset=args.dataset, output=args.output,
+            result = submit(args.submission_dir, args.repo, dataset=args.dataset, output=args.output_dir,
                             token=os.environ.get("HF_TOKEN"), near_threshold=args.near_threshold,
                             test_index=args.test_index)
         except HfHubHTTPError as e:

@@ -3,8 +3,9 @@
 # torchvision dependency), then runs the job asked for.
 #   bash scripts/dev.sh space     start the Gradio Space on the bundled model (http://127.0.0.1:7860)
 #   bash scripts/dev.sh dataset   build the merged dataset from ../shared into data/cxr-pneumonia
-#   bash scripts/dev.sh test      run the test suite (installs Debian's chromium for the browser test
-#                                 when apt-get is usable; without it that one test is skipped)
+#   bash scripts/dev.sh test      run the whole test suite, as CI does (installs Debian's chromium for the
+#                                 browser test when apt-get is usable; without it that test is skipped);
+#                                 `.venv/bin/pytest` alone runs the fast subset
 #   bash scripts/dev.sh setup     only set up .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,12 +15,14 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 setup() {
   local stamp=.venv/.requirements.sha256
   local want
-  want=$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+  want=$(cat requirements.txt requirements-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   echo "setting up .venv (first run installs the pinned requirements; a few minutes)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+  # the project itself (console commands cxr-*), editable; its dependencies are the pins above
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 }
 
@@ -50,11 +53,11 @@ case "$cmd" in
     exec .venv/bin/python -m dataset_scripts.build \
       --source kermany:../shared/data/kermany \
       --source folders:../shared/data/skytells-covid19-xray --exclude 'TrainData/*' \
-      --out data/cxr-pneumonia "$@" ;;
+      --output-dir data/cxr-pneumonia "$@" ;;
   test)
     setup
     ensure_chromium
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-    exec .venv/bin/python -m pytest "$@" ;;
+    exec .venv/bin/python -m pytest -m "" "$@" ;;  # all tests (plain `pytest` is the fast subset)
   *) echo "usage: bash scripts/dev.sh {space|dataset|test|setup} [args...]" >&2; exit 2 ;;
 esac

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from huggingface_hub import ModelCard, ModelCardData
+from modeling.cli import add_flag, parse
+from modeling.card import _get, eval_results, fmt, results_table
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from huggingface_hub import ModelCard, ModelCardData  # noqa: E402
-
-from modeling.card import _get, eval_results, fmt, results_table  # noqa: E402
 
 ANCHOR = {  # kiselyovd/chest-xray-classifier, as published (official Kermany test, 624 images)
     "accuracy": 0.9135, "macro_f1": 0.903, "per_class.viral_pneumonia.f1": 0.830, "auc_ovr_macro": 0.975,
@@ -409,10 +407,10 @@ def update_readme(readme: Path, block: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-dir", default=str(ROOT / "space" / "model"))
+    add_flag(ap, "--model", old=("--model-dir",), default=str(ROOT / "space" / "model"))
     ap.add_argument("--latency", default=str(ROOT / "benchmarks" / "results" / "latency.json"))
-    args = ap.parse_args(argv)
-    model_dir = Path(args.model_dir)
+    args = parse(ap, argv)
+    model_dir = Path(args.model)
     (model_dir / "README.md").write_text(render(model_dir, Path(args.latency), ""))
     rel = model_dir.resolve().relative_to(ROOT).as_posix() + "/"
     (ROOT / "model_card.md").write_text(render(model_dir, Path(args.latency), rel))

@@ -485,9 +485,18 @@ def make_service(config: AppConfig) -> CxrService:
                       max_batch_files=config.max_batch_files)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``cxr-space`` / ``python -m space.app``: serve the Space (settings: environment variables, see
+    the module docstring)."""
+    import argparse
     import atexit
 
+    ap = argparse.ArgumentParser(prog="cxr-space", description="Serve the pneumonia triage Space (Gradio) on the "
+                                 "model in MODEL_ID (default: the bundled space/model).",
+                                 epilog="Settings are environment variables: MODEL_ID, CXR_DATA_DIR, CXR_ADMIN_TOKEN, "
+                                        "CXR_ADMINS, CXR_TMP_MAX_AGE_S, CXR_MAX_UPLOAD_MB, ... (docs/space.md); "
+                                        "GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose the address.")
+    ap.parse_args(argv)
     config = AppConfig.from_env()
     files = TempFiles(Path(os.environ["GRADIO_TEMP_DIR"]), max_age_s=config.tmp_max_age_s, keep=_is_example)
     files.sweep()  # what an earlier run left behind

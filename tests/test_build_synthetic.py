@@ -67,7 +67,8 @@ def test_splits_exact_counts_and_grouping(built):
     assert set(dsd) == {"train", "validation", "test"}
     names = dsd["train"].features["label"].names
     assert names == ["normal", "bacterial_pneumonia", "viral_pneumonia"]
-    count = lambda split: {n: sum(1 for y in dsd[split]["label"] if y == i) for i, n in enumerate(names)}
+    def count(split):
+        return {n: sum(1 for y in dsd[split]["label"] if y == i) for i, n in enumerate(names)}
     assert count("test") == {"normal": 1, "bacterial_pneumonia": 2, "viral_pneumonia": 1}
     pool = {n: count("train")[n] + count("validation")[n] for n in names}
     assert pool == {"normal": 11, "bacterial_pneumonia": 5, "viral_pneumonia": 6}
@@ -133,7 +134,7 @@ def test_rebuild_with_new_source_hashes_only_new_files(built, mini_sources, tmp_
 
 def test_cli_unknown_class_folder_is_a_clear_error(tmp_path, capsys):
     save(xray_like(1), tmp_path / "src" / "Pneumonia" / "x.png")
-    code = main(["--source", f"folders:{tmp_path / 'src'}", "--out", str(tmp_path / "o"), "--no-cache", "--no-progress"])
+    code = main(["--source", f"folders:{tmp_path / 'src'}", "--output-dir", str(tmp_path / "o"), "--no-cache", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2
     assert "'Pneumonia'" in err and "viralpneumonia" in err and "normal" in err
@@ -144,7 +145,7 @@ def test_cli_module_entry_point(mini_sources, tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "-m", "dataset_scripts.build", "--source", f"kermany:{mini_sources / 'kermany'}",
-         "--out", str(out), "--val-fraction", "0.25", "--no-cache", "--workers", "1", "--no-progress"],
+         "--output-dir", str(out), "--val-fraction", "0.25", "--no-cache", "--workers", "1", "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "leak check: passed" in proc.stdout
@@ -162,7 +163,7 @@ def test_cli_sources_that_cannot_make_a_dataset_exit_2_with_a_message(tmp_path, 
     if case == "too_few_patients":
         for i in range(3):
             save(xray_like(100 + i), src / ("Normal" if i else "COVID-19") / f"{i}.png")
-    code = main(["--source", f"folders:{src}", "--out", str(tmp_path / "o"), "--no-cache", "--no-progress",
+    code = main(["--source", f"folders:{src}", "--output-dir", str(tmp_path / "o"), "--no-cache", "--no-progress",
                  "--workers", "1"])
     err = capsys.readouterr().err
     assert code == 2
@@ -175,7 +176,7 @@ def test_cli_sources_that_cannot_make_a_dataset_exit_2_with_a_message(tmp_path, 
 @pytest.mark.parametrize("fraction", ["0", "-0.1", "0.6"])
 def test_cli_rejects_validation_fraction_out_of_range(tmp_path, fraction):
     with pytest.raises(SystemExit) as e:
-        main(["--source", f"folders:{tmp_path}", "--out", str(tmp_path / "o"), "--val-fraction", fraction])
+        main(["--source", f"folders:{tmp_path}", "--output-dir", str(tmp_path / "o"), "--val-fraction", fraction])
     assert e.value.code == 2
 
 

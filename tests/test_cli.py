@@ -83,3 +83,19 @@ def test_each_modeling_module_imports_on_its_own(module):
     proc = subprocess.run([sys.executable, "-c", f"import modeling.{module}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _console_scripts() -> dict[str, str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("name", sorted(_console_scripts()))
+def test_every_console_command_is_installed_and_answers_help(name):
+    """`pip install -e .` (scripts/dev.sh setup) puts each [project.scripts] entry beside the interpreter."""
+    exe = Path(sys.executable).parent / name
+    if not exe.exists():
+        pytest.skip(f"{name} is not installed in this environment (run `pip install -e .`)")
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]

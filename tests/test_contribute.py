@@ -362,7 +362,7 @@ def test_dicom_with_patient_tags_is_converted_to_pixels_and_no_phi_leaves(tmp_pa
     assert b"Doe^Jane" in (sub / "study/Doe_Jane_PID-12345.dcm").read_bytes()  # the plant is real
     out = tmp_path / "clean"
     proc = subprocess.run([sys.executable, "-m", "dataset_scripts.contribute", "validate", str(sub),
-                           "--output", str(out), "--test-index", str(index)],
+                           "--output-dir", str(out), "--test-index", str(index)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -493,7 +493,7 @@ print(json.dumps({"n": {s: len(ds[s]) for s in ds},"is_pr": details.is_pull_requ
     out = tmp_path / "next"
     proc = subprocess.run(
         [sys.executable, "-m", "dataset_scripts.build", "--source", f"kermany:{root / 'kermany'}",
-         "--source", "contributions:test-user/cxr", "--out", str(out), "--val-fraction", "0.25",
+         "--source", "contributions:test-user/cxr", "--output-dir", str(out), "--val-fraction", "0.25",
          "--no-cache", "--workers", "1", "--no-progress", "--push-to-hub", "test-user/cxr"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -569,7 +569,7 @@ def test_space_feedback_export_format_revalidation_and_output_safety(tmp_path, m
     other = tmp_path / "precious"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    assert main(["validate", str(sub), "--output", str(other), "--test-index", str(index)]) == 2
+    assert main(["validate", str(sub), "--output-dir", str(other), "--test-index", str(index)]) == 2
     assert "refusing to replace it" in capsys.readouterr().err
     assert (other / "keep.txt").read_text() == "mine"
 

@@ -17,7 +17,7 @@ def test_push_to_hub_and_load_dataset_round_trip(hub, tmp_path):
     out = tmp_path / "ds"
     proc = subprocess.run(
         [sys.executable, "-m", "dataset_scripts.build", "--source", f"kermany:{src / 'kermany'}",
-         "--source", f"folders:{src / 'other'}", "--out", str(out), "--val-fraction", "0.25",
+         "--source", f"folders:{src / 'other'}", "--output-dir", str(out), "--val-fraction", "0.25",
          "--no-cache", "--workers", "1", "--no-progress", "--push-to-hub", "test-user/cxr-mini"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -78,7 +78,7 @@ def test_recipes_pipeline_from_features_to_the_selection(setup):
     run(common, "ensemble", "--name", "ens", "--members", "probe-as-model", "wise[alpha=0.5]")
 
     out = root / "recipes.json"
-    run(common, "table", "--out", str(out))
+    run(common, "table", "--output", str(out))
     table = json.loads(out.read_text())
     assert len(table["candidates"]) == 12 + 1 + 2 + 1 and table["n"] == 18
     chosen = table["candidates"][table["decision"]["chosen"]]
