@@ -74,7 +74,6 @@ import secrets
 import shutil
 import sys
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -87,7 +86,8 @@ from modeling import image_io
 from modeling.image_io import ImageInfo, ImageLoadError, load_image_with_info, pixel_sha256
 from modeling.labels import LABELS, parse_label
 from modeling.manifest import write_manifest
-from modeling.quality import xray_problems
+from modeling.dicom import identifying_tags as dicom_identifying_tags
+from modeling.quality import symmetry_problems, xray_problems
 
 from . import dedup
 from .fingerprint import Fingerprint, image_phash, perceptual_hashes
@@ -107,31 +107,6 @@ KNOWN_LICENSES = frozenset({
     "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-3.0", "cc-by-2.0", "pddl", "odc-by", "odbl",
     "mit", "apache-2.0", "bsd-3-clause", "cdla-permissive-2.0", "public-domain",
 })
-
-# "Does this look like a frontal chest X-ray?" is modeling.quality.xray_problems (the Space's gate:
-# colour, DICOM modality/body part/view, size, aspect, flat), plus one check of our own: left-right
-# symmetry at 64x64, measured on the 624 official Kermany test images (224x224) and 20
-# full-resolution Kermany films: correlation with the mirror image, 1st percentile 0.32, 5th 0.55,
-# median 0.80; random textures score about 0. The 0.30 cut warns for about 1 in 100 real films.
-MIN_SYMMETRY = 0.30
-
-# DICOM attributes that identify a patient, an encounter or a place (after DICOM PS3.15 Annex E,
-# basic profile). Every tag is dropped anyway (pixels only); this list only decides which tag
-# *names* the report shows as "identifying tags removed" and which values must not reappear in the
-# manifest note. Any person name (VR PN), date/time (DA/DT/TM), patient-module element (group 0010)
-# and private tag counts as identifying too.
-IDENTIFYING_DICOM_KEYWORDS = frozenset({
-    "AccessionNumber", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "ReferringPhysicianName", "ReferringPhysicianAddress", "PerformingPhysicianName",
-    "NameOfPhysiciansReadingStudy", "OperatorsName", "PhysiciansOfRecord", "RequestingPhysician",
-    "StationName", "DeviceSerialNumber", "StudyID", "StudyInstanceUID", "SeriesInstanceUID",
-    "SOPInstanceUID", "MediaStorageSOPInstanceUID", "FrameOfReferenceUID", "StudyDescription",
-    "SeriesDescription", "RequestedProcedureID", "ScheduledProcedureStepID", "PerformedProcedureStepID",
-    "AdmissionID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientNames", "PatientAddress",
-    "PatientTelephoneNumbers", "MilitaryRank", "EthnicGroup", "Occupation", "AdditionalPatientHistory",
-    "PatientComments", "ImageComments", "ContentCreatorName", "InstanceCreatorUID", "IrradiationEventUID",
-})
-_IDENTIFYING_VRS = frozenset({"PN", "DA", "DT", "TM"})
 
 
 class UsageError(ValueError):
@@ -351,14 +326,7 @@ def chest_xray_warnings(img: Image.Image, info: ImageInfo, data: bytes | None = 
     real frontal films (rotated patients, large one-sided consolidations) get a symmetry warning.
     Warnings do not block: the maintainer looks at the flagged files in the PR.
     """
-    out = list(xray_problems(img, info, data))
-    small = np.asarray(img.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float64)
-    if small.std() > 1.0:  # a flat image is already reported as such
-        sym = float(np.corrcoef(small.ravel(), small[:, ::-1].ravel())[0, 1])
-        if sym < MIN_SYMMETRY:
-            out.append(f"not left-right symmetric (correlation with its mirror image {sym:.2f} < {MIN_SYMMETRY}): "
-                       "a lateral view, a heavily rotated film, or not a chest film?")
-    return out
+    return list(xray_problems(img, info, data)) + symmetry_problems(img)
 
 
 _METADATA_KINDS = {"exif": "EXIF", "icc_profile": "ICC profile", "xmp": "XMP", "XML:com.adobe.xmp": "XMP",
@@ -382,44 +350,6 @@ def _raster_metadata(data: bytes, info: ImageInfo) -> list[str]:
     except Exception:
         return []
     return sorted(kinds)
-
-
-def dicom_identifying_tags(data: bytes) -> tuple[list[str], list[str], str | None]:
-    """(names of the identifying tags present, their values as text, BurnedInAnnotation).
-
-    The values are for an in-memory check only (that the manifest note does not repeat them); they
-    are never written anywhere. Names are keywords, or ``(gggg,eeee)`` for private/unknown tags."""
-    import pydicom
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # malformed elements (pydicom parses lazily): take what is readable
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            elements = list(ds.iterall())
-            if getattr(ds, "file_meta", None) is not None:
-                elements += list(ds.file_meta)
-            burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() or None
-        except Exception:
-            return [], [], None
-        names, values = set(), []
-        for el in elements:
-            kw = el.keyword or ""
-            identifying = (el.tag.is_private or el.tag.group == 0x0010 or el.VR in _IDENTIFYING_VRS
-                           or kw in IDENTIFYING_DICOM_KEYWORDS)
-            if not identifying or el.VR == "SQ" or el.tag.element == 0:  # (gggg,0000): a group length
-                continue
-            names.add(kw if kw and not el.tag.is_private else f"({el.tag.group:04X},{el.tag.element:04X})")
-            try:
-                v = el.value
-                for part in (v if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [v]):
-                    text = str(part).strip()
-                    if isinstance(part, (str, pydicom.valuerep.PersonName)) and len(text) >= 3:
-                        values.append(text)
-                        if el.VR == "PN":  # "Doe^Jane": each name on its own too
-                            values.extend(p for p in re.split(r"[\^=\s]+", text) if len(p) >= 3)
-            except Exception:
-                pass
-    return sorted(names), values, burned
 
 
 def _safe_path(root: Path, rel: str) -> tuple[Path | None, str]:

@@ -25,7 +25,8 @@ from PIL import Image
 from modeling.image_io import ImageLoadError, load_image_with_info, pixel_sha256
 from modeling.labels import DISPLAY_NAMES, LABELS
 from modeling.predict import Prediction, Predictor
-from modeling.quality import xray_problems
+from modeling.dicom import identifying_tags
+from modeling.quality import symmetry_problems, xray_problems
 
 from .store import FeedbackStore, PredictionRecord
 
@@ -196,6 +197,15 @@ class CxrService:
         if problems:
             raise InputError("This does not look like a frontal chest X-ray: " + "; ".join(problems) + ".")
         notes = list(info.notes) if info.converted else []
+        if info.is_dicom:  # the project's de-identification policy (modeling.dicom): names, never values
+            names, _, burned = identifying_tags(data)
+            if burned == "YES":
+                raise InputError("The DICOM header says text is burned into the pixels (BurnedInAnnotation YES), "
+                                 "which can identify the patient and cannot be removed: upload a film without it.")
+            if names:
+                notes.append("identifying DICOM tags were present and are not stored (only the pixels are used): "
+                             + ", ".join(names))
+        notes += symmetry_problems(gray)
         return gray, notes
 
     def analyze(self, upload: str | os.PathLike | bytes, *, target_class: str | None = None,

@@ -10,6 +10,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -246,3 +247,25 @@ def test_model_lock_gives_waiting_interactive_calls_priority():
 def _hold(ctx, order, name):
     with ctx():
         order.append(name)
+
+
+def test_space_applies_the_de_identification_and_symmetry_policies(model_dir, tmp_path):
+    """The policies the contributor validator applies (modeling.dicom, modeling.quality) hold in the
+    Space too: identifying DICOM tags are named (never their values), burned-in text is refused, an
+    asymmetric film gets a note."""
+    from synthetic import PATIENT, make_dicom
+
+    from space.service import InputError
+
+    service = make_service(model_dir, tmp_path / "data")
+    film = np.asarray(xray_like(7, (256, 256)), dtype=np.uint8)
+    a = service.analyze(make_dicom(film, **PATIENT))
+    note = next(n for n in a.notes if "identifying DICOM tags" in n)
+    assert "PatientName" in note and "PatientID" in note
+    assert not any(v in " ".join(a.notes) for v in PATIENT.values())
+    with pytest.raises(InputError, match="BurnedInAnnotation"):
+        service.analyze(make_dicom(film, BurnedInAnnotation="YES"))
+    half = np.zeros((256, 256), np.uint8)
+    half[:, :128] = film[:, :128]  # one side only: far from left-right symmetric
+    b = service.analyze(png_bytes(Image.fromarray(half)))
+    assert any("not left-right symmetric" in n for n in b.notes)
