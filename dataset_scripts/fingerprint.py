@@ -93,12 +93,16 @@ def fingerprint_bytes(data: bytes, file_sha256: str | None = None, name: str | N
         img, info = load_image_with_info(data, name=name)
     except ImageLoadError as e:
         return Fingerprint(file_sha256=sha, ok=False, error_reason=e.reason, error_message=e.detail)
-    pixel_sha = pixel_sha256(img)
+    return fingerprint_image(img, info, sha)
+
+
+def fingerprint_image(img, info, file_sha256: str = "") -> Fingerprint:
+    """The fingerprint of an image already decoded by the loader (no second decode)."""
     ph, variants = perceptual_hashes(img)
     return Fingerprint(
-        file_sha256=sha, ok=True, format=info.format, mode=info.mode, width=info.width,
-        height=info.height, converted=list(info.notes) if info.converted else [], pixel_sha256=pixel_sha, phash=ph,
-        variants=variants,
+        file_sha256=file_sha256, ok=True, format=info.format, mode=info.mode, width=info.width,
+        height=info.height, converted=list(info.notes) if info.converted else [], pixel_sha256=pixel_sha256(img),
+        phash=ph, variants=variants,
     )
 
 

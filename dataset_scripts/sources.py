@@ -15,7 +15,6 @@ Source specs on the command line are ``KIND:PATH``:
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from modeling.image_io import IMAGE_EXTENSIONS
 from modeling.labels import BACTERIAL, LABELS, NORMAL, VIRAL, accepted_label_names, parse_label
-from modeling.manifest import MANIFEST_COLUMNS  # the format is defined once, in the library
+from modeling.manifest import ManifestError, read_manifest_rows
 
 KERMANY_LICENSE = "cc-by-4.0"
 
@@ -206,15 +205,12 @@ def read_manifest(csv_path: Path, exclude: list[str], source_name: str | None = 
         if not csv_path.is_file():
             raise SourceError(f"manifest source {csv_path.parent}: no manifest.csv in that folder")
     root = csv_path.parent
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise SourceError(f"manifest {csv_path}: missing column(s) {sorted(missing)}; "
-                              f"expected {', '.join(MANIFEST_COLUMNS)}")
-        rows = list(reader)
+    try:
+        _, rows = read_manifest_rows(csv_path)
+    except ManifestError as e:
+        raise SourceError(f"manifest source: {e}") from None
     records, ignored = [], []
-    for i, row in enumerate(rows, start=2):  # line 1 is the header
+    for i, row in rows:
         rel = (row.get("path") or "").strip()
         if not rel or _excluded(rel, exclude):
             if not rel:

@@ -35,3 +35,25 @@ def write_manifest(folder: str | os.PathLike, rows: Iterable[Mapping[str, object
             w.writerow({k: ("" if v is None else v) for k, v in row.items()})
     os.replace(tmp, out)
     return out
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read as the format (no such file, missing required columns)."""
+
+
+def read_manifest_rows(csv_path: str | os.PathLike) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The columns and the rows of a ``manifest.csv`` (``path`` and ``label`` required): each row as
+    ``(line number in the file, {column: stripped value})``, so messages can name the line. Readers
+    (the build's ``manifest:`` source, the contributor validator) decide what a bad row means."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise ManifestError(f"{path.parent}: no {path.name} (expected columns {','.join(MANIFEST_COLUMNS)})")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        missing = {"path", "label"} - set(cols)
+        if missing:
+            raise ManifestError(f"{path}: missing column(s) {sorted(missing)}; expected {','.join(MANIFEST_COLUMNS)}")
+        rows = [(i, {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()})
+                for i, row in enumerate(reader, start=2)]  # line 1 is the header
+    return cols, rows
