@@ -52,7 +52,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Hf
 from transformers import get_cosine_schedule_with_warmup
 
 from modeling.augment import AugmentConfig, augment
-from modeling.calibration import calibrate, softmax
+from modeling.calibration import softmax
 from modeling.data import groups_of, load_cxr_dataset, require_split, stratified_subset
 from modeling.image_io import to_grayscale
 from modeling.labels import LABELS
@@ -621,7 +621,7 @@ def finish(cfg: TrainConfig, out: Path, processor, val_split, test_split, state:
     """Load the best epoch, calibrate on validation, save, then evaluate on test once *the saved
     folder* as users load it (Predictor.from_pretrained), and write the card."""
     from modeling.card import write_model_card
-    from modeling.evaluate import evaluate_model, evaluate_probs, predict_logits
+    from modeling.evaluate import calibrate_on, evaluate_model, evaluate_probs
     from modeling.predict import Predictor
 
     best_dir = out / "checkpoints" / "best"
@@ -630,10 +630,9 @@ def finish(cfg: TrainConfig, out: Path, processor, val_split, test_split, state:
         raise TrainError(f"{best_dir} holds epoch {written} but the training state says the best epoch is "
                          f"{state['best_epoch']} (a crash between the two writes?); resume from an earlier checkpoint")
     model = AutoModelForImageClassification.from_pretrained(best_dir, dtype=torch.float32).to(device)
-    val_logits = predict_logits(model, processor, val_split, batch_size=cfg.eval_batch_size, progress=progress,
-                                desc="calibrate")
+    cal, val_logits = calibrate_on(model, processor, val_split, target_sensitivity=cfg.target_sensitivity,
+                                   batch_size=cfg.eval_batch_size, progress=progress)
     val_labels = np.asarray(val_split["label"])
-    cal = calibrate(model, val_logits, val_labels, target_sensitivity=cfg.target_sensitivity)
     logger.info("temperature %.3f (val NLL %.4f -> %.4f); pneumonia threshold %.4f for sensitivity >= %.3f",
                 cal.temperature, cal.nll_before, cal.nll_after, cal.pneumonia_threshold, cfg.target_sensitivity)
     if not 0.06 < cal.temperature < 19.0:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 from modeling.image_io import IMAGE_EXTENSIONS
+from modeling.labels import LABELS
+from modeling.metrics import agreement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         r = summarize(times[name])
         r["speedup_vs_pipeline"] = round(base / r["median_ms"], 2)
         other = [probs(name, o) for o in outputs[name]]
-        r["max_abs_prob_diff_vs_predictor_fp32"] = float(max(
-            abs(a[k] - b[k]) for a, b in zip(ref, other) for k in a))
-        r["label_disagreements_vs_predictor_fp32"] = sum(
-            max(a, key=a.get) != max(b, key=b.get) for a, b in zip(ref, other))
+        agree = agreement([[p[k] for k in LABELS] for p in ref], [[p[k] for k in LABELS] for p in other])
+        r["max_abs_prob_diff_vs_predictor_fp32"] = agree["max_abs_prob_diff"]
+        r["label_disagreements_vs_predictor_fp32"] = agree["label_changes"]
         results[name] = r
 
     report = {

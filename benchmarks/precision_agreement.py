@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling.labels import pneumonia_probability
+from modeling.metrics import agreement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,15 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         images = [to_grayscale(im) for im in split[start:start + 32]["image"]]
         a.append(torch.softmax(fp32.logits(images), -1).numpy())
         b.append(torch.softmax(bf16.logits(images), -1).numpy())
-    a, b = np.concatenate(a).astype(np.float64), np.concatenate(b).astype(np.float64)
-    d = np.abs(a - b).max(1)
-    t = fp32.threshold
-    report = {
-        "model": args.model, "model_revision": fp32.revision, "split": args.split, "n": int(len(d)),
-        "max_abs_prob_diff": float(d.max()), "p99_abs_prob_diff": float(np.percentile(d, 99)),
-        "label_changes": int((a.argmax(1) != b.argmax(1)).sum()),
-        "pneumonia_call_changes": int(((pneumonia_probability(a) >= t) != (pneumonia_probability(b) >= t)).sum()),
-    }
+    report = {"model": args.model, "model_revision": fp32.revision, "split": args.split,
+              **agreement(np.concatenate(a), np.concatenate(b), threshold=fp32.threshold)}
     print(json.dumps(report, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

@@ -110,6 +110,16 @@ def write_predictions(path: Path, split, probs: np.ndarray, threshold: float) ->
                         *(f"{v:.6f}" for v in p), f"{pp:.6f}", int(pp >= threshold)])
 
 
+def calibrate_on(model, processor, split, *, target_sensitivity: float = 0.985, batch_size: int = 32,
+                 progress: bool = True) -> tuple[Calibration, np.ndarray]:
+    """Predict ``split`` (validation: never test) with the uncalibrated ``model``, fit the temperature
+    and the pneumonia threshold on it and bake them into ``model`` (:func:`modeling.calibration.calibrate`).
+    Returns the calibration and the uncalibrated logits. The one step both ``train.py`` and
+    :func:`calibrate_saved` run."""
+    logits = predict_logits(model, processor, split, batch_size=batch_size, progress=progress, desc="calibrate")
+    return calibrate(model, logits, np.asarray(split["label"]), target_sensitivity=target_sensitivity), logits
+
+
 def calibrate_saved(model_dir: str, dataset: str, output_dir: str, *, crop_pct: float | None = None,
                     target_sensitivity: float = 0.985, split: str = "validation", batch_size: int = 32,
                     progress: bool = True) -> Calibration:
@@ -134,8 +144,8 @@ def calibrate_saved(model_dir: str, dataset: str, output_dir: str, *, crop_pct: 
     if crop_pct is not None:
         processor = build_image_processor(replace(config_from_processor(processor), crop_pct=crop_pct))
     val = require_split(load_cxr_dataset(dataset), split)
-    logits = predict_logits(model, processor, val, batch_size=batch_size, progress=progress, desc="calibrate")
-    cal = calibrate(model, logits, np.asarray(val["label"]), target_sensitivity=target_sensitivity)
+    cal, _ = calibrate_on(model, processor, val, target_sensitivity=target_sensitivity, batch_size=batch_size,
+                          progress=progress)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return cal

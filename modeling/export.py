@@ -22,6 +22,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .calibration import Calibration
+from .metrics import agreement
 from .preprocessing import pixel_values
 
 WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -67,15 +68,13 @@ def export_model(src: str | Path, dst: str | Path, *, weights_dtype: str = "floa
         reloaded = AutoModelForImageClassification.from_pretrained(dst).eval()
         if reloaded.dtype != torch.float32:
             raise AssertionError(f"exported model loads as {reloaded.dtype}, expected float32")
-        diffs, changed = [], 0
+        ref, new = [], []
         with torch.inference_mode():
             for start in range(0, len(check_images), 32):
                 pv = pixel_values(processor, list(check_images[start:start + 32]))
-                a = torch.softmax(model(pixel_values=pv).logits, -1)
-                b = torch.softmax(reloaded(pixel_values=pv).logits, -1)
-                diffs.append((a - b).abs().amax(dim=-1).numpy())
-                changed += int((a.argmax(-1) != b.argmax(-1)).sum())
-        d = np.concatenate(diffs)
-        summary.update({"checked_images": int(len(d)), "max_abs_probability_diff": float(d.max()),
-                        "label_changes": changed})
+                ref.append(torch.softmax(model(pixel_values=pv).logits, -1).numpy())
+                new.append(torch.softmax(reloaded(pixel_values=pv).logits, -1).numpy())
+        agree = agreement(np.concatenate(ref), np.concatenate(new))
+        summary.update({"checked_images": agree["n"], "max_abs_probability_diff": agree["max_abs_prob_diff"],
+                        "label_changes": agree["label_changes"]})
     return summary

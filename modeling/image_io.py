@@ -178,6 +178,20 @@ def to_grayscale(image: Image.Image, *, name: str | None = None) -> Image.Image:
     return Image.frombytes("L", gray.size, gray.tobytes())  # fresh image: no EXIF/ICC/text chunks
 
 
+def save_pixels_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` as an 8-bit grayscale PNG made from its pixels alone (no EXIF, ICC, text chunk
+    or DICOM header can survive), atomically. How a film leaves the project once de-identified: the
+    Space's stored feedback and the contributor validator's cleaned copy."""
+    import uuid
+
+    path = Path(path)
+    clean = Image.frombytes("L", image.size, image.convert("L").tobytes())
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
+    clean.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
 def pixel_sha256(image: Image.Image) -> str:
     """SHA-256 of a loaded image's 8-bit pixels and shape: the project's image identity.
 

@@ -142,3 +142,24 @@ def paired_bootstrap_macro_f1(ref_pred: Any, new_pred: Any, labels: Any, groups:
          - f1_score(y, ref, average="macro", labels=classes, zero_division=0))
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return {"delta_macro_f1": float(d), "ci95": [float(lo), float(hi)], "p_not_better": float(np.mean(diffs <= 0))}
+
+
+def agreement(reference: Any, other: Any, threshold: float | None = None) -> dict:
+    """How far two sets of (N, 3) class probabilities of the same images are apart: the largest
+    absolute probability difference (and its 99th percentile), changed labels and, with a
+    ``threshold``, changed pneumonia calls. Used wherever a faster or smaller copy of a model (bf16,
+    float16 weights, ONNX) is compared with the float32 reference."""
+    from modeling.labels import pneumonia_probability
+
+    a, b = _to_numpy(reference).astype(np.float64), _to_numpy(other).astype(np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"need two (N, {len(LABELS)}) arrays of the same shape, got {a.shape} and {b.shape}")
+    d = np.abs(a - b).max(1) if len(a) else np.zeros(0)
+    out = {"n": int(len(a)), "max_abs_prob_diff": float(d.max()) if len(d) else 0.0,
+           "p99_abs_prob_diff": float(np.percentile(d, 99)) if len(d) else 0.0,
+           "label_changes": int((a.argmax(1) != b.argmax(1)).sum())}
+    if threshold is not None:
+        out["pneumonia_call_changes"] = int(((pneumonia_probability(a) >= threshold)
+                                             != (pneumonia_probability(b) >= threshold)).sum())
+    return out
+

@@ -56,7 +56,8 @@ from modeling.labels import LABELS  # noqa: E402
 from modeling.predict import Predictor  # noqa: E402
 
 from .access import AccessDenied, AccessPolicy, request_token  # noqa: E402
-from .service import LABEL_NAMES, MAX_UPLOAD_BYTES, CxrService, InputError, heatmap_overlay, rows_to_csv  # noqa: E402
+from .service import (LABEL_NAMES, MAX_UPLOAD_BYTES, CxrService, InputError, analytics,  # noqa: E402
+                      heatmap_overlay, rows_to_csv)
 from .store import ROLES, FeedbackStore, StoreError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -424,35 +425,6 @@ def _example_digests() -> dict[int, set[str]]:
             digests.setdefault(Path(e).stat().st_size, set()).add(_sha256(Path(e)))
         _EXAMPLE_DIGESTS = digests
     return _EXAMPLE_DIGESTS
-
-
-def analytics(store: FeedbackStore):
-    """Summary markdown and the four history views, from the store."""
-    preds = store.predictions_frame()
-    fb = store.feedback_frame()
-    if preds.empty:
-        empty = pd.DataFrame({"day": [], "predictions": []})
-        return ("No predictions yet.", empty, pd.DataFrame({"label": [], "count": []}), pd.DataFrame(),
-                pd.DataFrame())
-    preds["day"] = preds["created_at"].str.slice(0, 10)
-    per_day = preds.groupby("day").size().reset_index(name="predictions")
-    mix = preds["label"].value_counts().reindex(list(LABELS), fill_value=0).rename_axis("label").reset_index(name="count")
-    n_fb = len(fb)
-    agree = float(fb["agrees"].mean()) if n_fb else float("nan")
-    summary = (f"**{len(preds)}** predictions ({', '.join(f'{k}: {v}' for k, v in preds['channel'].value_counts().items())}), "
-               f"**{n_fb}** clinician readings"
-               + (f", model and clinician agree on **{agree:.0%}**; corrections: "
-                  + ", ".join(f"{LABEL_NAMES[k]} {int(v)}" for k, v in
-                              fb[fb['agrees'] == 0]['model_label'].value_counts().items()) if n_fb else "")
-               + ".")
-    if n_fb:
-        corr = pd.crosstab(fb["model_label"], fb["clinician_label"]).reindex(index=list(LABELS), columns=list(LABELS),
-                                                                            fill_value=0)
-        corr.insert(0, "model \\ clinician", corr.index)
-        recent = fb.tail(20).iloc[::-1][["created_at", "model_label", "clinician_label", "role", "p_pneumonia"]]
-    else:
-        corr, recent = pd.DataFrame(), pd.DataFrame()
-    return summary, per_day, mix, corr, recent
 
 
 def about_markdown(service: CxrService, config: AppConfig) -> str:

@@ -380,6 +380,38 @@ def rows_to_csv(rows: list[dict], path: str | os.PathLike) -> Path:
     return path
 
 
+def analytics(store: FeedbackStore):
+    """The History tab's content, from the store: a summary sentence, predictions per day, the
+    predicted class mix, model label x clinician label, the latest feedback (pandas frames)."""
+    import pandas as pd
+
+    preds = store.predictions_frame()
+    fb = store.feedback_frame()
+    if preds.empty:
+        empty = pd.DataFrame({"day": [], "predictions": []})
+        return ("No predictions yet.", empty, pd.DataFrame({"label": [], "count": []}), pd.DataFrame(),
+                pd.DataFrame())
+    preds["day"] = preds["created_at"].str.slice(0, 10)
+    per_day = preds.groupby("day").size().reset_index(name="predictions")
+    mix = preds["label"].value_counts().reindex(list(LABELS), fill_value=0).rename_axis("label").reset_index(name="count")
+    n_fb = len(fb)
+    agree = float(fb["agrees"].mean()) if n_fb else float("nan")
+    summary = (f"**{len(preds)}** predictions ({', '.join(f'{k}: {v}' for k, v in preds['channel'].value_counts().items())}), "
+               f"**{n_fb}** clinician readings"
+               + (f", model and clinician agree on **{agree:.0%}**; corrections: "
+                  + ", ".join(f"{LABEL_NAMES[k]} {int(v)}" for k, v in
+                              fb[fb['agrees'] == 0]['model_label'].value_counts().items()) if n_fb else "")
+               + ".")
+    if n_fb:
+        corr = pd.crosstab(fb["model_label"], fb["clinician_label"]).reindex(index=list(LABELS), columns=list(LABELS),
+                                                                            fill_value=0)
+        corr.insert(0, "model \\ clinician", corr.index)
+        recent = fb.tail(20).iloc[::-1][["created_at", "model_label", "clinician_label", "role", "p_pneumonia"]]
+    else:
+        corr, recent = pd.DataFrame(), pd.DataFrame()
+    return summary, per_day, mix, corr, recent
+
+
 def heatmap_overlay(image: Image.Image, heatmap: np.ndarray, alpha: float) -> np.ndarray:
     from modeling.gradcam import overlay
 

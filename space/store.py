@@ -34,6 +34,7 @@ from typing import Iterator
 
 from PIL import Image
 
+from modeling.image_io import save_pixels_png
 from modeling.labels import LABELS
 from modeling.manifest import write_manifest
 
@@ -104,14 +105,6 @@ STAGING_MAX_AGE_S = 7 * 24 * 3600.0
 STAGING_MAX_BYTES = 2 * 1024**3
 
 
-def _write_png(image: Image.Image, out: Path) -> None:
-    """Pixels only (no metadata at all), written atomically."""
-    clean = Image.frombytes("L", image.size, image.convert("L").tobytes())
-    tmp = out.with_name(f".{out.stem}.{uuid.uuid4().hex}.tmp")
-    clean.save(tmp, format="PNG")
-    os.replace(tmp, out)
-
-
 class FeedbackStore:
     """``root/feedback.sqlite3`` + ``root/images/<sha256>.png`` (feedback) + ``root/staging/<sha256>.png``
     (recently predicted, bounded)."""
@@ -163,7 +156,7 @@ class FeedbackStore:
         rel = f"images/{sha256}.png"
         out = self.root / rel
         if not out.exists():
-            _write_png(image, out)
+            save_pixels_png(image, out)
         return rel
 
     # --- staging: the pixels of recent predictions, for feedback that comes later ----------------
@@ -173,7 +166,7 @@ class FeedbackStore:
         if out.exists():
             os.utime(out)
         else:
-            _write_png(image, out)
+            save_pixels_png(image, out)
 
     def staged_image(self, sha256: str) -> Image.Image | None:
         path = self.staging / f"{sha256}.png"

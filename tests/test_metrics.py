@@ -512,3 +512,16 @@ def test_each_plot_alone_and_with_an_absent_class(tmp_path):
     _assert_png(plot_confusion_matrix(p, y, tmp_path / "cm.png"))
     _assert_png(plot_roc(p, y, tmp_path / "roc.png", threshold=0.7))
     _assert_png(plot_reliability(p, y, tmp_path / "rel.png", n_bins=10))
+
+
+def test_agreement_counts_probability_differences_label_and_call_changes():
+    from modeling.metrics import agreement
+
+    a = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    b = np.array([[0.69, 0.21, 0.1], [0.2, 0.3, 0.5], [0.45, 0.1, 0.45]])
+    out = agreement(a, b, threshold=0.6)
+    assert out["n"] == 3 and out["max_abs_prob_diff"] == pytest.approx(0.35)
+    assert out["label_changes"] == 2 and out["pneumonia_call_changes"] == 1  # row 3: 0.9 -> 0.55
+    assert "pneumonia_call_changes" not in agreement(a, b)
+    with pytest.raises(ValueError, match="same shape"):
+        agreement(a, b[:2])

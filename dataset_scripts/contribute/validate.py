@@ -13,10 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from modeling import image_io
-from modeling.image_io import ImageLoadError, load_image_with_info
+from modeling.image_io import ImageLoadError, load_image_with_info, save_pixels_png
 from modeling.labels import LABELS, parse_label
 from modeling.manifest import MANIFEST_COLUMNS, ManifestError, read_manifest_rows, write_manifest
 from modeling.dicom import identifying_tags as dicom_identifying_tags
@@ -203,8 +202,7 @@ def _check_files(report: ValidationReport, rows: list, root: Path, refs: list[Re
         clean_row = {"path": fr.clean_name, "label": label, "patient_id": pseudonym(pid) if pid else "",
                      "license": licence, "contributor": row.get("contributor", ""), "note": row.get("note", "")}
         if staging is not None:
-            pixels = Image.frombytes("L", img.size, img.tobytes())  # a fresh image: pixels, nothing else
-            pixels.save(staging / Path(fr.clean_name).name, format="PNG")
+            save_pixels_png(img, staging / Path(fr.clean_name).name)
         decoded[len(report.files) - 1] = (fp, clean_row)
 
 
