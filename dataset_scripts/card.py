@@ -1,10 +1,11 @@
-"""Render the dataset card (``README.md``) from the build report, so the card can only say what the
-build measured."""
+"""The dataset card (``README.md``) from the build report, so the card can only say what the build
+measured: this module turns the report into the values the template shows; the text is
+``modeling/templates/dataset_card.md``, rendered by the project's one card renderer
+(:mod:`modeling.card`)."""
 
 from __future__ import annotations
 
-import yaml
-
+from modeling.card import markdown_table, render_dataset_card
 from modeling.labels import LABELS
 
 _LICENSE_NAMES = {"cc-by-4.0": "CC BY 4.0", "cc0-1.0": "CC0 1.0", "mit": "MIT", "apache-2.0": "Apache-2.0",
@@ -17,12 +18,6 @@ def _size_category(n: int) -> str:
         if n < limit:
             return name
     return "100K<n<1M"
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _exclusions(excl: list[str]) -> str:
@@ -77,7 +72,7 @@ def _contributions(report: dict) -> str:
             "each validated by `dataset_scripts.contribute` and reviewed in a pull request; the PR "
             "description holds its validation report). They go to train/validation only, never test, "
             "after the same duplicate and leak checks as every source.\n\n"
-            + _table(["contribution", "contributor", "licence", "images", "by label", "train", "validation",
+            + markdown_table(["contribution", "contributor", "licence", "images", "by label", "train", "validation",
                       "dropped"], rows) + "\n")
 
 
@@ -123,111 +118,21 @@ def render_card(report: dict, repo_id: str | None = None) -> str:
     rate = ts["false_match_rate"]
     limit = ts.get("study_limit_bits", 48)
 
-    body = f"""
-# Pediatric chest X-ray pneumonia: merged, deduplicated, patient-grouped
-
-Chest X-rays labelled **normal**, **bacterial pneumonia** or **viral pneumonia**, merged from public
-sources so that no image or patient of the official Kermany test split leaks into training or
-validation. Built by `dataset_scripts.build` ({report['created_at']}); every number on this card comes
-from `build_report.json` of the same build.
-
-**Not for clinical use.** Research and education only.
-{_reproduce(report)}
-## Use
-
-```python
-from datasets import load_dataset
-ds = load_dataset("{repo_id or 'REPO_ID'}")
-ds["train"].features["label"].names  # {list(LABELS)}
-```
-
-Columns: `image`, `label` ({", ".join(LABELS)}), `source`, `source_path` (path in the original
-source), `patient_id` (`kermany:personN` / `kermany:IM-NNNN`; `SOURCE:unknown-HASH` when the source
-gives none), `official_split` (Kermany's own split), `license`, `image_sha256` (SHA-256 of the decoded
-8-bit pixels), `phash` (256-bit perceptual hash, hex).
-
-## Splits
-
-{_table(["split", "images", *LABELS, "patient groups", "by source"], split_rows)}
-
-{_test_line(report)}
-- `validation` is a patient-grouped, label-stratified share ({report['validation_share']:.1%} of the
-  images, seed {report['parameters']['seed']}) of everything else{_val_note(report)}. No patient group is
-  in two splits.
-
-## Sources
-
-{_table(["source", "reader", "licence", "images", "by label", "files ignored"], source_rows)}
-{_exclusions(excl)}
-
-{_contributions(report)}
-## Deduplication
-
-- Exact duplicates: same SHA-256 of the decoded 8-bit grayscale pixels (re-saved, renamed or
-  RGB-vs-gray copies). Links found: {dd['exact_duplicate_links']}.
-- Near duplicates: `imagehash.phash(hash_size=16)` (256 bits) within **{ts['threshold_bits']} bits**, also
-  comparing the mirror image and +-2..10 degree rotations, so resized, re-encoded, flipped and slightly
-  rotated copies match. Pairs found: {dd['near_duplicate_pairs']}; clusters with copies:
-  {dd['clusters_with_copies']}.
-- Policy: (1) the test split is untouched; (2) everything in a cluster with a test image leaves
-  train/validation; (3) clusters whose copies disagree on the label are dropped whole; (4) otherwise a
-  cluster keeps one image, preferring the official (Kermany) source. A pool image whose *patient*
-  has an image in the test split is dropped as well.
-
-{_table(["source", "why dropped", "images"], drop_rows)}
-
-Label conflicts ({len(conflicts)}):
-
-{conflict_lines}
-
-### Threshold and false-match rate (measured on this build)
-
-Images of *different* Kermany patients are distinct images; any pair of them within the threshold
-would be a false match. Of {ts['different_kermany_patient_pairs']:,} Kermany pairs,
-**{ts['different_patient_pairs_within_threshold']}** different-patient pairs fall within
-{ts['threshold_bits']} bits (false-match rate {'n/a' if rate is None else f'{rate:.2e}'}); the closest
-different-patient pair is {closest if closest is not None else '> ' + str(limit)} bits apart (identical-pixel
-pairs filed under two patient ids are true duplicates and excluded from this count).
-Cross-source pairs (re-published copies) within the threshold: {cross_within}.
-Distance histogram of different-patient pairs up to {limit} bits: `{hist}`.
-
-## Leak check
-
-Recomputed from the fingerprints of the final splits, apart from the merge policy (the test suite
-re-checks the saved dataset with `imagehash` directly):
-
-- near duplicates between train/validation and test: **{lc['near_duplicates_train_or_validation_vs_test']}**
-- near-duplicate pairs left inside train + validation (an image counted twice):
-  **{lc['near_duplicate_pairs_within_train_and_validation']}**
-- exact duplicates between train/validation and test: **{lc['exact_duplicates_train_or_validation_vs_test']}**
-- patients in more than one split: **{lc['patients_in_more_than_one_split']}**
-- result: **{'passed' if lc['passed'] else 'FAILED'}**
-
-{_kermany_patient_note(report)}
-
-## Unreadable files
-
-{report['files']['unreadable']} of {report['files']['listed']} listed files could not be decoded and were
-skipped: {unread or 'none'}. {len(report['reencoded'])} kept files needed conversion by the loader
-(16-bit, palette, CMYK, alpha, EXIF rotation, DICOM, TIFF) and are stored as its 8-bit grayscale PNG;
-the others are stored byte for byte. All are listed in `build_report.json`.
-
-## Class balance and known biases
-
-- Classes are imbalanced (see the split table): use class weights or a balanced sampler.
-- Kermany images are **pediatric** (ages 1-5, Guangzhou Women and Children's Medical Center); the
-  copies in the shared sources are 224x224, resized without keeping the aspect ratio. COVID-19 images (Skytells, from the ieee8023
-  covid-chestxray-dataset) are **adult**, often figures from papers, with different devices, markers
-  and framing: a model can learn "adult film -> viral". They carry no patient id, so two films of one
-  COVID patient can fall in train and validation (never in test, which is Kermany only).
-- Bacterial vs viral labels come from the original annotation and are known to be noisy.
-- The test split holds {report['test_exact_duplicate_groups']} groups of exact duplicates within itself (kept: the
-  official split is the benchmark; report numbers with and without them).
-
-## Citation
-
-Kermany, Zhang, Goldbaum (2018), *Labeled Optical Coherence Tomography (OCT) and Chest X-Ray Images for
-Classification*, Mendeley Data, doi:10.17632/rscbjbr9sj.2 (CC BY 4.0). Skytells COVID-19 X-ray dataset
-(MIT); COVID-19 images from Cohen et al., covid-chestxray-dataset.
-"""
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body
+    return render_dataset_card(
+        meta, created_at=report["created_at"], reproduce=_reproduce(report), repo_id=repo_id or "REPO_ID",
+        labels_list=list(LABELS), labels_text=", ".join(LABELS),
+        split_table=markdown_table(["split", "images", *LABELS, "patient groups", "by source"], split_rows),
+        test_line=_test_line(report), validation_share=f"{report['validation_share']:.1%}",
+        seed=report["parameters"]["seed"], val_note=_val_note(report),
+        source_table=markdown_table(["source", "reader", "licence", "images", "by label", "files ignored"],
+                                    source_rows),
+        exclusions=_exclusions(excl), contributions=_contributions(report), dedup=dd,
+        threshold_bits=ts["threshold_bits"], drop_table=markdown_table(["source", "why dropped", "images"], drop_rows),
+        n_conflicts=len(conflicts), conflict_lines=conflict_lines,
+        different_pairs=f"{ts['different_kermany_patient_pairs']:,}", threshold_study=ts,
+        false_match_rate="n/a" if rate is None else f"{rate:.2e}",
+        closest=closest if closest is not None else "> " + str(limit), cross_within=cross_within, limit=limit,
+        hist=hist, leak=lc, leak_result="passed" if lc["passed"] else "FAILED",
+        kermany_patient_note=_kermany_patient_note(report), files=report["files"], unreadable=unread or "none",
+        n_reencoded=len(report["reencoded"]), test_exact_duplicate_groups=report["test_exact_duplicate_groups"],
+    )

@@ -1,17 +1,24 @@
-"""The model card: ``README.md`` beside the weights, rendered from ``model_card_template.md`` with
-huggingface_hub's ``ModelCard.from_template`` (YAML metadata incl. ``model-index`` from the measured
-numbers, so the Hub shows them). Every number comes from ``metrics.json`` of the same run."""
+"""The project's one card renderer: model cards (a training run's, a release's) and the dataset card.
+
+Every card is a Jinja template in ``modeling/templates/`` rendered by huggingface_hub's
+``ModelCard.from_template`` / ``DatasetCard.from_template`` (the YAML header comes from
+``ModelCardData`` / ``DatasetCardData``, so the Hub parses it, ``model-index`` included). The callers
+compute the values from measured files (``metrics.json``, ``training_runs.json``, the build report)
+and pass them in; the templates hold the words. Tables are built with :func:`markdown_table` and
+:func:`results_table`, numbers read with :func:`get` and :func:`fmt`.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
 from .labels import LABELS
 
-TEMPLATE = Path(__file__).with_name("model_card_template.md")
+TEMPLATES = Path(__file__).with_name("templates")
+TEMPLATE = TEMPLATES / "model_card.md"
 PROJECT_URL = "https://github.com/cxr-pneumonia/cxr-pneumonia"
 
 # (row name, dotted key in the metrics dict, model-index metric type or None)
@@ -29,7 +36,8 @@ ROWS = [
 ]
 
 
-def _get(d: dict, dotted: str):
+def get(d: dict, dotted: str):
+    """``d["a"]["b"]`` for ``"a.b"``; None when a part is missing."""
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
             return None
@@ -38,11 +46,26 @@ def _get(d: dict, dotted: str):
 
 
 def fmt(metrics: dict, key: str) -> str:
-    v = _get(metrics, key)
+    v = get(metrics, key)
     if v is None:
         return "n/a"
     ci = (metrics.get("ci") or {}).get(key)
     return f"{v:.4f} ({ci[0]:.4f}-{ci[1]:.4f})" if ci and None not in ci else f"{v:.4f}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table (cells converted with ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_dataset_card(meta: dict, **values) -> str:
+    """The dataset card: ``meta`` is its YAML header (``DatasetCardData`` fields), ``values`` what
+    ``templates/dataset_card.md`` shows."""
+    text = DatasetCard.from_template(DatasetCardData(**meta), template_path=str(TEMPLATES / "dataset_card.md"),
+                                     **values).content
+    return text if text.endswith("\n") else text + "\n"
 
 
 def results_table(columns: list[tuple[str, dict]]) -> str:
@@ -57,7 +80,7 @@ def results_table(columns: list[tuple[str, dict]]) -> str:
 def eval_results(test: dict, dataset_name: str, dataset_type: str) -> list[EvalResult]:
     res = []
     for name, key, mtype in ROWS:
-        v = _get(test, key)
+        v = get(test, key)
         if mtype and v is not None:
             res.append(EvalResult(task_type="image-classification", dataset_type=dataset_type,
                                   dataset_name=dataset_name, dataset_split="test", metric_type=mtype,

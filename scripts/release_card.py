@@ -19,7 +19,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 from modeling.cli import add_flag, parse
-from modeling.card import _get, eval_results, fmt, results_table
+from modeling.card import eval_results, fmt, get, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def _pct(v: float | None) -> str:
 def targets_table(test: dict, latency: dict | None) -> str:
     lines = ["| metric | target | ours, official test (95% CI) | met | kiselyovd (anchor) |", "|---|---|---|---|---|"]
     for name, key, target, higher in TARGETS:
-        v = _get(test, key)
+        v = get(test, key)
         met = (v >= target) if higher else (v <= target)
         lines.append(f"| {name} | {'>=' if higher else '<='} {target} | {fmt(test, key)} | "
                      f"{'yes' if met else 'no'} | {_pct(ANCHOR.get(key)) if key in ANCHOR else 'not published'} |")
@@ -105,7 +105,7 @@ def history_rows(model_dir: Path, runs: dict) -> str:
         m = json.loads((model_dir / e["metrics"]).read_text())
         b = m["binary"]
         rows.append(f"| {e['release']} | {e['date']} | `{e['model_revision']}` | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | "
-                    f"{_get(m, 'per_class.viral_pneumonia.f1'):.4f} | {b['sensitivity']:.4f} / {b['specificity']:.4f} | "
+                    f"{get(m, 'per_class.viral_pneumonia.f1'):.4f} | {b['sensitivity']:.4f} / {b['specificity']:.4f} | "
                     f"{b['auc']:.4f} | {m['ece']:.4f} | `{e['command']}` | {e['note']} |")
     return "\n".join(rows)
 
@@ -192,7 +192,7 @@ def render(model_dir: Path, latency_path: Path, plots_prefix: str) -> str:
     b = test["binary"]
     argmax_spec = _argmax_specificity(model_dir / "eval/test/predictions.csv")
     met = [name for name, key, target, higher in TARGETS
-           if (_get(test, key) >= target if higher else _get(test, key) <= target)]
+           if (get(test, key) >= target if higher else get(test, key) <= target)]
     if latency:
         met += [n for n, k, t in (("predict latency", "predictor_bf16", 60), ("predict + Grad-CAM latency",
                                                                              "predictor_fp32_gradcam", 200))
@@ -288,8 +288,8 @@ specificity {fmt(test, 'binary.specificity')}, PPV {b['ppv']:.4f}, NPV {b['npv']
    reported for comparison with the anchor) test specificity is {argmax_spec:.3f} (from `eval/test/predictions.csv`).
    Most errors on test normals are calls of *viral* pneumonia ({test['confusion_matrix'][0][2]} of
    {test['confusion_matrix'][0][1] + test['confusion_matrix'][0][2]} misclassified normals).
-2. *Bacterial vs viral* (viral F1 {_get(test, 'per_class.viral_pneumonia.f1'):.3f}) is the 3-class bottleneck, as on
-   validation ({_get(val, 'per_class.viral_pneumonia.f1'):.3f}); fine-tuning moved validation macro-F1 only from 0.79
+2. *Bacterial vs viral* (viral F1 {get(test, 'per_class.viral_pneumonia.f1'):.3f}) is the 3-class bottleneck, as on
+   validation ({get(val, 'per_class.viral_pneumonia.f1'):.3f}); fine-tuning moved validation macro-F1 only from 0.79
    (112 px) to 0.80 (224 px), close to a frozen DINOv2-small + logistic regression (0.80 on test, per the issue).
 3. *Calibration*: temperature scaling on validation gives ECE {val['ece']:.3f} there, {test['ece']:.3f} on test: the
    same shift.
@@ -322,7 +322,7 @@ validation: on the official test split the crop made things worse (next section)
 
 | model | test set | 3-class acc. | macro-F1 | viral F1 | normal vs pneumonia | comparable? |
 |---|---|---|---|---|---|---|
-| **this model ({release})** | official Kermany test, 624 | {test['accuracy']:.4f} | {test['macro_f1']:.4f} | {_get(test, 'per_class.viral_pneumonia.f1'):.4f} | acc {b['accuracy']:.4f}, sens {b['sensitivity']:.4f}, spec {b['specificity']:.4f}, AUC {b['auc']:.4f} | - |
+| **this model ({release})** | official Kermany test, 624 | {test['accuracy']:.4f} | {test['macro_f1']:.4f} | {get(test, 'per_class.viral_pneumonia.f1'):.4f} | acc {b['accuracy']:.4f}, sens {b['sensitivity']:.4f}, spec {b['specificity']:.4f}, AUC {b['auc']:.4f} | - |
 | kiselyovd/chest-xray-classifier (ConvNeXt-V2-Tiny IN-22k, GPU) | official test, 624 | 0.9135 | 0.903 | 0.830 | acc 0.960, spec 0.897 | yes: same split. Trained on the official train split, which shares 170 patients with test (our build drops them) |
 | frozen DINOv2-small + logistic regression (project issue) | official test, 624 | 0.81 | 0.80 | - | - | yes |
 | Kermany et al., Cell 2018 (Inception-v3 transfer) | official test, 624 | - | - | - | binary as reported: acc 0.928, sens 0.932, spec 0.901, AUC 0.968 | yes for the binary task |
