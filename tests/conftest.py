@@ -50,3 +50,29 @@ def real_dataset(tmp_path_factory):
                       cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
     result = build(cfg)
     return out, result.report, kermany
+
+
+# ---- markers: `pytest` alone runs the fast subset (pyproject: -m 'not slow and not real_data and not
+# browser'); `bash scripts/dev.sh test` (CI) runs everything with -m "". ------------------------------
+SLOW_MODULES = {"test_train", "test_train_real", "test_build_real", "test_recipes", "test_space_hardening_app",
+                "test_space_hub", "test_dataset_hub", "test_hub_server", "test_release"}
+SLOW_FIXTURES = {"app", "hub", "dinov2_run", "real_dataset"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark tests by what they need: ../shared (real_data), a browser, or minutes (slow: training,
+    running apps, Hub round trips, subprocess fan-outs)."""
+    import inspect
+
+    for item in items:
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            source = ""
+        names = set(getattr(item, "fixturenames", ()))
+        if "real_dataset" in names or "shared_path(" in source or "SHARED" in source:
+            item.add_marker(pytest.mark.real_data)
+        if "CHROMIUM" in source:
+            item.add_marker(pytest.mark.browser)
+        if item.module.__name__ in SLOW_MODULES or names & SLOW_FIXTURES or "subprocess" in source:
+            item.add_marker(pytest.mark.slow)
