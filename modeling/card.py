@@ -68,6 +68,12 @@ def render_dataset_card(meta: dict, **values) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
+def render_template(name: str, card_data: ModelCardData, **values) -> str:
+    """A model card from ``templates/NAME`` (``card_data`` is its YAML header), ending in a newline."""
+    text = ModelCard.from_template(card_data, template_path=str(TEMPLATES / name), **values).content
+    return text if text.endswith("\n") else text + "\n"
+
+
 def results_table(columns: list[tuple[str, dict]]) -> str:
     head = "| metric | " + " | ".join(name for name, _ in columns) + " |"
     sep = "|---|" + "---|" * len(columns)

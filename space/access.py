@@ -37,7 +37,10 @@ class AccessPolicy:
     def from_env(cls) -> "AccessPolicy":
         env = os.environ
         names = frozenset(n.strip().lower() for n in (env.get("CXR_ADMINS") or "").split(",") if n.strip())
-        return cls(admin_token=env.get("CXR_ADMIN_TOKEN") or None, admins=names, on_space=bool(env.get("SPACE_ID")))
+        # Real "Sign in with Hugging Face" only on a Hugging Face Space with OAuth enabled; anywhere else
+        # Gradio mocks the login with the machine's own account, which would make every visitor that user.
+        on_space = bool(env.get("SPACE_ID")) and env.get("SYSTEM") == "spaces" and bool(env.get("OAUTH_CLIENT_ID"))
+        return cls(admin_token=env.get("CXR_ADMIN_TOKEN") or None, admins=names, on_space=on_space)
 
     @property
     def oauth(self) -> bool:

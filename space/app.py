@@ -44,10 +44,10 @@ from .files import TempFiles, UploadGone, private_temp_dir
 
 # Gradio reads its temp folder when it is imported and when components are built: point it at the
 # Space's private folder first (space/files.py says why).
-if not os.environ.get("GRADIO_TEMP_DIR"):
-    os.environ["GRADIO_TEMP_DIR"] = str(private_temp_dir())
+os.environ["GRADIO_TEMP_DIR"] = str(private_temp_dir(os.environ.get("GRADIO_TEMP_DIR")))
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -155,6 +155,16 @@ def overlay_html(image, heatmap, alpha: float) -> str:
             'style="max-width:100%;height:auto;display:block;margin:auto">')
 
 
+def display_copies(image, heatmap, max_side: int = 768) -> dict:
+    """What a browser session keeps to re-blend the heatmap when the opacity changes: the film and its
+    heatmap at display size, the heatmap as 8-bit (not the full-size float32 arrays: a session
+    holds them for an hour after the tab closes)."""
+    small = image.copy()
+    small.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    heat = Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize(small.size, Image.Resampling.BILINEAR)
+    return {"image": small, "heatmap": np.asarray(heat, dtype=np.uint8)}
+
+
 LOCKED = "Administrators only: the history and the export show what clinicians stored."
 
 
@@ -189,8 +199,8 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         except InputError as exc:
             raise gr.Error(str(exc), title="Input not accepted") from None
         verdict = f"### {LABEL_NAMES[a.prediction.label]}\n\n{a.verdict}"
-        state = {"prediction_id": a.prediction_id, "image": a.image, "heatmap": a.prediction.heatmap,
-                 "label": a.prediction.label}
+        state = {"prediction_id": a.prediction_id, "image_sha256": a.image_sha256, "label": a.prediction.label,
+                 **display_copies(a.image, a.prediction.heatmap)}
         return (_label_dict(a.prediction.probabilities), verdict, overlay_html(a.image, a.prediction.heatmap, alpha),
                 _info_md(service, a), state, gr.update(value=a.prediction.label, interactive=True),
                 gr.update(interactive=True), "")
@@ -198,17 +208,20 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
     def ui_heatmap_class(state, heatmap_class, alpha):
         if not state:
             return gr.skip()
+        image = service.store.staged_image(state["image_sha256"])  # the full film, kept for feedback
+        if image is None:
+            raise gr.Error("This film is no longer kept on the server: analyse it again.")
         try:
-            pred = service.heatmap(state["image"], heatmap_class)
+            pred = service.heatmap(image, heatmap_class)
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
-        state = {**state, "heatmap": pred.heatmap}
-        return overlay_html(state["image"], pred.heatmap, alpha), state
+        state = {**state, **display_copies(image, pred.heatmap)}
+        return overlay_html(image, pred.heatmap, alpha), state
 
     def ui_alpha(state, alpha):
         if not state:
             return gr.skip()
-        return overlay_html(state["image"], state["heatmap"], alpha)
+        return overlay_html(state["image"], state["heatmap"] / 255.0, alpha)
 
     def ui_feedback(state, label, role, note, consent):
         if not state:
@@ -217,7 +230,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
             raise gr.Error("Please confirm that the image carries no identifying information and that you agree "
                            f"to share your reading and the de-identified image under {config.feedback_license}.")
         try:
-            fid = service.feedback(state["prediction_id"], label, role, note, image=state["image"])
+            fid = service.feedback(state["prediction_id"], label, role, note, consent=True)
         except StoreError as exc:
             raise gr.Error(str(exc)) from None
         verb = "confirmed" if label == state["label"] else f"corrected to {LABEL_NAMES[label]}"
@@ -235,10 +248,13 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
             raise gr.Error(str(exc), title="Input not accepted") from None
         return {**a.to_dict(), "heatmap_png": base64.b64encode(overlay_png(a.image, a.prediction.heatmap, 0.4)).decode()}
 
-    def api_feedback(prediction_id, label, role="not specified", note=""):
-        """Store a clinician's label for a prediction id returned by /predict."""
+    def api_feedback(prediction_id, label, role="not specified", note="", consent=False):
+        """Store a clinician's label for a prediction id returned by /predict. ``consent`` must be true: the
+        image carries no identifiers and the reading and de-identified image are shared under the
+        feedback licence (the UI's checkbox)."""
         try:
-            fid = service.feedback(str(prediction_id), label, role or "not specified", note or "")
+            fid = service.feedback(str(prediction_id), label, role or "not specified", note or "",
+                                   consent=bool(consent))
         except StoreError as exc:
             raise gr.Error(str(exc)) from None
         return {"feedback_id": fid, "prediction_id": prediction_id, "label": label}
@@ -363,6 +379,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
             api_label = gr.Textbox()
             api_role = gr.Textbox(value="not specified")
             api_note = gr.Textbox()
+            api_consent = gr.Checkbox(value=False)
             api_fb_out = gr.JSON()
             api_zip = gr.File()
             api_export_info = gr.JSON()
@@ -391,7 +408,8 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         api_export_btn.click(api_export, None, [api_zip, api_export_info], api_name="export", concurrency_id="admin",
                              concurrency_limit=2)
         api_btn.click(api_predict, [api_file, api_class], api_result, api_name="predict", **predict_events)
-        api_fb_btn.click(api_feedback, [api_pid, api_label, api_role, api_note], api_fb_out, api_name="feedback",
+        api_fb_btn.click(api_feedback, [api_pid, api_label, api_role, api_note, api_consent], api_fb_out,
+                         api_name="feedback",
                          concurrency_limit=16)
     return demo
 
@@ -403,7 +421,8 @@ def _is_example(path) -> bool:
         p = Path(path)
         if p.resolve().parent == (HERE / "examples").resolve():
             return True
-        return p.stat().st_size in _example_digests() and _sha256(p) in _example_digests()[p.stat().st_size]
+        same_size = _example_digests().get(p.stat().st_size)
+        return bool(same_size) and _sha256(p) in same_size
     except OSError:
         return False
 
@@ -483,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_app(service, config, files, AccessPolicy.from_env())
     demo.queue(max_size=config.queue_size, default_concurrency_limit=4).launch(
         theme=gr.themes.Soft(), max_file_size=int(config.max_upload_mb * 2**20), run_history=False,
-        enable_monitoring=False)
+        enable_monitoring=False, state_session_capacity=500)
 
 
 if __name__ == "__main__":

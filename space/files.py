@@ -39,9 +39,16 @@ RECENT_TTL_S = 120.0
 RECENT_MAX_BYTES = 256 * 1024 * 1024
 
 
-def private_temp_dir() -> Path:
-    """``CXR_TMP_DIR`` or ``<system temp>/cxr-space-<uid>``, created with mode 0700."""
-    root = Path(os.environ.get("CXR_TMP_DIR") or Path(tempfile.gettempdir()) / f"cxr-space-{os.getuid()}")
+def private_temp_dir(base: str | os.PathLike | None = None) -> Path:
+    """``CXR_TMP_DIR``, or a ``cxr-space-<uid>`` folder of its own inside ``base`` (an operator's
+    ``GRADIO_TEMP_DIR``) or the system temp folder, created with mode 0700. Never ``base`` itself: the
+    sweeper deletes everything old in this folder, which must not hit files that are not the Space's."""
+    if os.environ.get("CXR_TMP_DIR"):
+        root = Path(os.environ["CXR_TMP_DIR"])
+    else:
+        base = Path(base or tempfile.gettempdir())
+        name = f"cxr-space-{os.getuid()}"
+        root = base if base.name == name else base / name
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, stat.S_IRWXU)
     return root

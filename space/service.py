@@ -28,7 +28,7 @@ from modeling.predict import Prediction, Predictor
 from modeling.dicom import identifying_tags
 from modeling.quality import symmetry_problems, xray_problems
 
-from .store import FeedbackStore, PredictionRecord
+from .store import FeedbackStore, PredictionRecord, StoreError
 
 LABEL_NAMES = DISPLAY_NAMES  # modeling.labels: one place
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a large uncompressed DICOM CR is ~30 MB
@@ -90,9 +90,9 @@ def default_uncertain_high(threshold: float) -> float:
     return max(0.5, (threshold + 1.0) / 2.0)
 
 
-def read_upload(path_or_bytes: str | os.PathLike | bytes, *, delete: bool = False) -> bytes:
-    """The bytes of an upload, size-checked before reading. With ``delete`` the temporary copy
-    Gradio made (which carries the original file name, and for a DICOM its header) is removed."""
+def read_upload(path_or_bytes: str | os.PathLike | bytes) -> bytes:
+    """The bytes of a file (or bytes as given), size-checked before reading. Deleting uploads is
+    space.files' job (the app takes uploads through ``TempFiles.consume``)."""
     if isinstance(path_or_bytes, (bytes, bytearray)):
         data = bytes(path_or_bytes)
     else:
@@ -103,23 +103,15 @@ def read_upload(path_or_bytes: str | os.PathLike | bytes, *, delete: bool = Fals
             raise InputError("The uploaded file is gone: uploads are deleted once analysed (they are never kept). "
                              "Upload it again.") from None
         if size > MAX_UPLOAD_BYTES:
-            if delete:
-                _remove_upload(path)
             raise InputError(f"The file is {size / 2**20:.0f} MB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MB.")
         data = path.read_bytes()
-        if delete:
-            _remove_upload(path)
     if not data:
         raise InputError("The file is empty (0 bytes).")
     return data
 
 
-def _remove_upload(path: Path) -> None:
-    try:
-        path.unlink()
-        path.parent.rmdir()  # Gradio puts each upload in its own hash-named folder
-    except OSError:
-        pass
+def _unlink(path: Path) -> None:
+    Path(path).unlink(missing_ok=True)
 
 
 class ModelLock:
@@ -209,9 +201,9 @@ class CxrService:
         return gray, notes
 
     def analyze(self, upload: str | os.PathLike | bytes, *, target_class: str | None = None,
-                channel: str = "ui", heatmap: bool = True, delete_upload: bool = False) -> Analysis:
+                channel: str = "ui", heatmap: bool = True) -> Analysis:
         """Load, gate, predict (+ Grad-CAM), record. Nothing is recorded when anything fails."""
-        data = read_upload(upload, delete=delete_upload)
+        data = read_upload(upload)
         gray, notes = self.load(data)
         if target_class in (None, "", "predicted"):
             target_class = None
@@ -219,14 +211,22 @@ class CxrService:
             raise InputError(f"Unknown heatmap class {target_class!r}; choose one of {', '.join(LABELS)}.")
         t0 = time.perf_counter()
         with (self._lock.background() if channel == "batch" else self._lock.interactive()):
-            pred = self.predictor.predict_one(gray, heatmap=heatmap, target_class=target_class)
-            if pred.gate is not None and pred.gate.needs_correction:
-                # the learned gate (modeling.gate): a turned or inverted film is put right and predicted again
-                notes += pred.gate.notes()
-                gray = pred.gate.correct(gray)
-                pred = self.predictor.predict_one(gray, heatmap=heatmap, target_class=target_class)
-        if pred.gate is not None and pred.gate.out_of_distribution:
-            raise InputError("This does not look like a frontal chest X-ray: " + pred.gate.refusal() + ".")
+            gated = self.predictor.gate is not None
+            # The learned gate (modeling.gate) reads the plain (fast-path) pass, the precision it was fit
+            # in, so the UI, the API and batches decide alike; the heatmap is computed once, on the film
+            # as it is finally predicted.
+            pred = self.predictor.predict_one(gray, heatmap=heatmap and not gated, target_class=target_class)
+            if gated:
+                if pred.gate.needs_correction:  # a turned or inverted film is put right first
+                    notes += pred.gate.notes()
+                    gray = pred.gate.correct(gray)
+                    pred = self.predictor.predict_one(gray)
+                verdict = pred.gate
+                if verdict.out_of_distribution:
+                    raise InputError("This does not look like a frontal chest X-ray: " + verdict.refusal() + ".")
+                if heatmap:
+                    pred = self.predictor.predict_one(gray, heatmap=True, target_class=target_class)
+                    pred.gate = verdict
         latency = (time.perf_counter() - t0) * 1000
         decision, verdict = decide(pred.pneumonia_probability, pred.threshold, self.uncertain_high)
         sha = pixel_sha256(gray)
@@ -235,7 +235,8 @@ class CxrService:
             image_sha256=sha, width=gray.size[0], height=gray.size[1], probabilities=pred.probabilities,
             pneumonia_probability=pred.pneumonia_probability, label=pred.label, decision=decision,
             threshold=pred.threshold, latency_ms=latency, channel=channel))
-        self.store.stage_image(gray, sha)  # feedback may come later, over the API or after a restart
+        if channel != "batch":  # feedback may come later (API, restart); batch rows cannot get feedback
+            self.store.stage_image(gray, sha)
         if time.time() - self._last_purge > 60:
             self._last_purge = time.time()
             self.store.purge_staging()
@@ -251,39 +252,47 @@ class CxrService:
 
     # --- feedback ------------------------------------------------------------------------------
     def feedback(self, prediction_id: str, label: str, role: str = "not specified", note: str = "",
-                 image: Image.Image | None = None) -> int:
-        """Store a clinician's reading of a prediction. The image comes from the UI session or, for API
-        clients (which send only the prediction id), from the store's staging of predicted images."""
+                 image: Image.Image | None = None, *, consent: bool = False) -> int:
+        """Store a clinician's reading of a prediction. ``consent``: the clinician confirmed that the image
+        carries no identifiers and agreed to share the reading and the de-identified image (the UI's
+        checkbox; API clients pass it explicitly): without it nothing is stored. The image comes from the
+        UI session or, for API clients (which send only the prediction id), from the store's staging of
+        predicted images."""
+        if not consent:
+            raise StoreError("feedback needs consent: confirm that the image carries no identifying information "
+                             "and that you share your reading and the de-identified image (consent=True)")
         return self.store.add_feedback(prediction_id, label, role=role, note=note, image=image)
 
     # --- batch ---------------------------------------------------------------------------------
     def batch(self, uploads: Iterable[str | os.PathLike], progress: Callable[[float, str], None] | None = None,
               delete_uploads: bool = False, discard: Callable[[Path], None] | None = None) -> list[dict]:
         """Analyse many files (zips are opened) without Grad-CAM. One row per input, failures and
-        skipped files included with the reason; never raises for a bad member. Members are read one at a
-        time (memory is bounded by one image), and with ``delete_uploads`` every upload is deleted
-        (by ``discard``, default: unlink), also those past the batch limit."""
+        skipped files included with the reason (past MAX_BATCH_ROWS, one row counts the rest); never
+        raises for a bad file or member. Each archive is opened once and its members read one at a time
+        (memory is bounded by one image); with ``delete_uploads`` every upload is deleted (by
+        ``discard``, default: unlink), also those past the batch limit."""
         uploads = [Path(u) for u in uploads]
-        plan = plan_batch(uploads, self.max_batch_files)
-        rows = []
-        try:
-            for i, item in enumerate(plan, start=1):
-                if progress:
-                    progress((i - 1) / max(1, len(plan)), f"{i}/{len(plan)}")
-                row = {"#": i, "file": item.name}
-                try:
-                    a = self.analyze(item.read(), channel="batch", heatmap=False)
-                    p = a.prediction
-                    row.update({"label": p.label, **{f"p_{k}": round(v, 4) for k, v in p.probabilities.items()},
-                                "p_pneumonia": round(p.pneumonia_probability, 4), "decision": a.decision,
-                                "image_sha256": a.image_sha256, "error": ""})
-                except InputError as exc:
-                    row.update({"label": "", "decision": "", "error": str(exc)})
-                rows.append(row)
-        finally:
-            if delete_uploads:
-                for u in uploads:
-                    (discard or _remove_upload)(u)
+        rows: list[dict] = []
+        with contextlib.ExitStack() as archives:
+            try:
+                plan = plan_batch(uploads, self.max_batch_files, archives)
+                for i, item in enumerate(plan, start=1):
+                    if progress:
+                        progress((i - 1) / max(1, len(plan)), f"{i}/{len(plan)}")
+                    row = {"#": i, "file": item.name}
+                    try:
+                        a = self.analyze(item.read(), channel="batch", heatmap=False)
+                        p = a.prediction
+                        row.update({"label": p.label, **{f"p_{k}": round(v, 4) for k, v in p.probabilities.items()},
+                                    "p_pneumonia": round(p.pneumonia_probability, 4), "decision": a.decision,
+                                    "image_sha256": a.image_sha256, "error": ""})
+                    except InputError as exc:
+                        row.update({"label": "", "decision": "", "error": str(exc)})
+                    rows.append(row)
+            finally:
+                if delete_uploads:  # an open archive stays readable after its file is unlinked
+                    for u in uploads:
+                        (discard or _unlink)(u)
         if progress:
             progress(1.0, "done")
         return rows
@@ -291,25 +300,27 @@ class CxrService:
 
 @dataclass
 class BatchItem:
-    """One input of a batch: a file, a zip member, or a reason it will not be read (``error``)."""
+    """One input of a batch: a file, a member of an open archive, or a reason it will not be read."""
 
     name: str
     path: Path | None = None
+    archive: zipfile.ZipFile | None = None
     member: zipfile.ZipInfo | None = None
     error: str | None = None
 
     def read(self) -> bytes:
         if self.error:
             raise InputError(self.error)
-        if self.member is None:
+        if self.archive is None:
             return read_upload(self.path)
-        with zipfile.ZipFile(self.path) as zf:
-            return read_member(zf, self.member)
+        return read_member(self.archive, self.member)
 
 
 # What a damaged archive member raises while it is decompressed (deflate, bzip2, lzma, CRC checks).
 MEMBER_ERRORS = (zlib.error, lzma.LZMAError, EOFError, OSError, zipfile.BadZipFile, NotImplementedError,
                  RuntimeError, ValueError)
+MAX_ZIP_ENTRIES = 10_000  # an archive listing more is refused before its directory is parsed
+MAX_BATCH_ROWS = 1_000  # inputs past this (all skipped anyway) are counted in one row
 
 
 def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
@@ -326,42 +337,75 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
-def plan_batch(uploads: list[Path], max_files: int | None = None) -> list[BatchItem]:
+def zip_entry_count(path: Path) -> int | None:
+    """The number of entries an archive's end-of-central-directory record announces, read without
+    parsing the directory (a 256 MB zip of empty members lists millions); None when absent. Zip64
+    archives (0xFFFF in the classic record) count as "too many" for a batch."""
+    import struct
+
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 65_557))  # the record (22 bytes) and a comment of at most 64 KiB
+        tail = f.read()
+    i = tail.rfind(b"PK\x05\x06")
+    if i < 0 or len(tail) - i < 22:
+        return None
+    total = struct.unpack("<H", tail[i + 10:i + 12])[0]
+    return MAX_ZIP_ENTRIES + 1 if total == 0xFFFF else total
+
+
+def plan_batch(uploads: list[Path], max_files: int | None = None,
+               archives: contextlib.ExitStack | None = None) -> list[BatchItem]:
     """Every input of a batch in order (zip members sorted by name; folders, macOS resource forks and
     hidden files skipped), without reading any image: files past ``max_files`` (default
-    MAX_BATCH_FILES) and archives over MAX_ZIP_UNCOMPRESSED get an item with the reason instead."""
+    MAX_BATCH_FILES), archives listing more than MAX_ZIP_ENTRIES entries or unpacking to more than
+    MAX_ZIP_UNCOMPRESSED, and unreadable files get an item with the reason instead. Archives are
+    opened once, into ``archives`` (closed by the caller)."""
     items: list[BatchItem] = []
-    count = 0
+    count = skipped_beyond = 0
     limit = MAX_BATCH_FILES if max_files is None else max_files
+    archives = archives if archives is not None else contextlib.ExitStack()
 
     def add(item: BatchItem) -> None:
-        nonlocal count
+        nonlocal count, skipped_beyond
         count += 1
         if count > limit and not item.error:
             item.error = f"Skipped: more than {limit} files in one batch (the batch limit)."
+        if len(items) >= MAX_BATCH_ROWS:
+            skipped_beyond += 1
+            return
         items.append(item)
 
     for path in uploads:
-        if not path.exists():
+        try:
+            if not zipfile.is_zipfile(path):
+                add(BatchItem(path.name, path=path))
+                continue
+            entries = zip_entry_count(path)
+            if entries is not None and entries > MAX_ZIP_ENTRIES:
+                add(BatchItem(path.name, error=f"The zip lists {entries:,} entries; at most {MAX_ZIP_ENTRIES:,} are "
+                                               "read in one batch."))
+                continue
+            zf = archives.enter_context(zipfile.ZipFile(path))
+            members = sorted((m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX")
+                              and not Path(m.filename).name.startswith(".")), key=lambda m: m.filename)
+        except FileNotFoundError:
             add(BatchItem(path.name, error="The uploaded file is gone; upload it again."))
             continue
-        if zipfile.is_zipfile(path):
-            try:
-                with zipfile.ZipFile(path) as zf:
-                    members = sorted((m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX")
-                                      and not Path(m.filename).name.startswith(".")), key=lambda m: m.filename)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
-                add(BatchItem(path.name, error=f"Cannot open the zip archive: {exc}"))
-                continue
-            total = sum(m.file_size for m in members)
-            if total > MAX_ZIP_UNCOMPRESSED:
-                add(BatchItem(path.name, error=f"The zip unpacks to {total / 2**30:.1f} GB; the limit is "
-                                               f"{MAX_ZIP_UNCOMPRESSED / 2**30:.0f} GB."))
-                continue
-            for m in members:
-                add(BatchItem(m.filename, path=path, member=m))
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
+            add(BatchItem(path.name, error=f"Cannot open the zip archive: {exc}"))
             continue
-        add(BatchItem(path.name, path=path))
+        total = sum(m.file_size for m in members)
+        if total > MAX_ZIP_UNCOMPRESSED:
+            add(BatchItem(path.name, error=f"The zip unpacks to {total / 2**30:.1f} GB; the limit is "
+                                           f"{MAX_ZIP_UNCOMPRESSED / 2**30:.0f} GB."))
+            continue
+        for m in members:
+            add(BatchItem(m.filename, path=path, archive=zf, member=m))
+    if skipped_beyond:
+        items.append(BatchItem(f"... and {skipped_beyond:,} more", error=f"Skipped: {skipped_beyond:,} more inputs past "
+                               f"the batch limit of {limit} files (counted in this one row)."))
     return items
 
 

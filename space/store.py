@@ -163,9 +163,9 @@ class FeedbackStore:
     def stage_image(self, image: Image.Image, sha256: str) -> None:
         """Keep the de-identified pixels of a predicted image (refreshing its age if already kept)."""
         out = self.staging / f"{sha256}.png"
-        if out.exists():
-            os.utime(out)
-        else:
+        try:
+            os.utime(out)  # already kept: its age starts again
+        except FileNotFoundError:  # (also when a concurrent purge removed it a moment ago)
             save_pixels_png(image, out)
 
     def staged_image(self, sha256: str) -> Image.Image | None:

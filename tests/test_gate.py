@@ -122,3 +122,25 @@ def test_fit_for_model_end_to_end_on_a_tiny_model(tmp_path):
     assert report["validation"]["n"] == 20 and report["validation"]["refused"] <= 1
     assert {"validation_turned_90", "validation_inverted"} <= set(report)
     assert InputGate.load(model_dir / GATE_FILE).meta["n_fit"] == 30
+
+
+def test_the_gate_costs_no_extra_forward_pass_and_decides_on_the_plain_pass(tmp_path):
+    """A prediction without a heatmap is one forward pass, gate included; in the Space a heatmap request is
+    the plain pass (where the gate decides, in the precision it was fit in) plus the Grad-CAM pass."""
+    from modeling.predict import Predictor
+    from space.service import CxrService
+    from space.store import FeedbackStore
+
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=32)
+    _gate_for(model_dir).save(model_dir / GATE_FILE)
+    p = Predictor.from_pretrained(str(model_dir))
+    calls = []
+    p.model.register_forward_hook(lambda *a: calls.append(1))
+    assert p.predict_one(xray_like(2, (64, 64))).gate is not None and len(calls) == 1
+    service = CxrService(p, FeedbackStore(tmp_path / "data"))
+    calls.clear()
+    service.analyze(jpeg_bytes(xray_like(3, (128, 128))), heatmap=False)
+    assert len(calls) == 1
+    calls.clear()
+    a = service.analyze(jpeg_bytes(xray_like(4, (128, 128))), heatmap=True)
+    assert len(calls) == 2 and a.prediction.heatmap is not None and a.prediction.gate is not None

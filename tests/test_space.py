@@ -163,7 +163,7 @@ def test_feedback_saves_deidentified_png_and_validates(service) -> None:
     from space.store import StoreError
 
     a = service.analyze(phi_dicom())
-    fid = service.feedback(a.prediction_id, "viral_pneumonia", "radiologist", "consolidation right base")
+    fid = service.feedback(a.prediction_id, "viral_pneumonia", "radiologist", "consolidation right base", consent=True)
     assert fid == 1
     saved = list(service.store.images.iterdir())
     assert [p.name for p in saved] == [f"{a.image_sha256}.png"]
@@ -178,7 +178,7 @@ def test_feedback_saves_deidentified_png_and_validates(service) -> None:
     for bad in [dict(prediction_id="nope", label="normal"), dict(prediction_id=a.prediction_id, label="covid"),
                 dict(prediction_id=a.prediction_id, label="normal", role="janitor")]:
         with pytest.raises(StoreError):
-            service.feedback(**bad)
+            service.feedback(**bad, consent=True)
     assert service.store.count("feedback") == 1
 
 
@@ -187,9 +187,9 @@ def test_export_manifest_is_read_by_dataset_build(service, tmp_path) -> None:
 
     a1 = service.analyze(xray_bytes(11))
     a2 = service.analyze(xray_bytes(12))
-    service.feedback(a1.prediction_id, "normal", "pediatrician", "Patient Doe^Jane")  # a note with a name
-    service.feedback(a2.prediction_id, "bacterial_pneumonia")
-    service.feedback(a2.prediction_id, "viral_pneumonia")  # a later reading of the same image wins
+    service.feedback(a1.prediction_id, "normal", "pediatrician", "Patient Doe^Jane", consent=True)  # a note with a name
+    service.feedback(a2.prediction_id, "bacterial_pneumonia", consent=True)
+    service.feedback(a2.prediction_id, "viral_pneumonia", consent=True)  # a later reading of the same image wins
     summary = service.store.export_manifest(tmp_path / "export")
     assert summary["images"] == 2 and summary["images_with_conflicting_labels"] == 1
     listing = read_manifest(tmp_path / "export", [])
@@ -323,7 +323,7 @@ def test_api_predict_feedback_export(app, tmp_path) -> None:
     with Image.open(io.BytesIO(base64.b64decode(result["heatmap_png"]))) as im:
         assert im.size == (256, 256) and im.mode == "RGB"
     assert app.rows("predictions") == before + 1
-    fb = client.predict(result["prediction_id"], "normal", "radiologist", "", api_name="/feedback")
+    fb = client.predict(result["prediction_id"], "normal", "radiologist", "", True, api_name="/feedback")
     assert fb["label"] == "normal" and fb["feedback_id"] >= 1
     zpath, summary = app.client(admin=True).predict(api_name="/export")
     with zipfile.ZipFile(zpath) as zf:
@@ -359,7 +359,7 @@ def test_api_bad_inputs_readable_errors_app_keeps_serving(app, tmp_path) -> None
 def test_api_feedback_errors(app) -> None:
     client = app.client()
     with pytest.raises(Exception, match="unknown prediction id"):
-        client.predict("0" * 32, "normal", "radiologist", "", api_name="/feedback")
+        client.predict("0" * 32, "normal", "radiologist", "", True, api_name="/feedback")
 
 
 def test_50_concurrent_feedbacks_give_50_rows(app, tmp_path) -> None:
@@ -376,7 +376,7 @@ def test_50_concurrent_feedbacks_give_50_rows(app, tmp_path) -> None:
         # threads races in its SSE reader under load and cancels calls client-side: seen once in 20.)
         c = app.client()
         start.wait(timeout=120)  # all 50 submit at the same moment
-        return c.predict(result["prediction_id"], LABELS[i % 3], "resident", f"note {i}", api_name="/feedback")
+        return c.predict(result["prediction_id"], LABELS[i % 3], "resident", f"note {i}", True, api_name="/feedback")
 
     with ThreadPoolExecutor(max_workers=50) as pool:
         ids = [r["feedback_id"] for r in pool.map(send, range(50))]
@@ -406,7 +406,7 @@ def test_no_written_file_carries_phi_or_upload_name(app, tmp_path) -> None:
     client = app.client()
     path = _write(tmp_path, PHI_FILE_NAME, phi_dicom())
     result = client.predict(handle_file(path), "predicted", api_name="/predict")
-    client.predict(result["prediction_id"], "bacterial_pneumonia", "radiologist", "", api_name="/feedback")
+    client.predict(result["prediction_id"], "bacterial_pneumonia", "radiologist", "", True, api_name="/feedback")
     app.client(admin=True).predict(api_name="/export")
     offenders = []
     for folder in (app.data_dir, app.temp_dir):
@@ -483,7 +483,7 @@ def test_feedback_export_passes_the_contributor_validator(service, tmp_path) -> 
 
     for seed, label in ((70, "normal"), (71, "viral_pneumonia")):
         a = service.analyze(xray_bytes(seed))
-        service.feedback(a.prediction_id, label, "radiologist")
+        service.feedback(a.prediction_id, label, "radiologist", consent=True)
     service.store.export_manifest(tmp_path / "export")
     report = validate(tmp_path / "export", output=tmp_path / "clean")
     assert report.ok and report.exit_code == 0, [f.__dict__ for f in report.files]

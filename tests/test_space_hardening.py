@@ -50,7 +50,7 @@ def test_api_feedback_has_its_pixels_after_many_predictions_and_a_restart(model_
     for seed in range(2, 140):  # far more than any in-memory cache would hold
         service.analyze(png_bytes(xray_like(seed, (64, 64))), channel="api", heatmap=False)
     restarted = make_service(model_dir, tmp_path / "data")  # a new process on the same data folder
-    restarted.feedback(first.prediction_id, "viral_pneumonia", "radiologist")
+    restarted.feedback(first.prediction_id, "viral_pneumonia", "radiologist", consent=True)
     fb = restarted.store.feedback_frame()
     assert fb["image_path"].notna().all()
     stored = restarted.store.root / fb.iloc[0]["image_path"]
@@ -66,21 +66,31 @@ def test_feedback_for_an_expired_staged_image_is_refused_not_stored_without_pixe
     a = service.analyze(xray_bytes(3), channel="api")
     service.store.purge_staging()
     with pytest.raises(StoreError, match="no longer available"):
-        service.feedback(a.prediction_id, "normal", "radiologist")
+        service.feedback(a.prediction_id, "normal", "radiologist", consent=True)
     assert service.store.count("feedback") == 0
 
 
 def test_staging_is_bounded_in_size_oldest_first(model_dir, tmp_path):
-    service = make_service(model_dir, tmp_path / "data", staging_max_bytes=1)
+    service = make_service(model_dir, tmp_path / "data")
     a = service.analyze(xray_bytes(4), channel="api", heatmap=False)
     time.sleep(0.05)
     b = service.analyze(xray_bytes(5), channel="api", heatmap=False)
+    sizes = {p.stem: p.stat().st_size for p in service.store.staging.glob("*.png")}
+    service.store.staging_max_bytes = sizes[b.image_sha256] + 10  # room for one: the newer one stays
     service.store.purge_staging()
-    assert service.store.staged_image(a.image_sha256) is None and service.store.staged_image(b.image_sha256) is None
-    big = make_service(model_dir, tmp_path / "data2", staging_max_bytes=10**9)
-    c = big.analyze(xray_bytes(6), channel="api", heatmap=False)
-    big.store.purge_staging()
-    assert big.store.staged_image(c.image_sha256) is not None
+    assert service.store.staged_image(a.image_sha256) is None and service.store.staged_image(b.image_sha256) is not None
+    service.analyze(xray_bytes(6), channel="batch", heatmap=False)  # batch rows cannot get feedback: not kept
+    assert len(list(service.store.staging.glob("*.png"))) == 1
+
+
+def test_feedback_needs_consent(model_dir, tmp_path):
+    from space.store import StoreError
+
+    service = make_service(model_dir, tmp_path / "data")
+    a = service.analyze(xray_bytes(3), channel="api")
+    with pytest.raises(StoreError, match="consent"):
+        service.feedback(a.prediction_id, "normal", "radiologist")
+    assert service.store.count("feedback") == 0 and not list(service.store.images.iterdir())
 
 
 def test_export_ships_the_newest_label_and_accounts_for_every_feedback_row(model_dir, tmp_path):
@@ -88,11 +98,11 @@ def test_export_ships_the_newest_label_and_accounts_for_every_feedback_row(model
 
     service = make_service(model_dir, tmp_path / "data")
     a = service.analyze(xray_bytes(7))
-    service.feedback(a.prediction_id, "normal", "resident", image=a.image)  # UI feedback, with the pixels
+    service.feedback(a.prediction_id, "normal", "resident", image=a.image, consent=True)  # UI feedback, with the pixels
     b = service.analyze(xray_bytes(7), channel="api")  # the same film again, over the API
-    service.feedback(b.prediction_id, "viral_pneumonia", "radiologist")  # the newest reading: a correction
+    service.feedback(b.prediction_id, "viral_pneumonia", "radiologist", consent=True)  # the newest reading: a correction
     c = service.analyze(xray_bytes(8), channel="api")
-    service.feedback(c.prediction_id, "bacterial_pneumonia")
+    service.feedback(c.prediction_id, "bacterial_pneumonia", consent=True)
     summary = service.store.export_manifest(tmp_path / "export")
     listing = read_manifest(tmp_path / "export", [])
     labels = {Path(r.path).stem: r.label for r in listing.records}
@@ -105,7 +115,7 @@ def test_export_ships_the_newest_label_and_accounts_for_every_feedback_row(model
 def test_export_says_what_was_left_out_and_why(model_dir, tmp_path):
     service = make_service(model_dir, tmp_path / "data")
     a = service.analyze(xray_bytes(9))
-    service.feedback(a.prediction_id, "normal", image=a.image)
+    service.feedback(a.prediction_id, "normal", image=a.image, consent=True)
     (service.store.root / "images" / f"{a.image_sha256}.png").unlink()  # lost on disk (or removed by hand)
     summary = service.store.export_manifest(tmp_path / "export")
     assert summary["images"] == 0 and summary["feedback_rows"] == 1
@@ -200,32 +210,7 @@ def test_zip_members_are_read_one_at_a_time(model_dir, tmp_path, monkeypatch):
     assert [e[0] for e in events] == ["read", "predict"] * 4
 
 
-# ---- a batch does not starve single predictions -------------------------------------------------------
-
-def test_a_single_prediction_overtakes_a_running_batch(model_dir, tmp_path):
-    service = make_service(model_dir, tmp_path / "data")
-    files = []
-    for i in range(60):
-        p = tmp_path / f"{i}.png"
-        p.write_bytes(png_bytes(xray_like(100 + i, (128, 128))))
-        files.append(str(p))
-    progress = []
-    done = {}
-
-    def run_batch():
-        service.batch(files, progress=lambda f, d: progress.append(f))
-        done["batch"] = len(progress)
-
-    t = threading.Thread(target=run_batch)
-    t.start()
-    while len(progress) < 3:
-        time.sleep(0.005)
-    service.analyze(xray_bytes(99), channel="api")
-    at_single = len(progress)
-    t.join()
-    # the single prediction finished while the batch still had most of its images to do
-    assert at_single < 0.5 * done["batch"], (at_single, done["batch"])
-
+# ---- a batch does not starve single predictions (the app test checks the concurrency groups) --------
 
 def test_model_lock_gives_waiting_interactive_calls_priority():
     from space.service import ModelLock
@@ -269,3 +254,61 @@ def test_space_applies_the_de_identification_and_symmetry_policies(model_dir, tm
     half[:, :128] = film[:, :128]  # one side only: far from left-right symmetric
     b = service.analyze(png_bytes(Image.fromarray(half)))
     assert any("not left-right symmetric" in n for n in b.notes)
+
+
+def test_an_archive_listing_too_many_entries_is_one_row_and_not_parsed(model_dir, tmp_path, monkeypatch):
+    import space.service as svc
+
+    monkeypatch.setattr(svc, "MAX_ZIP_ENTRIES", 5)
+    z = tmp_path / "flood.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for i in range(8):
+            zf.writestr(f"{i}.txt", b"")
+    monkeypatch.setattr(zipfile.ZipFile, "infolist", lambda self: pytest.fail("the directory was parsed"))
+    rows = make_service(model_dir, tmp_path / "data").batch([str(z)])
+    assert len(rows) == 1 and "8 entries" in rows[0]["error"]
+    assert svc.zip_entry_count(z) == 8
+
+
+def test_rows_past_the_row_cap_are_counted_in_one_row(model_dir, tmp_path, monkeypatch):
+    import space.service as svc
+
+    monkeypatch.setattr(svc, "MAX_BATCH_FILES", 2)
+    monkeypatch.setattr(svc, "MAX_BATCH_ROWS", 4)
+    z = tmp_path / "many.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for i in range(10):
+            zf.writestr(f"{i:02d}.jpg", xray_bytes(60 + i))
+    rows = make_service(model_dir, tmp_path / "data").batch([str(z)])
+    assert len(rows) == 5 and [bool(r["error"]) for r in rows] == [False, False, True, True, True]
+    assert rows[-1]["file"] == "... and 6 more" and "6 more inputs" in rows[-1]["error"]
+
+
+def test_an_archive_removed_during_its_batch_is_still_read(model_dir, tmp_path):
+    """Each archive is opened once; the open handle survives the file being deleted (by the sweeper,
+    or by an identical upload's batch finishing first)."""
+    z = tmp_path / "studies.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for i in range(3):
+            zf.writestr(f"{i}.jpg", xray_bytes(80 + i))
+    service = make_service(model_dir, tmp_path / "data")
+    real = service.analyze
+
+    def analyze_then_delete(payload, **kw):
+        z.unlink(missing_ok=True)
+        return real(payload, **kw)
+
+    service.analyze = analyze_then_delete
+    rows = service.batch([str(z)])
+    assert len(rows) == 3 and not any(r["error"] for r in rows)
+    gone = service.batch([str(z)])
+    assert len(gone) == 1 and "gone" in gone[0]["error"]
+
+
+def test_private_temp_folder_is_a_subfolder_of_an_operators_temp_dir(tmp_path, monkeypatch):
+    from space.files import private_temp_dir
+
+    monkeypatch.delenv("CXR_TMP_DIR", raising=False)
+    root = private_temp_dir(tmp_path)
+    assert root.parent == tmp_path and root.name.startswith("cxr-space-") and (root.stat().st_mode & 0o777) == 0o700
+    assert private_temp_dir(root) == root  # idempotent: importing the app twice does not nest folders

@@ -105,7 +105,6 @@ def test_batch_every_file_a_row_past_the_limit_deleted_corrupt_zip_a_row(app, tm
     assert "compressed data" in err[2] and not err[0] and not err[1]
     assert all("limit" in e for e in err[3:])
     assert not phi_offenders(app)
-    assert wait_until(lambda: not Path(csv_path).exists() or "client-downloads" in csv_path, timeout=1)
 
 
 def test_identical_files_uploaded_at_the_same_moment_all_succeed(app, tmp_path):
@@ -135,14 +134,15 @@ def test_no_output_file_lands_in_the_cache_and_scratch_outputs_expire(app, tmp_p
                                   api_name="/predict")
     assert result["heatmap_png"]  # the overlay comes back inline...
     assert set(non_empty_files(app.temp_dir)) <= before  # ...and no file was written for it or kept of the upload
-    app.client().predict(result["prediction_id"], "viral_pneumonia", "radiologist", "", api_name="/feedback")
+    app.client().predict(result["prediction_id"], "viral_pneumonia", "radiologist", "", True, api_name="/feedback")
     zpath, summary = app.client(admin=True).predict(api_name="/export")
-    _, csv_path = app.client().predict([handle_file(_write(tmp_path, "ok.jpg", xray_bytes(5)))], api_name="/batch")
-    assert summary["images"] >= 1 and Path(zpath).exists()
-    # the export archive and the batch CSV live in the private temp folder and expire with it; the
-    # system temp folder gets nothing
-    assert wait_until(lambda: not [p for p in app.temp_dir.rglob("*") if p.suffix in (".zip", ".csv")],
-                      timeout=TTL + 8)
+    app.client().predict([handle_file(_write(tmp_path, "ok.jpg", xray_bytes(5)))], api_name="/batch")
+    assert summary["images"] >= 1 and zipfile.is_zipfile(zpath)  # the client's downloaded copy
+    # on the server, the export archive and the batch CSV are in the private temp folder (served from
+    # there, not copied elsewhere)... and expire with it; the system temp folder gets nothing
+    served = lambda: [p for p in app.temp_dir.rglob("*") if p.suffix in (".zip", ".csv")]  # noqa: E731
+    assert {p.suffix for p in served()} == {".zip", ".csv"}
+    assert wait_until(lambda: not served(), timeout=TTL + 8)
     assert not list(app.system_tmp.iterdir())
     assert not phi_offenders(app)
 
@@ -184,14 +184,31 @@ def test_export_and_history_are_for_administrators(app):
     with pytest.raises(Exception, match="Administrators only"):
         wrong.predict(api_name="/export")
     zpath, summary = app.client(admin=True).predict(api_name="/export")
-    assert "feedback_rows" in summary and Path(zpath).exists()
+    assert "feedback_rows" in summary and zipfile.is_zipfile(zpath)
     page = httpx.get(app.url, timeout=30).text + httpx.get(app.url + "config", timeout=30).text
     assert str(app.data_dir) not in page and str(app.temp_dir) not in page
 
 
 def test_history_handler_reveals_nothing_without_the_token(tmp_path):
-    """The History tab's handler itself checks access (a hidden endpoint can still be called)."""
+    """The History tab's handler itself checks access (a hidden endpoint can still be called), and the
+    policy behind it."""
+    from modeling.predict import Predictor
     from space.access import AccessDenied, AccessPolicy
+    from space.app import LOCKED, AppConfig, build_app
+    from space.service import CxrService
+    from space.store import FeedbackStore
+
+    service = CxrService(Predictor.from_pretrained(str(save_tiny_classifier(tmp_path / "m", image_size=32))),
+                         FeedbackStore(tmp_path / "data"))
+    a = service.analyze(xray_bytes(3))
+    service.feedback(a.prediction_id, "normal", "radiologist", consent=True)
+    config = AppConfig(model_id="m", revision=None, data_dir=tmp_path / "data")
+    demo = build_app(service, config, access=AccessPolicy(admin_token="s3cret"))
+    history = next(f.fn for f in demo.fns.values() if f.name == "history")
+    summary, *frames = history("wrong")
+    assert summary.startswith(LOCKED) and all(f.empty for f in frames)
+    summary, *frames = history("s3cret")
+    assert "1** clinician readings" in summary and not frames[3].empty
 
     policy = AccessPolicy(admin_token="s3cret")
     assert policy.is_admin(token="s3cret") and not policy.is_admin(token="s3cre") and not policy.is_admin()
