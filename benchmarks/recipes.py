@@ -222,7 +222,8 @@ def cmd_score(args) -> None:
     model, processor = load_folder(args.model)
     logits = battery_of(model, processor, val, args.tta)
     save_candidate(out, logits, {"name": args.name, "recipe": args.recipe or "", "model": args.model,
-                                 "tta": args.tta, "single_pass": args.tta is None and not args.not_single_pass})
+                                 "tta": args.tta, "single_pass": args.tta is None and not args.not_single_pass,
+                                 "reference": args.reference})
 
 
 def cmd_wise(args) -> None:
@@ -279,13 +280,19 @@ def cmd_table(args) -> None:
         logits = dict(np.load(meta_file.with_suffix(".npz")))
         report = rb.score(logits, labels)
         rows[meta["name"]] = {"meta": meta, **report}
-        cands.append(rb.Candidate(meta["name"], logits[rb.PLAIN].argmax(1), report["summary"], bool(meta["single_pass"])))
+        cands.append(rb.Candidate(meta["name"], logits[rb.PLAIN].argmax(1), report["summary"], bool(meta["single_pass"]),
+                                  reference=bool(meta.get("reference"))))
     decision = rb.select(cands, labels, groups)
+    # what the rule would have picked had the references (released, tested checkpoints) been candidates
+    as_candidates = [rb.Candidate(c.name, c.plain_pred, c.summary, c.single_pass) for c in cands]
+    with_references = rb.select(as_candidates, labels, groups) if any(c.reference for c in cands) else None
     result = {
         "split": "validation", "n": int(len(labels)), "precision": "bfloat16",
         "battery": rb.battery_description(),
         "rule": json.loads((ROOT / "space" / "model" / "training_runs.json").read_text()).get("next_release_plan"),
         "decision": {k: v for k, v in decision.items() if k != "candidates"},
+        "decision_with_references_as_candidates": (None if with_references is None else
+                                                    {k: v for k, v in with_references.items() if k != "candidates"}),
         "candidates": {name: {**row, "selection": decision["candidates"][name]} for name, row in rows.items()},
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -323,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", default="")
     s.add_argument("--tta", choices=["hflip"], default=None)
     s.add_argument("--not-single-pass", action="store_true")
+    s.add_argument("--reference", action="store_true",
+                   help="a checkpoint already released and evaluated on test: a row to compare with, not a candidate")
     w = sub.add_parser("wise")
     w.add_argument("--name", required=True)
     w.add_argument("--start", required=True)

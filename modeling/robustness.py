@@ -269,13 +269,16 @@ def score(logits: dict[str, np.ndarray], labels: np.ndarray, op: OperatingPoint 
 @dataclass
 class Candidate:
     """What the rule needs of one candidate: its plain-validation argmax predictions, its battery
-    summary (:func:`score`) and whether it can ship as one stock forward pass (an ensemble or TTA
-    cannot without distillation)."""
+    summary (:func:`score`), whether it can ship as one stock forward pass (an ensemble or TTA cannot
+    without distillation), and whether it is only a ``reference``: a checkpoint already released and
+    evaluated on the test split, shown for comparison but not a release candidate (releasing it again
+    would give no new test evaluation; choosing it would let its known test result steer the choice)."""
 
     name: str
     plain_pred: np.ndarray
     summary: dict
     single_pass: bool = True
+    reference: bool = False
 
 
 def select(candidates: Sequence[Candidate], labels: np.ndarray, groups: Sequence[str] | None = None, *,
@@ -291,17 +294,18 @@ def select(candidates: Sequence[Candidate], labels: np.ndarray, groups: Sequence
     from .metrics import paired_bootstrap_macro_f1
 
     labels = np.asarray(labels, np.int64)
-    pool = [c for c in candidates if c.single_pass]
+    pool = [c for c in candidates if c.single_pass and not c.reference]
     if not pool:
-        raise ValueError("no single-pass candidate to choose from")
+        raise ValueError("no single-pass release candidate to choose from")
     plain_f1 = {c.name: float(f1_score(labels, c.plain_pred, average="macro")) for c in candidates}
     best = max(pool, key=lambda c: plain_f1[c.name])
     verdicts: dict[str, dict] = {}
     eligible = []
     for c in candidates:
         cmp = paired_bootstrap_macro_f1(best.plain_pred, c.plain_pred, labels, groups, n=n_bootstrap, seed=seed)
-        ok = c.single_pass and cmp["ci95"][1] >= 0
-        why = ("not one stock forward pass" if not c.single_pass else
+        ok = c.single_pass and not c.reference and cmp["ci95"][1] >= 0
+        why = ("reference: already released and evaluated on test" if c.reference else
+               "not one stock forward pass" if not c.single_pass else
                "plain macro-F1 within the CI of the best" if ok else "plain macro-F1 significantly below the best")
         verdicts[c.name] = {"plain_macro_f1": plain_f1[c.name], "vs_best_plain": cmp, "eligible": ok, "why": why}
         if ok:

@@ -159,3 +159,21 @@ def test_selection_rule_filters_on_plain_validation_then_takes_the_worst_case():
     assert v["robust"]["eligible"] and v["robust"]["vs_best_plain"]["ci95"][1] >= 0
     assert set(out["tied_on_worst_macro_f1"]) == {"robust", "robust-tied"}
     assert out["chosen"] == "robust-tied"  # tied on worst-case macro-F1, better worst-case specificity
+
+
+def test_references_are_shown_but_never_chosen():
+    labels = np.repeat([0, 1, 2], 60)
+
+    def noisy(err, offset=0):
+        pred = labels.copy()
+        wrong = (np.arange(len(labels)) * 37 + offset) % 100 < err * 100
+        pred[wrong] = (pred[wrong] + 1) % 3
+        return pred
+
+    released = rb.Candidate("released", noisy(0.01), _summary(0.99, 0.99), reference=True)
+    new = rb.Candidate("new", noisy(0.05, 50), _summary(0.7, 0.7))
+    out = rb.select([released, new], labels, n_bootstrap=200)
+    assert out["chosen"] == "new" and out["best_plain"] == "new"
+    assert not out["candidates"]["released"]["eligible"] and "reference" in out["candidates"]["released"]["why"]
+    with pytest.raises(ValueError, match="release candidate"):
+        rb.select([released], labels, n_bootstrap=10)
