@@ -90,7 +90,11 @@ class TrainConfig:
     max_rotation: float = field(default=7.0, metadata={"help": "rotation range in degrees"})
     brightness: float = field(default=0.15, metadata={"help": "brightness jitter (fraction)"})
     contrast: float = field(default=0.15, metadata={"help": "contrast jitter (fraction)"})
+    gamma: float = field(default=0.15, metadata={"help": "gamma jitter (fraction, log-uniform)"})
     hflip: bool = field(default=False, metadata={"help": "random horizontal flips (off: mirrored chests are not real films)"})
+    noise: float = field(default=0.0, metadata={"help": "Gaussian noise up to this sigma (grey levels) on half the images; 0 = off"})
+    blur: float = field(default=0.0, metadata={"help": "Gaussian blur up to this radius (px) on half the images; 0 = off"})
+    sharpen: float = field(default=0.0, metadata={"help": "unsharp mask up to this percent on half the images; 0 = off"})
     # loss
     loss: str = field(default="weighted_ce", metadata={"choices": ["ce", "weighted_ce", "focal"],
                       "help": "class imbalance: inverse-frequency weighted CE (default), focal loss, or plain CE"})
@@ -141,8 +145,8 @@ class TrainConfig:
 
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig(crop_scale=(self.crop_scale_min, 1.0), crop_ratio=(self.crop_ratio_min, self.crop_ratio_max),
-                             max_rotation=self.max_rotation,
-                             brightness=self.brightness, contrast=self.contrast, hflip=self.hflip)
+                             max_rotation=self.max_rotation, noise=self.noise, blur=self.blur, sharpen=self.sharpen,
+                             brightness=self.brightness, contrast=self.contrast, gamma=self.gamma, hflip=self.hflip)
 
 
 class XrayDataset(Dataset):

@@ -11,7 +11,12 @@ removes what the label depends on:
 * brightness/contrast (``brightness``, ``contrast``): exposure, detector and post-processing differ
   between machines; a gamma jitter covers non-linear display curves;
 * no horizontal flip by default (``hflip``): a mirrored chest (heart on the right) is not a real
-  film and side markers become mirrored text; it is available for experiments.
+  film and side markers become mirrored text; it is available for experiments;
+* texture (off by default): Gaussian ``noise`` (sigma up to this many grey levels: dose, detector),
+  ``blur`` (radius up to this many pixels: resolution, motion) and ``sharpen`` (unsharp mask up to
+  this percentage: vendor edge enhancement), each applied to half of the images. They overlap
+  conditions of the robustness battery (:mod:`modeling.robustness`); a recipe that uses them must
+  keep its ranges below the battery's, and its card must say so.
 
 Written with PIL because torchvision has no CPU build on our target machines; each step is one
 Pillow call, seeded through the ``random.Random`` passed in, so runs are reproducible.
@@ -23,7 +28,8 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
-from PIL import Image, ImageEnhance
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
 
 
 @dataclass
@@ -35,6 +41,9 @@ class AugmentConfig:
     contrast: float = 0.15
     gamma: float = 0.15
     hflip: bool = False
+    noise: float = 0.0
+    blur: float = 0.0
+    sharpen: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,4 +79,12 @@ def augment(img: Image.Image, cfg: AugmentConfig, rng: random.Random) -> Image.I
         img = img.point([min(255, int(round(255 * (i / 255) ** g))) for i in range(256)] * len(img.getbands()))
     if cfg.hflip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if cfg.blur > 0 and rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, cfg.blur)))
+    if cfg.sharpen > 0 and rng.random() < 0.5:
+        img = img.filter(ImageFilter.UnsharpMask(radius=2, percent=int(rng.uniform(0, cfg.sharpen)), threshold=0))
+    if cfg.noise > 0 and rng.random() < 0.5:
+        a = np.asarray(img, dtype=np.float32)
+        noisy = a + np.random.default_rng(rng.getrandbits(32)).normal(0.0, rng.uniform(0, cfg.noise), a.shape)
+        img = Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8), img.mode)
     return img

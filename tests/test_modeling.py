@@ -507,3 +507,15 @@ def test_pneumonia_probability_is_bacterial_plus_viral_for_a_vector_and_a_batch(
     with pytest.raises(ValueError, match="3 class probabilities"):
         pneumonia_probability([0.5, 0.5])
     assert set(DISPLAY_NAMES) == set(LABELS)
+
+
+def test_texture_augmentation_is_off_by_default_seeded_and_changes_texture():
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), max_rotation=0, brightness=0, contrast=0, gamma=0)
+    img = xray_like(4, (96, 96))
+    assert np.array_equal(np.asarray(augment(img, cfg, random.Random(1))), np.asarray(img))
+    tex = AugmentConfig(crop_scale=(1.0, 1.0), max_rotation=0, brightness=0, contrast=0, gamma=0, noise=8, blur=1.0,
+                        sharpen=100)
+    outs = [np.asarray(augment(img, tex, random.Random(s)), dtype=np.float64) for s in range(12)]
+    assert np.array_equal(outs[0], np.asarray(augment(img, tex, random.Random(0)), dtype=np.float64))
+    changed = [not np.array_equal(o, np.asarray(img, dtype=np.float64)) for o in outs]
+    assert 0 < sum(changed) and all(o.shape == (96, 96) for o in outs)
