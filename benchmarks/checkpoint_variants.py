@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from sklearn.metrics import f1_score, roc_auc_score
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -38,26 +37,10 @@ from modeling.calibration import choose_threshold, fit_temperature, nll, softmax
 from modeling.data import groups_of, load_cxr_dataset
 from modeling.labels import pneumonia_probability
 from modeling.metrics import paired_bootstrap_macro_f1
+from modeling.models import average_weights, state_dict_of
 from modeling.preprocessing import build_image_processor, config_from_processor, pixel_values
 
 ROOT = Path(__file__).resolve().parents[1]
-
-def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
-    """Float32 weights under the model's own parameter names: a ``save_pretrained`` folder is loaded
-    through ``from_pretrained`` (transformers 5 saves some modules under legacy names), an Accelerate
-    epoch checkpoint holds the module's state dict as is."""
-    if (path / "config.json").exists():
-        return {k: v.float() for k, v in AutoModelForImageClassification.from_pretrained(path).state_dict().items()}
-    return {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
-
-
-def averaged(model, paths: list[Path]):
-    """``model`` with its weights replaced by the uniform average of the checkpoints' weights."""
-    sds = [state_dict_of(p) for p in paths]
-    avg = {k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]}
-    model.load_state_dict(avg, strict=True)
-    return model
-
 
 def views(pv: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
     """Test-time views of a batch of processed images (N, 3, S, S)."""
@@ -165,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         logits[f"logit-ensemble[{len(singles)} checkpoints]"] = np.mean(singles, 0)
         logits[f"weight-average[{len(args.soup)} checkpoints]"] = cached(
             "soup:" + ",".join(str(p.resolve()) for p in args.soup),
-            lambda: val_logits(averaged(model, list(args.soup)), processor, split, ["identity"])[0])
+            lambda: val_logits(average_weights(model, list(args.soup)), processor, split, ["identity"])[0])
         print(f"soup: {time.perf_counter() - t0:.0f} s", flush=True)
 
     base_cfg = config_from_processor(processor)

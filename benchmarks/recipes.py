@@ -259,6 +259,21 @@ def cmd_save_wise(args) -> None:
     log(f"wrote {out}")
 
 
+def cmd_soup(args) -> None:
+    """The uniform weight average of checkpoints of one run, scored as a candidate (one forward pass)."""
+    from modeling.models import average_weights
+
+    out = Path(args.work) / "logits" / f"{safe(args.name)}.npz"
+    if out.exists():
+        return
+    val = load_cxr_dataset(args.dataset)["validation"]
+    model, processor = load_folder(args.like)
+    average_weights(model, args.members)
+    save_candidate(out, battery_of(model, processor, val), {
+        "name": args.name, "recipe": "weight average (soup) of " + ", ".join(args.members), "members": args.members,
+        "single_pass": True})
+
+
 def cmd_ensemble(args) -> None:
     work = Path(args.work) / "logits"
     members = [dict(np.load(work / f"{safe(m)}.npz")) for m in args.members]
@@ -342,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--end", required=True)
     sw.add_argument("--alpha", type=float, required=True)
     sw.add_argument("--output-dir", required=True)
+    so = sub.add_parser("soup")
+    so.add_argument("--name", required=True)
+    so.add_argument("--members", nargs="+", required=True, help="save_pretrained folders or epoch checkpoints")
+    so.add_argument("--like", required=True, help="a save_pretrained folder of the same architecture (and its processor)")
     e = sub.add_parser("ensemble")
     e.add_argument("--name", required=True)
     e.add_argument("--members", nargs="+", required=True)
@@ -354,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     torch.set_num_threads(args.threads)
     {"features": cmd_features, "probes": cmd_probes, "save-probe": cmd_save_probe, "score": cmd_score,
-     "wise": cmd_wise, "save-wise": cmd_save_wise, "ensemble": cmd_ensemble, "table": cmd_table}[args.cmd](args)
+     "wise": cmd_wise, "save-wise": cmd_save_wise, "soup": cmd_soup, "ensemble": cmd_ensemble,
+     "table": cmd_table}[args.cmd](args)
     return 0
 
 

@@ -178,3 +178,27 @@ def interpolate_weights(model: nn.Module, start: dict[str, torch.Tensor], end: d
         mixed[k] = (1 - alpha) * a.float() + alpha * b.float() if a.is_floating_point() else b
     model.load_state_dict(mixed, strict=True)
     return model
+
+
+def state_dict_of(path) -> dict[str, torch.Tensor]:
+    """Float32 weights under the model's own parameter names, from a ``save_pretrained`` folder (loaded
+    through ``from_pretrained``: transformers 5 saves some modules under legacy names) or an Accelerate
+    epoch checkpoint of ``train.py`` (``checkpoints/epoch-NNN``: the module's state dict as is)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return {k: v.float() for k, v in AutoModelForImageClassification.from_pretrained(path).state_dict().items()}
+    return {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
+
+
+def average_weights(model: nn.Module, paths) -> nn.Module:
+    """``model`` with the uniform average of the checkpoints' weights (a "model soup", Wortsman et al.
+    2022: checkpoints of one run share an optimisation basin, so their average is a model too)."""
+    sds = [state_dict_of(p) for p in paths]
+    avg = {k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]}
+    model.load_state_dict(avg, strict=True)
+    return model
+

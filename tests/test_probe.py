@@ -128,3 +128,21 @@ def test_interpolate_weights_is_wise_ft(base):
 def test_linear_head_logits_are_affine():
     h = LinearHead(weight=np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), bias=np.array([0.0, 1.0, -1.0]))
     assert np.allclose(h.logits(np.array([[2.0, 3.0]])), [[2.0, 7.0, 4.0]])
+
+
+def test_average_weights_is_a_soup_of_folders_and_epoch_checkpoints(base, tmp_path):
+    from safetensors.torch import save_file
+
+    from modeling.models import average_weights, state_dict_of
+
+    a, b = build_model(str(base)), build_model(str(base))
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(2.0)
+    a.save_pretrained(tmp_path / "a")
+    (tmp_path / "epoch-002").mkdir()
+    save_file({k: v.contiguous() for k, v in b.state_dict().items()}, str(tmp_path / "epoch-002" / "model.safetensors"))
+    soup = average_weights(build_model(str(base)), [tmp_path / "a", tmp_path / "epoch-002"])
+    sa, sb = state_dict_of(tmp_path / "a"), state_dict_of(tmp_path / "epoch-002")
+    for k, v in soup.state_dict().items():
+        assert torch.allclose(v, (sa[k] + sb[k]) / 2, atol=1e-6), k
