@@ -304,7 +304,7 @@ def cmd_table(args) -> None:
     result = {
         "split": "validation", "n": int(len(labels)), "precision": "bfloat16",
         "battery": rb.battery_description(),
-        "rule": json.loads((ROOT / "space" / "model" / "training_runs.json").read_text()).get("next_release_plan"),
+        "rule": json.loads((ROOT / "space" / "model" / "training_runs.json").read_text()).get("selection_rule"),
         "decision": {k: v for k, v in decision.items() if k != "candidates"},
         "decision_with_references_as_candidates": (None if with_references is None else
                                                     {k: v for k, v in with_references.items() if k != "candidates"}),
