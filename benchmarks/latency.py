@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="passes over the images")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--output", default=None, help="write the results as JSON here")
+    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "latency.json"),
+                    help="write the results as JSON here (the card reads this file); '-' prints only")
     ap.add_argument("--onnx", action="store_true",
                     help="also time ONNX Runtime (needs onnxruntime, onnx, onnxscript; not in requirements.txt)")
     args = ap.parse_args(argv)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         print(f"{name:28s} {r['median_ms']:10.1f} {r['p95_ms']:8.1f} {r['speedup_vs_pipeline']:10.2f} "
               f"{r['max_abs_prob_diff_vs_predictor_fp32']:9.2e} {r['label_disagreements_vs_predictor_fp32']:9d}")
-    if args.output:
+    if args.output != "-":
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.output}")

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=str(ROOT / "space" / "model"))
     ap.add_argument("--dataset", default=str(ROOT / "data" / "cxr-pneumonia"))
     ap.add_argument("--split", default="validation")
-    ap.add_argument("--output", default=None)
+    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "precision_agreement.json"),
+                    help="write the report as JSON here (the card reads this file); '-' prints only")
     args = ap.parse_args(argv)
 
     import torch
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": args.model, "model_revision": fp32.revision, "split": args.split,
               **agreement(np.concatenate(a), np.concatenate(b), threshold=fp32.threshold)}
     print(json.dumps(report, indent=2))
-    if args.output:
+    if args.output != "-":
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
