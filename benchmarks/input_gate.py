@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from modeling.cli import add_flag, parse
+from modeling.cli import add_flag, parse, shown_path
 from modeling.data import load_cxr_dataset
 from modeling.gate import invert, turn
 from modeling.image_io import to_grayscale
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if predictor.gate is None:
         raise SystemExit(f"{args.model} has no input gate (fit it with cxr-gate)")
     ds = load_cxr_dataset(args.dataset)
-    results: dict = {"model": args.model, "gate": predictor.gate.meta, "distance_limit": predictor.gate.distance_limit}
+    results: dict = {"model": shown_path(args.model), "model_revision": predictor.revision, "gate": predictor.gate.meta, "distance_limit": predictor.gate.distance_limit}
     with tempfile.TemporaryDirectory() as tmp:
         service = CxrService(predictor, FeedbackStore(Path(tmp) / "store"))
         val = [to_grayscale(r["image"]) for r in ds["validation"]]

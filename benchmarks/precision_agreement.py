@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modeling.cli import shown_path
 from modeling.metrics import agreement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         images = [to_grayscale(im) for im in split[start:start + 32]["image"]]
         a.append(torch.softmax(fp32.logits(images), -1).numpy())
         b.append(torch.softmax(bf16.logits(images), -1).numpy())
-    report = {"model": args.model, "model_revision": fp32.revision, "split": args.split,
+    report = {"model": shown_path(args.model), "model_revision": fp32.revision, "split": args.split,
               **agreement(np.concatenate(a), np.concatenate(b), threshold=fp32.threshold)}
     print(json.dumps(report, indent=2))
     if args.output != "-":

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from modeling import robustness as rb
-from modeling.cli import add_flag, parse
+from modeling.cli import add_flag, parse, shown_path
 from modeling.augment import AugmentConfig
 from modeling.data import groups_of, load_cxr_dataset
 from modeling.features import ViewSpec, extract, features_fn
@@ -221,7 +221,7 @@ def cmd_score(args) -> None:
     val = load_cxr_dataset(args.dataset)["validation"]
     model, processor = load_folder(args.model)
     logits = battery_of(model, processor, val, args.tta)
-    save_candidate(out, logits, {"name": args.name, "recipe": args.recipe or "", "model": args.model,
+    save_candidate(out, logits, {"name": args.name, "recipe": args.recipe or "", "model": shown_path(args.model),
                                  "tta": args.tta, "single_pass": args.tta is None and not args.not_single_pass,
                                  "reference": args.reference})
 
@@ -294,6 +294,8 @@ def cmd_table(args) -> None:
         meta = json.loads(meta_file.read_text())
         logits = dict(np.load(meta_file.with_suffix(".npz")))
         report = rb.score(logits, labels)
+        if "model" in meta:  # caches written before shown_path recorded absolute paths
+            meta["model"] = shown_path(meta["model"])
         rows[meta["name"]] = {"meta": meta, **report}
         cands.append(rb.Candidate(meta["name"], logits[rb.PLAIN].argmax(1), report["summary"], bool(meta["single_pass"]),
                                   reference=bool(meta.get("reference"))))

@@ -62,6 +62,16 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Names
     return args
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as a report records it: relative to the working directory when it lies below it, so that
+    committed results name ``space/model``, not one machine's checkout."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _threads(n: int | None) -> None:
     if n:
         import torch

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from modeling.cli import COMMANDS, add_flag, parse
+from modeling.cli import COMMANDS, add_flag, parse, shown_path
 
 
 def test_old_flag_spellings_fill_the_new_flag_and_print_a_notice(capsys):
@@ -28,6 +28,15 @@ def test_old_flag_spellings_fill_the_new_flag_and_print_a_notice(capsys):
     with pytest.raises(SystemExit):
         parse(ap, ["--model", "m"])  # still required under either spelling
     assert "--output-dir" in capsys.readouterr().err
+
+
+def test_reports_record_paths_below_the_working_directory_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "space" / "model").mkdir(parents=True)
+    assert shown_path(tmp_path / "space" / "model") == "space/model"
+    assert shown_path("space/model") == "space/model"
+    elsewhere = tmp_path.parent / "elsewhere"
+    assert shown_path(elsewhere) == str(elsewhere)  # outside: kept as given
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
