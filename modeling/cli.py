@@ -63,13 +63,16 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Names
 
 
 def shown_path(path: str | Path) -> str:
-    """A path as a report records it: relative to the working directory when it lies below it, so that
-    committed results name ``space/model``, not one machine's checkout."""
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return str(path)
+    """A path as a report records it: relative to the working directory when it lies below it or beside
+    it (``space/model``, ``../shared/...``), so that committed results do not name one machine's
+    checkout; anything else as given."""
+    p, here = Path(path).resolve(), Path.cwd().resolve()
+    for base, prefix in ((here, ""), (here.parent, "../")):
+        try:
+            return prefix + p.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return str(path)
 
 
 def _threads(n: int | None) -> None:
@@ -259,14 +262,18 @@ def gate_main(argv: list[str] | None = None) -> int:
     add_flag(ap, "--model", required=True, help="save_pretrained folder; input_gate.npz is written into it")
     add_flag(ap, "--dataset", required=True)
     ap.add_argument("--n-fit", type=int, default=1500, help="training films used (stratified)")
-    ap.add_argument("--false-refusal", type=float, default=0.005, help="validation false-refusal rate of the limit")
+    ap.add_argument("--false-refusal", type=float, default=0.005,
+                    help="false-refusal rate of the limits on validation (caution) and on validation under the "
+                         "robustness battery (refusal)")
+    ap.add_argument("--no-battery", action="store_true",
+                    help="refusal limit from plain validation only (faster; refuses more real films from other sites)")
     add_flag(ap, "--output", old=("--report",), default=None, help="write the validation numbers here (JSON)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = parse(ap, argv)
     _threads(args.threads)
     gate, report = fit_for_model(args.model, args.dataset, n_fit=args.n_fit, false_refusal=args.false_refusal,
-                                 progress=not args.no_progress)
+                                 battery=not args.no_battery, progress=not args.no_progress)
     gate.save(Path(args.model) / GATE_FILE)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

@@ -225,6 +225,8 @@ class CxrService:
                 verdict = pred.gate
                 if verdict.out_of_distribution:
                     raise InputError("This does not look like a frontal chest X-ray: " + verdict.refusal() + ".")
+                if verdict.caution():
+                    notes.append(verdict.caution())
                 if heatmap:
                     pred = self.predictor.predict_one(gray, heatmap=True, target_class=target_class)
                     pred.gate = verdict

@@ -3,6 +3,9 @@ the same forward pass, and the Space turning a film upright or refusing it."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -31,6 +34,33 @@ def test_fit_gate_tells_orientation_polarity_and_distance():
     assert np.mean([v.inverted for v in gate.verdicts(val["inv"])]) > 0.95
     far = gate.verdicts(np.full((1, 8), 50.0))[0]
     assert far.out_of_distribution and "far from the chest X-rays" in far.refusal()
+
+
+def test_refusal_limit_comes_from_validation_under_shift_and_the_band_below_it_is_a_caution():
+    """Plain validation sets the caution limit; validation under the battery (here: a shifted copy) the
+    refusal limit. A film between the two is predicted with a note; beyond the refusal limit, refused."""
+    train, centres = clusters(300)
+    val, _ = clusters(400, seed=1)
+    val = {k: v - np.mean(v, 0) + centres[k] for k, v in val.items()}
+    shifted = val["up"] + np.random.default_rng(2).normal(0, 1.5, val["up"].shape)  # a new site: wider spread
+    gate = fit_gate(train["up"], {r: train[r] for r in ROTATIONS[1:]}, train["inv"], val["up"], shifted=shifted,
+                    false_refusal=0.01)
+    assert gate.caution_limit == pytest.approx(np.quantile(gate.distances(val["up"]), 0.99))
+    assert gate.distance_limit == pytest.approx(np.quantile(gate.distances(shifted), 0.99))
+    assert gate.distance_limit > gate.caution_limit
+    shifted_verdicts = gate.verdicts(shifted)
+    assert sum(v.out_of_distribution for v in shifted_verdicts) == pytest.approx(4, abs=1)
+    between = [v for v in shifted_verdicts if v.unusual]
+    assert between and all(not v.out_of_distribution and v.refusal() is None for v in between)
+    assert all("unusual for this model" in v.caution() for v in between)
+    assert all(v.caution() is None for v in gate.verdicts(val["up"]) if v.distance <= gate.caution_limit)
+    far = gate.verdicts(np.full((1, 8), 50.0))[0]
+    assert far.out_of_distribution and not far.unusual and far.caution() is None
+    again = InputGate.load(gate.save(Path(tempfile.mkdtemp()) / GATE_FILE))
+    assert (again.caution_limit, again.distance_limit) == (gate.caution_limit, gate.distance_limit)
+    plain_only = fit_gate(train["up"], {r: train[r] for r in ROTATIONS[1:]}, train["inv"], val["up"],
+                          false_refusal=0.01)
+    assert plain_only.distance_limit == plain_only.caution_limit == gate.caution_limit
 
 
 def test_gate_round_trips_through_its_file(tmp_path):
@@ -106,6 +136,15 @@ def test_space_turns_a_turned_film_upright_and_refuses_an_outlier(tmp_path):
     assert strict.store.count("predictions") == 0
     assert list(strict.store.staging.iterdir()) == []
 
+    careful_dir = save_tiny_classifier(tmp_path / "c", image_size=32)
+    gate = _gate_for(careful_dir)
+    gate.caution_limit = 0.0  # every film is "unusual" but none is refused
+    gate.save(careful_dir / GATE_FILE)
+    careful = CxrService(Predictor.from_pretrained(str(careful_dir)), FeedbackStore(tmp_path / "data3"))
+    c = careful.analyze(data, heatmap=True)
+    assert any("unusual for this model" in n for n in c.notes) and c.to_dict()["gate"]["unusual"]
+    assert careful.store.count("predictions") == 1
+
 
 def test_fit_for_model_end_to_end_on_a_tiny_model(tmp_path):
     """The CLI fits, saves and reports on validation (turned and inverted copies counted)."""
@@ -120,7 +159,9 @@ def test_fit_for_model_end_to_end_on_a_tiny_model(tmp_path):
                  "--output", str(tmp_path / "gate.json"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "gate.json").read_text())
     assert report["validation"]["n"] == 20 and report["validation"]["refused"] <= 1
-    assert {"validation_turned_90", "validation_inverted"} <= set(report)
+    assert {"validation_turned_90", "validation_inverted", "validation_under_battery"} <= set(report)
+    assert report["validation_under_battery"]["n"] == 20 * 15  # every battery condition
+    assert report["distance_limit"] >= report["caution_limit"]
     assert InputGate.load(model_dir / GATE_FILE).meta["n_fit"] == 30
 
 
