@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from modeling.cli import add_flag, parse
+from modeling.cli import add_flag, parse, shown_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def film(size: tuple[int, int]) -> Image.Image:
     """A smooth film-like 8-bit image of ``size`` (cheap to make at any size)."""
-    small = np.asarray(Image.open(ROOT / "space" / "examples" / "kermany_test_normal_IM-0001-0001.jpeg").convert("L"))
+    small = np.asarray(Image.open(ROOT / "space" / "examples" / "kermany_test_normal_IM-0003-0001.jpeg").convert("L"))
     return Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
 
 
@@ -100,7 +100,7 @@ def run_case(model: str, path: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     from modeling.predict import Predictor
-    from space.service import CxrService
+    from space.service import CxrService, InputError
     from space.store import FeedbackStore
 
     data_dir = tempfile.mkdtemp(prefix="cxr-bench-")
@@ -113,8 +113,11 @@ def run_case(model: str, path: str, threads: int) -> dict:
         rows = service.batch([path])
         result = {"rows": len(rows), "errors": sum(bool(r["error"]) for r in rows)}
     else:
-        a = service.analyze(Path(path).read_bytes(), heatmap=True)
-        result = {"image_size": list(a.prediction.image_size), "notes": a.notes}
+        try:
+            a = service.analyze(Path(path).read_bytes(), heatmap=True)
+            result = {"image_size": list(a.prediction.image_size), "notes": a.notes}
+        except InputError as exc:  # refused: what it cost to decide that is measured all the same
+            result = {"refused": str(exc)}
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": round(seconds, 3), "baseline_rss_mb": round(base, 1),
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"file_mb": round(path.stat().st_size / 2**20, 2),
                                  **json.loads(proc.stdout.strip().splitlines()[-1])}
             print(name, results[name], flush=True)
-    out = {"model": args.model, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+    out = {"model": shown_path(args.model), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
            "date": time.strftime("%Y-%m-%d"), "bound": "< 1024 MB above baseline and < 3 s per accepted file",
            "results": results}
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")

@@ -21,7 +21,7 @@ extra pass and no new dependency):
   quantile of the validation films under the robustness battery (:mod:`modeling.robustness`: tone,
   noise, zoom, rotation...), because plain validation does not show what another site or year brings
   (the release issue measured that for the classifier; the first gate, limited on plain validation,
-  refused real films of older children in the official test split). Photographs, screenshots and
+  refused 7 of the 624 real films of the official test split). Photographs, screenshots and
   other images lie far beyond both limits (``benchmarks/input_gate.py``).
 
 A rotated or inverted film is turned upright (and its grey levels inverted back) when the gate is

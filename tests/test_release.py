@@ -75,3 +75,20 @@ def test_independent_reproduction_on_official_test() -> None:
     import reproduce_test
 
     assert reproduce_test.main(["--model", str(MODEL), "--test-dir", str(test_dir)]) == 0
+
+
+def test_the_spaces_examples_are_accepted_by_the_bundled_model(tmp_path) -> None:
+    """Every example the Space offers goes through the Space's own path (rules, the learned gate) with the
+    released model and is predicted, not refused: a demo whose normal example is refused looks broken, and
+    the first gate did refuse it (its limit came from plain validation)."""
+    from modeling.predict import Predictor
+    from space.service import CxrService
+    from space.store import FeedbackStore
+
+    service = CxrService(Predictor.from_pretrained(str(MODEL), precision="auto"), FeedbackStore(tmp_path / "data"))
+    examples = sorted((ROOT / "space" / "examples").glob("*.*"))
+    examples = [p for p in examples if p.suffix.lower() in {".jpeg", ".jpg", ".png", ".dcm"}]
+    assert len(examples) >= 4
+    for path in examples:
+        analysis = service.analyze(path.read_bytes())
+        assert analysis.prediction.label in {"normal", "bacterial_pneumonia", "viral_pneumonia"}, path.name

@@ -462,7 +462,7 @@ def test_browser_upload_predict_correct_and_see_history(app, tmp_path) -> None:
             page.get_by_role("tab", name="Predict").click()
             for _ in range(2):
                 before_info = page.locator("#info").inner_text()
-                page.get_by_text("kermany_test_normal_IM-0001-0001.jpeg").first.click()
+                page.get_by_text("kermany_test_normal_IM-0003-0001.jpeg").first.click()
                 page.locator("#analyse").click()
                 page.wait_for_function(
                     "(old) => { const t = document.querySelector('#info').innerText;"
