@@ -5,7 +5,8 @@ to things that are not frontal chest films.
 
 Every image goes through the Space's own path (:meth:`space.service.CxrService.analyze`: the loader,
 the rules of ``modeling.quality``, the prediction with the learned gate, turning a film upright) and
-is counted as accepted, corrected (turned upright / grey levels restored, then predicted) or refused.
+is counted as accepted (and how many of those with the gate's caution note: an unusual film),
+corrected (turned upright / grey levels restored, then predicted) or refused.
 
 - false refusals: every validation film and every official test film, upright (the test films are
   only *counted* here, after the gate's limit was fixed on validation; nothing is chosen on them);
@@ -102,13 +103,17 @@ def outcome(service: CxrService, data: bytes) -> str:
         a = service.analyze(data, channel="batch", heatmap=False)
     except InputError:
         return "refused"
-    return "corrected" if any("turned" in n or "inverted back" in n for n in a.notes) else "accepted"
+    if any("turned" in n or "inverted back" in n for n in a.notes):
+        return "corrected"
+    return "cautioned" if any("unusual for this model" in n for n in a.notes) else "accepted"
 
 
 def count(service: CxrService, items) -> dict:
+    """Outcomes: accepted (``cautioned``: accepted with the gate's caution note, also counted as accepted),
+    corrected (turned upright / inverted back, then predicted) or refused."""
     res = [outcome(service, d) for d in items]
-    n = len(res)
-    return {"n": n, **{k: res.count(k) for k in ("accepted", "corrected", "refused")}}
+    return {"n": len(res), "accepted": res.count("accepted") + res.count("cautioned"),
+            "cautioned": res.count("cautioned"), "corrected": res.count("corrected"), "refused": res.count("refused")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if predictor.gate is None:
         raise SystemExit(f"{args.model} has no input gate (fit it with cxr-gate)")
     ds = load_cxr_dataset(args.dataset)
-    results: dict = {"model": shown_path(args.model), "model_revision": predictor.revision, "gate": predictor.gate.meta, "distance_limit": predictor.gate.distance_limit}
+    results: dict = {"model": shown_path(args.model), "model_revision": predictor.revision, "gate": predictor.gate.meta,
+                     "distance_limit": predictor.gate.distance_limit, "caution_limit": predictor.gate.caution_limit}
     with tempfile.TemporaryDirectory() as tmp:
         service = CxrService(predictor, FeedbackStore(Path(tmp) / "store"))
         val = [to_grayscale(r["image"]) for r in ds["validation"]]

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
+    from modeling.cli import shown_path
     from modeling.predict import Predictor, bf16_fast
 
     files = list_images(Path(args.images), args.n_images)
@@ -186,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = r
 
     report = {
-        "model": args.model,
+        "model": shown_path(args.model),
         "model_revision": fp32.revision,
-        "images": len(files), "repeats": args.repeats, "image_folder": str(args.images),
+        "images": len(files), "repeats": args.repeats, "image_folder": shown_path(args.images),
         "threads": args.threads, "torch": torch.__version__, "cpu": cpu_name(),
         "cpu_native_bf16": bf16_fast(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "date": time.strftime("%Y-%m-%d"),

@@ -242,8 +242,8 @@ def cmd_wise(args) -> None:
         log(f"{name}")
         model = interpolate_weights(start, sa, sb, alpha)
         save_candidate(out, battery_of(model, processor, val), {
-            "name": name, "recipe": f"WiSE-FT: (1 - {alpha:g}) x start + {alpha:g} x end", "start": args.start,
-            "end": args.end, "alpha": alpha, "single_pass": True})
+            "name": name, "recipe": f"WiSE-FT: (1 - {alpha:g}) x start + {alpha:g} x end", "start": shown_path(args.start),
+            "end": shown_path(args.end), "alpha": alpha, "single_pass": True})
 
 
 def cmd_save_wise(args) -> None:
@@ -270,7 +270,7 @@ def cmd_soup(args) -> None:
     model, processor = load_folder(args.like)
     average_weights(model, args.members)
     save_candidate(out, battery_of(model, processor, val), {
-        "name": args.name, "recipe": "weight average (soup) of " + ", ".join(args.members), "members": args.members,
+        "name": args.name, "recipe": "weight average (soup) of " + ", ".join(args.members), "members": [shown_path(m) for m in args.members],
         "single_pass": True})
 
 
@@ -280,7 +280,7 @@ def cmd_ensemble(args) -> None:
     logits = {k: np.mean([m[k] for m in members], axis=0) for k in members[0]}
     save_candidate(work / f"{safe(args.name)}.npz", logits, {
         "name": args.name, "recipe": "mean logits of " + ", ".join(args.members), "single_pass": False,
-        "members": args.members})
+        "members": [shown_path(m) for m in args.members]})
 
 
 # ---- the table and the rule ---------------------------------------------------------------------------
@@ -294,8 +294,11 @@ def cmd_table(args) -> None:
         meta = json.loads(meta_file.read_text())
         logits = dict(np.load(meta_file.with_suffix(".npz")))
         report = rb.score(logits, labels)
-        if "model" in meta:  # caches written before shown_path recorded absolute paths
-            meta["model"] = shown_path(meta["model"])
+        for key in ("model", "start", "end"):  # caches written before shown_path recorded absolute paths
+            if key in meta:
+                meta[key] = shown_path(meta[key])
+        if "members" in meta:
+            meta["members"] = [shown_path(m) for m in meta["members"]]
         rows[meta["name"]] = {"meta": meta, **report}
         cands.append(rb.Candidate(meta["name"], logits[rb.PLAIN].argmax(1), report["summary"], bool(meta["single_pass"]),
                                   reference=bool(meta.get("reference"))))

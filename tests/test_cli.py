@@ -35,8 +35,8 @@ def test_reports_record_paths_below_the_working_directory_relative(tmp_path, mon
     (tmp_path / "space" / "model").mkdir(parents=True)
     assert shown_path(tmp_path / "space" / "model") == "space/model"
     assert shown_path("space/model") == "space/model"
-    elsewhere = tmp_path.parent / "elsewhere"
-    assert shown_path(elsewhere) == str(elsewhere)  # outside: kept as given
+    assert shown_path(tmp_path.parent / "shared" / "data") == "../shared/data"  # beside the checkout
+    assert shown_path("/proc/self") == "/proc/self"  # elsewhere: as given
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
