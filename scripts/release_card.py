@@ -114,7 +114,38 @@ def release_comparison(model_dir: Path, runs: dict) -> str:
     rows = [[name, *(fmt(m, key) for _, m in cols)] for name, key in keys]
     rows.append(["misclassified normals called viral", *(
         f"{m['confusion_matrix'][0][2]} of {m['confusion_matrix'][0][1] + m['confusion_matrix'][0][2]}" for _, m in cols)])
+    rows.append([f"{runs['release']} macro-F1 minus this release's (paired, 95% CI)",
+                 *paired_test_deltas(model_dir, runs)])
     return markdown_table(["official test", *(n for n, _ in cols)], rows)
+
+
+def paired_test_deltas(model_dir: Path, runs: dict) -> list[str]:
+    """The current release's test macro-F1 minus each earlier release's, on the same films, with a
+    patient-grouped paired bootstrap (``modeling.metrics.paired_bootstrap_macro_f1``): two separate CIs
+    overlap far more than the interval of the difference. Read from the stored predictions; no model runs."""
+    from modeling.labels import LABELS
+    from modeling.metrics import paired_bootstrap_macro_f1
+
+    def preds(e: dict) -> list[dict]:
+        return list(csv.DictReader((model_dir / e["metrics"]).with_name("predictions.csv").open()))
+
+    evals = runs["test_evaluations"]
+    current = preds(next(e for e in evals if e["release"] == runs["release"]))
+    y = [LABELS.index(r["label"]) for r in current]
+    out = []
+    for e in evals:
+        if e["release"] == runs["release"]:
+            out.append("-")
+            continue
+        old = preds(e)
+        if [r["image_sha256"] for r in old] != [r["image_sha256"] for r in current]:
+            out.append("n/a (different films)")
+            continue
+        d = paired_bootstrap_macro_f1([LABELS.index(r["predicted"]) for r in old],
+                                      [LABELS.index(r["predicted"]) for r in current], y,
+                                      [r["patient_id"] for r in current])
+        out.append(f"{d['delta_macro_f1']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})")
+    return out
 
 
 def battery_table(recipes: dict) -> str:
@@ -265,9 +296,23 @@ SPACE_END = "<!-- space:end -->"
 
 
 def readme_results(model_dir: Path, latency_path: Path) -> str:
-    """The README's results block: the targets against ours and the anchor."""
+    """The README's results block: every release on the official test, then the targets against the
+    current release and the anchor."""
     test = json.loads((model_dir / "eval/test/metrics.json").read_text())
-    return targets_table(test, _load(latency_path))
+    runs = json.loads((model_dir / "training_runs.json").read_text())
+    return "\n\n".join([release_comparison(model_dir, runs), f"Targets ({runs['release']}):",
+                         targets_table(test, _load(latency_path))])
+
+
+def loader_summary(r: dict) -> str:
+    """One space_memory case in a few words: its error, its refusal, the loader's last note, its rows."""
+    if r.get("error"):
+        return r["error"]
+    if r.get("refused"):
+        return "refused: " + r["refused"].split(":")[0]
+    if r.get("notes"):
+        return r["notes"][-1]
+    return f"{r['rows']} rows" if "rows" in r else "decoded as is"
 
 
 def readme_space(results_dir: Path = RESULTS) -> str:
@@ -276,7 +321,7 @@ def readme_space(results_dir: Path = RESULTS) -> str:
     mem = _load(results_dir / "space_memory.json")
     if mem:
         rows = [[f"`{name}`", r.get("file_mb", "-"), r.get("seconds", "-"), r.get("peak_above_baseline_mb", "-"),
-                 r.get("error") or ("; ".join(r.get("notes", [])[-1:]) or f"{r.get('rows', '')} rows")]
+                 loader_summary(r)]
                 for name, r in mem["results"].items()]
         out += [f"Memory and time per request (`python benchmarks/space_memory.py`; {mem['threads']} threads, "
                 f"a fresh process per case; bound: {mem['bound']}):", "",
@@ -290,11 +335,12 @@ def readme_space(results_dir: Path = RESULTS) -> str:
                  "negatives_photographs": "photographs (grey)", "negatives_other_images": "MRI slice, map, logos",
                  "negatives_screenshots": "screenshots with text", "negatives_synthetic": "noise and gradients",
                  "negatives_non_chest_dicom": "non-chest DICOM"}
-        rows = [[label.get(k, k), v["n"], v["accepted"], v["corrected"], v["refused"]]
+        rows = [[label.get(k, k), v["n"], v["accepted"], v.get("cautioned", "-"), v["corrected"], v["refused"]]
                 for k, v in gate.items() if isinstance(v, dict) and "n" in v]
         out += ["", "The Space's input gate on real films and on what is not a frontal chest film "
                     "(`python benchmarks/input_gate.py`: the rules and the learned gate, through the Space's own path):",
-                "", markdown_table(["images", "n", "accepted", "turned upright / inverted back", "refused"], rows)]
+                "", markdown_table(["images", "n", "accepted", "of which with a caution note",
+                                                 "turned upright / inverted back", "refused"], rows)]
     return "\n".join(out)
 
 
