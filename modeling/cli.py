@@ -274,6 +274,7 @@ def gate_main(argv: list[str] | None = None) -> int:
     _threads(args.threads)
     gate, report = fit_for_model(args.model, args.dataset, n_fit=args.n_fit, false_refusal=args.false_refusal,
                                  battery=not args.no_battery, progress=not args.no_progress)
+    gate.meta["model"] = shown_path(args.model)  # not one machine's absolute path (the file ships with the model)
     gate.save(Path(args.model) / GATE_FILE)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

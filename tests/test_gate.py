@@ -146,7 +146,7 @@ def test_space_turns_a_turned_film_upright_and_refuses_an_outlier(tmp_path):
     assert careful.store.count("predictions") == 1
 
 
-def test_fit_for_model_end_to_end_on_a_tiny_model(tmp_path):
+def test_fit_for_model_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     """The CLI fits, saves and reports on validation (turned and inverted copies counted)."""
     import json
 
@@ -163,6 +163,10 @@ def test_fit_for_model_end_to_end_on_a_tiny_model(tmp_path):
     assert report["validation_under_battery"]["n"] == 20 * 15  # every battery condition
     assert report["distance_limit"] >= report["caution_limit"]
     assert InputGate.load(model_dir / GATE_FILE).meta["n_fit"] == 30
+    monkeypatch.chdir(tmp_path)  # the shipped file names the model folder as given, not this machine's path
+    assert main(["--model", str(tmp_path / "m"), "--dataset", str(data), "--n-fit", "30", "--no-battery",
+                 "--no-progress"]) == 0
+    assert InputGate.load(tmp_path / "m" / GATE_FILE).meta["model"] == "m"
 
 
 def test_the_gate_costs_no_extra_forward_pass_and_decides_on_the_plain_pass(tmp_path):
