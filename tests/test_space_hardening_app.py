@@ -221,3 +221,37 @@ def test_history_handler_reveals_nothing_without_the_token(tmp_path):
     assert space.oauth and space.is_admin(username="Dr-Lee") and not space.is_admin(username="mallory")
     local = AccessPolicy(admins=frozenset({"dr-lee"}), on_space=False)  # no OAuth off a Space: mocked login
     assert not local.oauth and not local.is_admin(username="dr-lee")
+
+
+@pytest.mark.parametrize("verdict", ["refused", "cautioned"])
+def test_a_film_the_learned_gate_refuses_or_cautions_leaves_no_patient_file(tmp_path, verdict):
+    """The learned gate's two outcomes over the API, on a DICOM with a planted name and planted values:
+    refused (nothing stored) or predicted with the caution note (pixels staged, no name, no header)."""
+    from gradio_client import handle_file
+
+    from modeling.gate import GATE_FILE
+    from test_gate import _gate_for
+
+    root = tmp_path / "gated-app"
+    model = save_tiny_classifier(root / "model", image_size=32)
+    gate = _gate_for(model, limit=0.0 if verdict == "refused" else 1e9)
+    gate.caution_limit = 0.0  # every film is "unusual"; only the refusal limit differs
+    gate.save(model / GATE_FILE)
+    systmp = root / "system-tmp"
+    systmp.mkdir()
+    running = start_app(model, root, {"TMPDIR": str(systmp)})
+    running.system_tmp = systmp
+    try:
+        path = _write(tmp_path, PHI_FILE_NAME, phi_dicom())
+        if verdict == "refused":
+            with pytest.raises(Exception, match="far from the chest X-rays"):
+                running.client().predict(handle_file(path), "predicted", api_name="/predict")
+            assert running.rows("predictions") == 0
+        else:
+            result = running.client().predict(handle_file(path), "predicted", api_name="/predict")
+            assert any("unusual for this model" in n for n in result["notes"])
+            assert running.rows("predictions") == 1
+        assert not phi_offenders(running)
+    finally:
+        running.proc.terminate()
+        running.proc.wait(timeout=20)
