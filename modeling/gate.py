@@ -26,8 +26,9 @@ extra pass and no new dependency):
 
 A rotated or inverted film is turned upright (and its grey levels inverted back) when the gate is
 confident (:attr:`InputGate.confidence`) and then predicted as such, with a note; a film far from the
-training films is refused with the distance in the reason, an unusual one is predicted with a note. Fit with ``cxr-gate`` (``python -m modeling gate``);
-saved beside the weights as ``input_gate.npz``, which the predictor loads when present.
+training films is refused with the distance in the reason, an unusual one is predicted with a note.
+Fit with ``cxr-gate`` (``python -m modeling gate``); saved beside the weights as ``input_gate.npz``,
+which the predictor loads when present.
 """
 
 from __future__ import annotations
@@ -224,8 +225,9 @@ def gate_features(model, processor, images, *, batch_size: int = 32, precision: 
 def fit_for_model(model_dir: str, dataset: str, *, n_fit: int = 1500, seed: int = 0, false_refusal: float = 0.005,
                   battery: bool = True, progress: bool = True) -> tuple[InputGate, dict]:
     """Fit the gate of a saved model: ``n_fit`` training films (stratified) upright, turned and
-    inverted; the limit from all validation films. Returns the gate and the validation numbers
-    (false refusals, and how many turned / inverted validation films are caught)."""
+    inverted; the caution limit from all validation films, the refusal limit from them under the
+    robustness battery (``battery=False``: from the plain films too). Returns the gate and the
+    validation numbers (false refusals, cautions, and how many turned / inverted films are caught)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor, AutoModelForImageClassification
