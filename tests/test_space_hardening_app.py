@@ -126,6 +126,30 @@ def test_identical_files_uploaded_at_the_same_moment_all_succeed(app, tmp_path):
     assert len({r["image_sha256"] for r in results}) == 1 and len({r["prediction_id"] for r in results}) == 6
 
 
+def test_identical_archives_sent_to_batch_at_the_same_moment_all_succeed(app, tmp_path):
+    """Gradio stores uploads by content and name, so the same zip sent by three people is one path on
+    the server while three batches are queued for it (one at a time): the first to finish must not
+    delete it from under the others, and the last one must."""
+    from gradio_client import handle_file
+
+    with zipfile.ZipFile(tmp_path / "ward.zip", "w") as zf:
+        for i in range(3):
+            zf.writestr(f"{i}.jpg", xray_bytes(40 + i))
+    start = threading.Barrier(3)
+
+    def one(i: int):
+        c = app.client()
+        start.wait(timeout=60)
+        return c.predict([handle_file(str(tmp_path / "ward.zip"))], api_name="/batch")
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(one, range(3)))
+    rows = [row for table, _ in results for row in table["data"]]
+    errors = [row for row in rows if row[-1]]
+    assert len(rows) == 9 and not errors, errors
+    assert not [p for p in app.temp_dir.rglob("ward.zip")]  # the last batch deleted it, not the sweeper
+
+
 def test_no_output_file_lands_in_the_cache_and_scratch_outputs_expire(app, tmp_path):
     from gradio_client import handle_file
 
