@@ -40,7 +40,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import TempFiles, UploadGone, private_temp_dir
+from .files import ClaimUploads, TempFiles, UploadGone, private_temp_dir
 
 # Gradio reads its temp folder when it is imported and when components are built: point it at the
 # Space's private folder first (space/files.py says why).
@@ -264,7 +264,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         if not paths:
             raise gr.Error("Upload one or more X-rays or a .zip of them.")
         rows = service.batch(paths, progress=lambda frac, desc: progress(frac, desc=desc), delete_uploads=True,
-                             discard=files.discard)
+                             release=files.release)
         out = rows_to_csv(rows, files.scratch("batch") / "predictions.csv")
         cols = ["#", "file", "label", "p_pneumonia", "decision", "error"]
         return pd.DataFrame(rows).reindex(columns=cols).fillna(""), str(out)
@@ -500,9 +500,12 @@ def main(argv: list[str] | None = None) -> None:
         start_feedback_sync(service.store, config.feedback_repo, every_minutes=config.sync_minutes,
                             license=config.feedback_license)
     demo = build_app(service, config, files, AccessPolicy.from_env())
+    from starlette.middleware import Middleware
+
     demo.queue(max_size=config.queue_size, default_concurrency_limit=4).launch(
         theme=gr.themes.Soft(), max_file_size=int(config.max_upload_mb * 2**20), run_history=False,
-        enable_monitoring=False, state_session_capacity=500)
+        enable_monitoring=False, state_session_capacity=500,
+        app_kwargs={"middleware": [Middleware(ClaimUploads, files=files)]})  # uploads counted (space.files)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ uploads that are never analysed and files past a batch limit never reach a handl
 
 * the Space points ``GRADIO_TEMP_DIR`` at a private folder it owns (:func:`private_temp_dir`, mode
   0700), set before Gradio is imported;
-* handlers take uploads through :meth:`TempFiles.consume`, which reads and deletes the file at once;
-  the bytes of a consumed path are remembered for a short while (memory only) because Gradio's
-  upload paths are content-addressed: two people uploading the same file at the same moment get one
-  path, and the second handler must not find it gone;
+* Gradio's upload paths are content-addressed: two people uploading the same file (same bytes, same
+  name) get one path, and each has an event queued for it. So every upload Gradio answers is counted
+  (:class:`ClaimUploads`, a small ASGI middleware on the upload route: Gradio has no per-upload hook)
+  and a handler *releases* its path (:meth:`TempFiles.release`): the file is deleted when the last
+  event that was given it is done, not by the first one (a batch streams its archive from disk, so
+  keeping the bytes in memory instead would make its memory grow with the archive);
+* handlers take single images through :meth:`TempFiles.consume`, which reads and releases the file
+  at once; the bytes of a consumed path are also remembered for a short while (memory only) for a
+  path used again without a new upload (the same file analysed twice from one page);
 * outputs that Gradio would serve from its cache to anyone with the URL are not files at all where
   possible (the heatmap is inline PNG data); the batch CSV and the export archive are written into
   :meth:`TempFiles.scratch` folders inside the private temp folder (so Gradio serves them without
@@ -32,7 +37,7 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 DEFAULT_MAX_AGE_S = 600.0
 RECENT_TTL_S = 120.0
@@ -71,10 +76,52 @@ class TempFiles:
         self._recent: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._recent_ttl = recent_ttl_s
         self._recent_max = recent_max_bytes
+        self._claims: dict[str, tuple[int, int]] = {}  # path -> (events given it, inode of the last upload)
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
     # --- uploads -----------------------------------------------------------------------------------
+    def claim(self, paths: Iterable[str | os.PathLike]) -> None:
+        """Count one upload of each path (in this folder; others are ignored): Gradio answered an upload
+        with it, and an event will be given it. Called by :class:`ClaimUploads` before the client
+        sees the answer."""
+        with self._lock:
+            for path in paths:
+                p = Path(path)
+                if not p.is_relative_to(self.root):
+                    continue
+                try:
+                    ino = p.stat().st_ino
+                except OSError:
+                    continue
+                n, _ = self._claims.get(str(p), (0, 0))
+                self._claims[str(p)] = (n + 1, ino)
+
+    def claims(self, path: str | os.PathLike) -> int:
+        """How many events given this upload have not released it yet."""
+        with self._lock:
+            return self._claims.get(str(Path(path)), (0, 0))[0]
+
+    def release(self, path: str | os.PathLike) -> None:
+        """An event is done with this upload: delete it unless other events were given the same path.
+        A file re-uploaded after the last claim (a new inode not yet counted: its event is on the way)
+        is left to that event, or to the sweeper."""
+        p = Path(path)
+        if self.keep(p):
+            return
+        key = str(p)
+        with self._lock:
+            n, ino = self._claims.pop(key, (0, 0))
+            if n > 1:
+                self._claims[key] = (n - 1, ino)
+                return
+            try:
+                if n == 1 and p.stat().st_ino != ino:
+                    return
+                p.unlink()
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                pass
+
     def consume(self, path: str | os.PathLike, *, max_bytes: int | None = None) -> bytes:
         """The upload's bytes; the file is deleted (unless ``keep`` says it is a bundled example).
         Raises :class:`UploadGone` for a path that is gone and was not consumed in the last minutes,
@@ -86,7 +133,7 @@ class TempFiles:
         try:
             size = p.stat().st_size
             if max_bytes is not None and size > max_bytes:
-                self.discard(p)
+                self.release(p)
                 raise ValueError(f"The file is {size / 2**20:.0f} MB; the limit is {max_bytes / 2**20:.0f} MB.")
             data = p.read_bytes()
         except FileNotFoundError:
@@ -96,23 +143,12 @@ class TempFiles:
             if hit is None:
                 raise UploadGone(key) from None
             return hit[1]
-        self.discard(p)
+        self.release(p)
         with self._lock:
             self._recent[key] = (time.monotonic(), data)
             self._recent.move_to_end(key)
             self._expire_recent()
         return data
-
-    def discard(self, path: str | os.PathLike) -> None:
-        """Delete an upload without reading it (its hash folder is left to the sweeper: another
-        identical upload may be renaming into it right now)."""
-        p = Path(path)
-        if self.keep(p):
-            return
-        try:
-            p.unlink()
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            pass
 
     def _expire_recent(self) -> None:
         now = time.monotonic()
@@ -159,6 +195,8 @@ class TempFiles:
                     pass
         with self._lock:
             self._expire_recent()
+            for key in [k for k in self._claims if not os.path.lexists(k)]:  # deleted above or by an event
+                del self._claims[key]
         return removed
 
     def start_sweeper(self, every_s: float | None = None) -> threading.Thread:
@@ -182,3 +220,43 @@ class TempFiles:
     def clear(self) -> None:
         """Remove everything but kept files, whatever their age (at shutdown)."""
         self.sweep(now=math.inf)
+
+
+class ClaimUploads:
+    """ASGI middleware: tells :meth:`TempFiles.claim` each path Gradio's upload route answers with,
+    before the client receives it. Written by hand because Gradio counts nothing per upload (it keeps
+    a set of uploaded paths): reading the route's small JSON answer is the one place where every
+    upload, of every client, is seen once."""
+
+    MAX_BODY = 1 << 20  # an upload answer is a short JSON list of paths
+
+    def __init__(self, app, files: TempFiles) -> None:
+        self.app, self.files = app, files
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].endswith("/upload"):
+            await self.app(scope, receive, send)
+            return
+        status, body = 0, bytearray()
+
+        async def send_counting(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status == 200 and len(body) <= self.MAX_BODY:
+                body.extend(message.get("body", b""))
+                if not message.get("more_body"):
+                    self.files.claim(_answered_paths(bytes(body)))
+            await send(message)
+
+        await self.app(scope, receive, send_counting)
+
+
+def _answered_paths(body: bytes) -> list[str]:
+    import json
+
+    try:
+        paths = json.loads(body)
+    except ValueError:
+        return []
+    return [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []

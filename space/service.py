@@ -268,12 +268,13 @@ class CxrService:
 
     # --- batch ---------------------------------------------------------------------------------
     def batch(self, uploads: Iterable[str | os.PathLike], progress: Callable[[float, str], None] | None = None,
-              delete_uploads: bool = False, discard: Callable[[Path], None] | None = None) -> list[dict]:
+              delete_uploads: bool = False, release: Callable[[Path], None] | None = None) -> list[dict]:
         """Analyse many files (zips are opened) without Grad-CAM. One row per input, failures and
         skipped files included with the reason (past MAX_BATCH_ROWS, one row counts the rest); never
         raises for a bad file or member. Each archive is opened once and its members read one at a time
         (memory is bounded by one image); with ``delete_uploads`` every upload is deleted (by
-        ``discard``, default: unlink), also those past the batch limit."""
+        ``release``, default: unlink; the app's releases an upload that other queued events were given
+        too only when the last of them is done), also those past the batch limit."""
         uploads = [Path(u) for u in uploads]
         rows: list[dict] = []
         with contextlib.ExitStack() as archives:
@@ -295,7 +296,7 @@ class CxrService:
             finally:
                 if delete_uploads:  # an open archive stays readable after its file is unlinked
                     for u in uploads:
-                        (discard or _unlink)(u)
+                        (release or _unlink)(u)
         if progress:
             progress(1.0, "done")
         return rows

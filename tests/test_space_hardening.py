@@ -5,6 +5,7 @@ identical concurrent uploads, limits, access control) is in test_space_hardening
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 import zipfile
@@ -312,3 +313,67 @@ def test_private_temp_folder_is_a_subfolder_of_an_operators_temp_dir(tmp_path, m
     root = private_temp_dir(tmp_path)
     assert root.parent == tmp_path and root.name.startswith("cxr-space-") and (root.stat().st_mode & 0o777) == 0o700
     assert private_temp_dir(root) == root  # idempotent: importing the app twice does not nest folders
+
+
+def test_an_upload_given_to_several_events_is_deleted_by_the_last_one(tmp_path):
+    """Gradio's upload paths are content-addressed: identical uploads share one path, so each upload is
+    counted and the file goes when the last event given it releases it."""
+    from space.files import TempFiles
+
+    files = TempFiles(tmp_path / "tmp")
+    up = files.root / "3f2a" / "same.jpg"
+    up.parent.mkdir()
+    up.write_bytes(b"film")
+    files.claim([up, up, tmp_path / "elsewhere.jpg"])  # two uploads; a path outside the folder is not counted
+    files.release(up)
+    assert up.exists() and files.claims(up) == 1
+    assert files.consume(up) == b"film" and not up.exists() and files.claims(up) == 0
+
+    up.write_bytes(b"film")
+    files.claim([up])
+    new = up.with_name("incoming")  # another identical upload renamed in before its count arrives
+    new.write_bytes(b"film")
+    os.replace(new, up)
+    files.release(up)
+    assert up.exists()  # left to the event on its way...
+    files.claim([up])
+    files.release(up)
+    assert not up.exists()  # ...which deletes it
+
+    unclaimed = files.root / "9c1b" / "fetched.jpg"  # e.g. a URL Gradio fetched for an API call
+    unclaimed.parent.mkdir()
+    unclaimed.write_bytes(b"film")
+    files.release(unclaimed)
+    assert not unclaimed.exists()
+    up.write_bytes(b"film")
+    files.claim([up])
+    files.sweep(now=time.time() + 10 * files.max_age_s)  # the sweeper still bounds a forgotten upload's age
+    assert not up.exists() and files.claims(up) == 0
+
+
+def test_the_upload_middleware_counts_each_answered_upload(tmp_path):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from space.files import ClaimUploads, TempFiles
+
+    files = TempFiles(tmp_path / "tmp")
+    up = files.root / "ab" / "x.jpg"
+    up.parent.mkdir()
+    up.write_bytes(b"film")
+
+    async def upload(request):
+        if request.query_params.get("fail"):
+            return PlainTextResponse("too large", status_code=413)
+        return JSONResponse([str(up)])
+
+    app = ClaimUploads(Starlette(routes=[Route("/gradio_api/upload", upload, methods=["POST", "GET"])]), files)
+    with TestClient(app) as client:
+        assert client.post("/gradio_api/upload").json() == [str(up)]
+        client.post("/gradio_api/upload?fail=1")  # refused: no event will come for it
+        client.get("/gradio_api/upload")
+        assert files.claims(up) == 1
+        client.post("/gradio_api/upload")
+        assert files.claims(up) == 2
