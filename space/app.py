@@ -399,7 +399,8 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         alpha.release(ui_alpha, [state, alpha], heat, api_visibility="private")
         fb_send.click(ui_feedback, [state, fb_label, fb_role, fb_note, fb_consent], fb_status,
                       api_visibility="private", concurrency_limit=8)
-        b_run.click(batch, b_files, [b_table, b_csv], api_name="batch", concurrency_id="batch", concurrency_limit=1)
+        b_run.click(batch, b_files, [b_table, b_csv], api_name="batch", concurrency_id="batch", concurrency_limit=1
+                    ).then(lambda: None, None, b_files, api_visibility="private", queue=False)  # its uploads are gone
         outs = [h_summary, h_time, h_mix, h_corr, h_recent]
         h_refresh.click(history, h_token, outs, api_visibility="private", concurrency_id="admin", concurrency_limit=2)
         demo.load(history, h_token, outs, api_visibility="private", concurrency_id="admin", concurrency_limit=2)
@@ -505,7 +506,9 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(max_size=config.queue_size, default_concurrency_limit=4).launch(
         theme=gr.themes.Soft(), max_file_size=int(config.max_upload_mb * 2**20), run_history=False,
         enable_monitoring=False, state_session_capacity=500,
-        app_kwargs={"middleware": [Middleware(ClaimUploads, files=files)]})  # uploads counted (space.files)
+        # uploads are counted on their way out (space.files.ClaimUploads); static workers would answer
+        # uploads in processes the middleware never sees
+        num_workers=0, app_kwargs={"middleware": [Middleware(ClaimUploads, files=files)]})
 
 
 if __name__ == "__main__":

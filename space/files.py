@@ -13,7 +13,8 @@ uploads that are never analysed and files past a batch limit never reach a handl
   (:class:`ClaimUploads`, a small ASGI middleware on the upload route: Gradio has no per-upload hook)
   and a handler *releases* its path (:meth:`TempFiles.release`): the file is deleted when the last
   event that was given it is done, not by the first one (a batch streams its archive from disk, so
-  keeping the bytes in memory instead would make its memory grow with the archive);
+  keeping the bytes in memory instead would make its memory grow with the archive). An event that
+  never runs (its client left, Gradio refused it) never releases: the sweeper removes that file;
 * handlers take single images through :meth:`TempFiles.consume`, which reads and releases the file
   at once; the bytes of a consumed path are also remembered for a short while (memory only) for a
   path used again without a new upload (the same file analysed twice from one page);
@@ -56,7 +57,11 @@ def private_temp_dir(base: str | os.PathLike | None = None) -> Path:
         root = base if base.name == name else base / name
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, stat.S_IRWXU)
-    return root
+    return root.absolute()  # Gradio hands handlers absolute paths; uploads are counted by them
+
+
+def _key(path: str | os.PathLike) -> str:
+    return os.path.abspath(path)
 
 
 class UploadGone(FileNotFoundError):
@@ -69,7 +74,7 @@ class TempFiles:
     def __init__(self, root: str | os.PathLike, *, max_age_s: float = DEFAULT_MAX_AGE_S,
                  keep: Callable[[Path], bool] | None = None, recent_ttl_s: float = RECENT_TTL_S,
                  recent_max_bytes: int = RECENT_MAX_BYTES) -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_age_s = float(max_age_s)
         self.keep = keep or (lambda p: False)
@@ -87,20 +92,20 @@ class TempFiles:
         sees the answer."""
         with self._lock:
             for path in paths:
-                p = Path(path)
-                if not p.is_relative_to(self.root):
+                key = _key(path)
+                if not Path(key).is_relative_to(self.root):
                     continue
                 try:
-                    ino = p.stat().st_ino
+                    ino = os.stat(key).st_ino
                 except OSError:
                     continue
-                n, _ = self._claims.get(str(p), (0, 0))
-                self._claims[str(p)] = (n + 1, ino)
+                n, _ = self._claims.get(key, (0, 0))
+                self._claims[key] = (n + 1, ino)
 
     def claims(self, path: str | os.PathLike) -> int:
         """How many events given this upload have not released it yet."""
         with self._lock:
-            return self._claims.get(str(Path(path)), (0, 0))[0]
+            return self._claims.get(_key(path), (0, 0))[0]
 
     def release(self, path: str | os.PathLike) -> None:
         """An event is done with this upload: delete it unless other events were given the same path.
@@ -109,25 +114,31 @@ class TempFiles:
         p = Path(path)
         if self.keep(p):
             return
-        key = str(p)
+        key = _key(p)
         with self._lock:
             n, ino = self._claims.pop(key, (0, 0))
             if n > 1:
                 self._claims[key] = (n - 1, ino)
                 return
+            # Gradio renames a new upload into place without our lock: take the file away under a private
+            # name first, so the inode checked is the one deleted (same bytes and name if it goes back).
+            taken = p.with_name(f".released-{uuid.uuid4().hex}")
             try:
-                if n == 1 and p.stat().st_ino != ino:
-                    return
-                p.unlink()
-            except (FileNotFoundError, IsADirectoryError, PermissionError):
-                pass
+                os.rename(p, taken)
+            except OSError:  # gone already, or not a file
+                return
+            if n == 1 and os.stat(taken).st_ino != ino:
+                os.replace(taken, p)
+            else:
+                taken.unlink(missing_ok=True)
 
     def consume(self, path: str | os.PathLike, *, max_bytes: int | None = None) -> bytes:
-        """The upload's bytes; the file is deleted (unless ``keep`` says it is a bundled example).
-        Raises :class:`UploadGone` for a path that is gone and was not consumed in the last minutes,
-        ``ValueError`` for a file over ``max_bytes`` (deleted too)."""
+        """The upload's bytes; the file is released (:meth:`release`: deleted unless other events were
+        given the same path, or ``keep`` says it is a bundled example). Raises :class:`UploadGone` for
+        a path that is gone and was not consumed in the last minutes, ``ValueError`` for a file over
+        ``max_bytes`` (released too)."""
         p = Path(path)
-        key = str(p)
+        key = _key(p)
         if self.keep(p):
             return p.read_bytes()
         try:
@@ -226,7 +237,10 @@ class ClaimUploads:
     """ASGI middleware: tells :meth:`TempFiles.claim` each path Gradio's upload route answers with,
     before the client receives it. Written by hand because Gradio counts nothing per upload (it keeps
     a set of uploaded paths): reading the route's small JSON answer is the one place where every
-    upload, of every client, is seen once."""
+    upload, of every client, is seen once. Two limits: the app launches without Gradio's static
+    workers (``num_workers=0``), whose uploads would never pass here; and an upload Gradio could only
+    move into place after answering (another file system) is not counted, so its first event deletes
+    it, as before counting."""
 
     MAX_BODY = 1 << 20  # an upload answer is a short JSON list of paths
 

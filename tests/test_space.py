@@ -435,6 +435,7 @@ def test_browser_upload_predict_correct_and_see_history(app, tmp_path) -> None:
     from space_screenshot import CHROMIUM_ARGS, analyse_in_browser
 
     film = _write(tmp_path, "film.png", _png(xray_like(60, (320, 256))))
+    second = _write(tmp_path, "second_film.png", _png(xray_like(61, (320, 256))))
     before = app.rows("feedback")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -468,6 +469,15 @@ def test_browser_upload_predict_correct_and_see_history(app, tmp_path) -> None:
                     "(old) => { const t = document.querySelector('#info').innerText;"
                     " return t.includes('prediction id') && t !== old; }", arg=before_info, timeout=60_000)
             assert "is gone" not in page.content()
+            # a batch: its rows come back, and the file list is cleared (those uploads are gone now)
+            page.get_by_role("tab", name="Batch").click()
+            page.locator("#batch-files input[type=file]").set_input_files([film, second])
+            page.locator("#batch-files", has_text="second_film").wait_for(timeout=30_000)
+            page.locator("#batch-run").click()
+            page.locator("#batch-table", has_text="second_film.png").wait_for(timeout=60_000)
+            page.wait_for_function("() => !document.querySelector('#batch-files').innerText.includes('second_film')",
+                                   timeout=30_000)
+            assert "is gone" not in page.locator("#batch-table").inner_text()
         finally:
             browser.close()
     assert app.rows("feedback") == before + 1

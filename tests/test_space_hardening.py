@@ -351,6 +351,23 @@ def test_an_upload_given_to_several_events_is_deleted_by_the_last_one(tmp_path):
     assert not up.exists() and files.claims(up) == 0
 
 
+def test_uploads_are_counted_by_absolute_path(tmp_path, monkeypatch):
+    """An operator's relative temp folder: Gradio answers the upload with a relative path and hands the
+    handler the absolute one; both must name one upload."""
+    from space.files import TempFiles
+
+    monkeypatch.chdir(tmp_path)
+    files = TempFiles("tmp")
+    up = Path("tmp") / "ab" / "x.jpg"
+    up.parent.mkdir(parents=True)
+    up.write_bytes(b"film")
+    files.claim([up, up])
+    files.release(up.absolute())
+    assert up.exists() and files.claims(up.absolute()) == 1
+    files.release(up)
+    assert not up.exists()
+
+
 def test_the_upload_middleware_counts_each_answered_upload(tmp_path):
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, PlainTextResponse

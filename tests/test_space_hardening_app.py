@@ -202,10 +202,12 @@ def batch_rows(app) -> int:
 
 def test_a_single_prediction_does_not_wait_for_a_running_batch(busy_app, tmp_path):
     """Counted, not timed: the store records each batch image as it is predicted, so the batch images
-    recorded while a single prediction is in flight say what it waited for. A queue shared with the
-    batches would make it wait for the whole backlog (60 images); separate concurrency groups and
-    ModelLock make it wait for about the image in progress."""
+    recorded while a single prediction is in flight (its whole round trip) say whether it waited for
+    the backlog. With a queue shared with the batches it waits for all of them (57 of 60 images
+    recorded meanwhile, checked); in its own concurrency group, about 1. (The model lock's priority
+    is tested on its own: test_model_lock_gives_waiting_interactive_calls_priority.)"""
     from gradio_client import handle_file
+    from gradio_client.utils import Status
 
     from synthetic import jpeg_bytes, xray_like
 
@@ -218,14 +220,18 @@ def test_a_single_prediction_does_not_wait_for_a_running_batch(busy_app, tmp_pat
     now = _write(tmp_path, "now.jpg", xray_bytes(300))
     single.predict(handle_file(now), "predicted", api_name="/predict")  # warm: only the queue is measured below
     jobs = [batch_client.submit([handle_file(str(z))], api_name="/batch") for _ in range(20)]
-    assert wait_until(lambda: batch_rows(busy_app) >= 3, timeout=120)  # the backlog is running
+    assert wait_until(lambda: batch_rows(busy_app) >= 3, timeout=120)  # the backlog is running...
+    assert wait_until(lambda: all(j.status().code not in (Status.STARTING, Status.JOINING_QUEUE) for j in jobs),
+                      timeout=120)  # ...and all of it is in the queue
     before = batch_rows(busy_app)
     single.predict(handle_file(now), "predicted", api_name="/predict")
     during = batch_rows(busy_app) - before
     rows = [row for j in jobs for row in j.result(timeout=600)[0]["data"]]
     assert len(rows) == 60 and not [r for r in rows if r[-1]]  # every batch ran all its images
     assert batch_rows(busy_app) - before - during > 30  # most of the backlog was still to come...
-    assert during <= 3, during  # ...and the single prediction waited for no more than one batch of it
+    # ...and the single prediction did not wait for it (the bound is about the backlog, not about speed:
+    # a slow machine records a few images during the round trip, a shared queue records the backlog)
+    assert during < 15, during
 
 
 def test_export_and_history_are_for_administrators(app):
