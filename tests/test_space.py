@@ -255,6 +255,13 @@ class RunningApp:
         return Client(self.url, verbose=False, download_files=str(self.data_dir.parent / "client-downloads"),
                       headers=headers)
 
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
     def rows(self, table: str) -> int:
         con = sqlite3.connect(self.data_dir / "feedback.sqlite3")
         try:
@@ -293,11 +300,7 @@ def start_app(model_dir: Path, root: Path, extra_env: dict | None = None) -> Run
 def app(model_dir, tmp_path_factory):
     running = start_app(model_dir, tmp_path_factory.mktemp("space-app"))
     yield running
-    running.proc.terminate()
-    try:
-        running.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        running.proc.kill()
+    running.stop()
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> str:

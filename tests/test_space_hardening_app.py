@@ -32,11 +32,7 @@ def app(tmp_path_factory):
                                       "CXR_MAX_UPLOAD_MB": "1", "TMPDIR": str(systmp)})
     running.system_tmp = systmp
     yield running
-    running.proc.terminate()
-    try:
-        running.proc.wait(timeout=20)
-    except Exception:
-        running.proc.kill()
+    running.stop()
 
 
 def phi_offenders(app) -> list[str]:
@@ -185,11 +181,7 @@ def busy_app(tmp_path_factory):
     root = tmp_path_factory.mktemp("busy-app")
     running = start_app(save_tiny_classifier(root / "model", image_size=32), root, {"CXR_MAX_BATCH_FILES": "3"})
     yield running
-    running.proc.terminate()
-    try:
-        running.proc.wait(timeout=20)
-    except Exception:
-        running.proc.kill()
+    running.stop()
 
 
 def batch_rows(app) -> int:
@@ -312,5 +304,4 @@ def test_a_film_the_learned_gate_refuses_or_cautions_leaves_no_patient_file(tmp_
             assert running.rows("predictions") == 1
         assert not phi_offenders(running)
     finally:
-        running.proc.terminate()
-        running.proc.wait(timeout=20)
+        running.stop()
