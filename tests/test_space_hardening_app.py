@@ -107,11 +107,11 @@ def test_batch_every_file_a_row_past_the_limit_deleted_corrupt_zip_a_row(app, tm
 def test_identical_files_uploaded_at_the_same_moment_all_succeed(app, tmp_path):
     from gradio_client import handle_file
 
-    data = xray_bytes(77)
+    data = phi_dicom()
     start = threading.Barrier(6)
 
     def one(i: int):
-        p = tmp_path / f"user{i}" / "same_name.jpg"  # same name and bytes: one upload path on the server
+        p = tmp_path / f"user{i}" / PHI_FILE_NAME  # same name and bytes: one upload path on the server
         p.parent.mkdir()
         p.write_bytes(data)
         c = app.client()
@@ -121,6 +121,7 @@ def test_identical_files_uploaded_at_the_same_moment_all_succeed(app, tmp_path):
     with ThreadPoolExecutor(max_workers=6) as pool:
         results = list(pool.map(one, range(6)))
     assert len({r["image_sha256"] for r in results}) == 1 and len({r["prediction_id"] for r in results}) == 6
+    assert not phi_offenders(app)  # the shared upload is gone after the last of them
 
 
 def test_identical_archives_sent_to_batch_at_the_same_moment_all_succeed(app, tmp_path):
@@ -129,22 +130,24 @@ def test_identical_archives_sent_to_batch_at_the_same_moment_all_succeed(app, tm
     delete it from under the others, and the last one must."""
     from gradio_client import handle_file
 
-    with zipfile.ZipFile(tmp_path / "ward.zip", "w") as zf:
-        for i in range(3):
+    archive = tmp_path / "Doe_Jane_ward.zip"  # a planted name, and a DICOM with planted values inside
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(2):
             zf.writestr(f"{i}.jpg", xray_bytes(40 + i))
+        zf.writestr(PHI_FILE_NAME, phi_dicom())
     start = threading.Barrier(3)
 
     def one(i: int):
         c = app.client()
         start.wait(timeout=60)
-        return c.predict([handle_file(str(tmp_path / "ward.zip"))], api_name="/batch")
+        return c.predict([handle_file(str(archive))], api_name="/batch")
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(one, range(3)))
     rows = [row for table, _ in results for row in table["data"]]
     errors = [row for row in rows if row[-1]]
     assert len(rows) == 9 and not errors, errors
-    assert not [p for p in app.temp_dir.rglob("ward.zip")]  # the last batch deleted it, not the sweeper
+    assert not phi_offenders(app)  # the last batch deleted the archive
 
 
 def test_no_output_file_lands_in_the_cache_and_scratch_outputs_expire(app, tmp_path):
