@@ -482,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     the module docstring)."""
     import argparse
     import atexit
+    import signal
 
     ap = argparse.ArgumentParser(prog="cxr-space", description="Serve the pneumonia triage Space (Gradio) on the "
                                  "model in MODEL_ID (default: the bundled space/model).",
@@ -494,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
     files.sweep()  # what an earlier run left behind
     files.start_sweeper()
     atexit.register(files.clear)
+    # SIGTERM (a Space restart, a redeploy, `kill`) closes like Ctrl-C: Gradio's launch() returns and the
+    # temp folder is cleared on the way out (the default action would end the process without atexit)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     service = make_service(config)
     service.warmup()
     if config.feedback_repo:

@@ -308,3 +308,21 @@ def test_a_film_the_learned_gate_refuses_or_cautions_leaves_no_patient_file(tmp_
         assert not phi_offenders(running)
     finally:
         running.stop()
+
+
+def test_a_stopped_app_leaves_no_upload_behind(tmp_path):
+    """A Space is stopped with SIGTERM (a restart, a redeploy, `kill`): an upload not yet analysed goes
+    with it, not at the next start."""
+    root = tmp_path / "stopped-app"
+    systmp = root / "system-tmp"
+    systmp.mkdir(parents=True)
+    running = start_app(save_tiny_classifier(root / "model", image_size=32), root, {"TMPDIR": str(systmp)})
+    running.system_tmp = systmp
+    try:
+        served = upload_only(running, _write(tmp_path, PHI_FILE_NAME, phi_dicom()))
+        assert Path(served).exists()
+        running.proc.terminate()  # SIGTERM
+        running.proc.wait(timeout=30)
+        assert not phi_offenders(running), phi_offenders(running)
+    finally:
+        running.stop()
