@@ -50,6 +50,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from modeling.image_io import IMAGE_EXTENSIONS  # noqa: E402
 from modeling.labels import LABELS  # noqa: E402
@@ -175,11 +176,11 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
     access = access or AccessPolicy.from_env()
 
     def take(upload) -> bytes:
-        """The upload's bytes; the file itself is gone from disk when this returns."""
+        """The upload's bytes; the file is released (gone from disk once the last request given it is done)."""
         try:
             return files.consume(upload, max_bytes=MAX_UPLOAD_BYTES)
         except UploadGone:
-            raise gr.Error("The uploaded file is gone: uploads are deleted once read and after "
+            raise gr.Error("The uploaded file is gone: uploads are deleted once analysed and after "
                            f"{config.tmp_max_age_s / 60:g} minutes. Upload it again.", title="Input not accepted") from None
         except ValueError as exc:
             raise gr.Error(str(exc), title="Input not accepted") from None
@@ -263,8 +264,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         paths = [f if isinstance(f, str) else f.name for f in (uploads or [])]
         if not paths:
             raise gr.Error("Upload one or more X-rays or a .zip of them.")
-        rows = service.batch(paths, progress=lambda frac, desc: progress(frac, desc=desc), delete_uploads=True,
-                             release=files.release)
+        rows = service.batch(paths, progress=lambda frac, desc: progress(frac, desc=desc), release=files.release)
         out = rows_to_csv(rows, files.scratch("batch") / "predictions.csv")
         cols = ["#", "file", "label", "p_pneumonia", "decision", "error"]
         return pd.DataFrame(rows).reindex(columns=cols).fillna(""), str(out)
@@ -505,8 +505,6 @@ def main(argv: list[str] | None = None) -> None:
         start_feedback_sync(service.store, config.feedback_repo, every_minutes=config.sync_minutes,
                             license=config.feedback_license)
     demo = build_app(service, config, files, AccessPolicy.from_env())
-    from starlette.middleware import Middleware
-
     demo.queue(max_size=config.queue_size, default_concurrency_limit=4).launch(
         theme=gr.themes.Soft(), max_file_size=int(config.max_upload_mb * 2**20), run_history=False,
         enable_monitoring=False, state_session_capacity=500,

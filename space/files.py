@@ -29,6 +29,7 @@ uploads that are never analysed and files past a batch limit never reach a handl
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import stat
@@ -60,10 +61,6 @@ def private_temp_dir(base: str | os.PathLike | None = None) -> Path:
     return root.absolute()  # Gradio hands handlers absolute paths; uploads are counted by them
 
 
-def _key(path: str | os.PathLike) -> str:
-    return os.path.abspath(path)
-
-
 class UploadGone(FileNotFoundError):
     """An upload path that no longer exists and was not consumed recently."""
 
@@ -92,7 +89,7 @@ class TempFiles:
         sees the answer."""
         with self._lock:
             for path in paths:
-                key = _key(path)
+                key = os.path.abspath(path)
                 if not Path(key).is_relative_to(self.root):
                     continue
                 try:
@@ -105,7 +102,7 @@ class TempFiles:
     def claims(self, path: str | os.PathLike) -> int:
         """How many events given this upload have not released it yet."""
         with self._lock:
-            return self._claims.get(_key(path), (0, 0))[0]
+            return self._claims.get(os.path.abspath(path), (0, 0))[0]
 
     def release(self, path: str | os.PathLike) -> None:
         """An event is done with this upload: delete it unless other events were given the same path.
@@ -114,7 +111,7 @@ class TempFiles:
         p = Path(path)
         if self.keep(p):
             return
-        key = _key(p)
+        key = os.path.abspath(p)
         with self._lock:
             n, ino = self._claims.pop(key, (0, 0))
             if n > 1:
@@ -138,7 +135,7 @@ class TempFiles:
         a path that is gone and was not consumed in the last minutes, ``ValueError`` for a file over
         ``max_bytes`` (released too)."""
         p = Path(path)
-        key = _key(p)
+        key = os.path.abspath(p)
         if self.keep(p):
             return p.read_bytes()
         try:
@@ -267,8 +264,6 @@ class ClaimUploads:
 
 
 def _answered_paths(body: bytes) -> list[str]:
-    import json
-
     try:
         paths = json.loads(body)
     except ValueError:

@@ -110,10 +110,6 @@ def read_upload(path_or_bytes: str | os.PathLike | bytes) -> bytes:
     return data
 
 
-def _unlink(path: Path) -> None:
-    Path(path).unlink(missing_ok=True)
-
-
 class ModelLock:
     """One model call at a time, and single predictions first: a batch takes the model image by image
     (:meth:`background`) and yields it to any waiting interactive call (:meth:`interactive`), so a
@@ -225,8 +221,8 @@ class CxrService:
                 verdict = pred.gate
                 if verdict.out_of_distribution:
                     raise InputError("This does not look like a frontal chest X-ray: " + verdict.refusal() + ".")
-                if verdict.caution():
-                    notes.append(verdict.caution())
+                if caution := verdict.caution():
+                    notes.append(caution)
                 if heatmap:
                     pred = self.predictor.predict_one(gray, heatmap=True, target_class=target_class)
                     pred.gate = verdict
@@ -268,13 +264,13 @@ class CxrService:
 
     # --- batch ---------------------------------------------------------------------------------
     def batch(self, uploads: Iterable[str | os.PathLike], progress: Callable[[float, str], None] | None = None,
-              delete_uploads: bool = False, release: Callable[[Path], None] | None = None) -> list[dict]:
+              release: Callable[[Path], None] | None = None) -> list[dict]:
         """Analyse many files (zips are opened) without Grad-CAM. One row per input, failures and
         skipped files included with the reason (past MAX_BATCH_ROWS, one row counts the rest); never
         raises for a bad file or member. Each archive is opened once and its members read one at a time
-        (memory is bounded by one image); with ``delete_uploads`` every upload is deleted (by
-        ``release``, default: unlink; the app's releases an upload that other queued events were given
-        too only when the last of them is done), also those past the batch limit."""
+        (memory is bounded by one image). ``release`` is called for every upload when the batch is done,
+        also for those past the batch limit (the app's deletes an upload once no other queued request
+        was given the same path); without it the uploads are left as they are."""
         uploads = [Path(u) for u in uploads]
         rows: list[dict] = []
         with contextlib.ExitStack() as archives:
@@ -294,9 +290,9 @@ class CxrService:
                         row.update({"label": "", "decision": "", "error": str(exc)})
                     rows.append(row)
             finally:
-                if delete_uploads:  # an open archive stays readable after its file is unlinked
+                if release:  # an open archive stays readable after its file is unlinked
                     for u in uploads:
-                        (release or _unlink)(u)
+                        release(u)
         if progress:
             progress(1.0, "done")
         return rows

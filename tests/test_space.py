@@ -262,10 +262,10 @@ class RunningApp:
         except subprocess.TimeoutExpired:
             self.proc.kill()
 
-    def rows(self, table: str) -> int:
+    def rows(self, table: str, where: str = "1") -> int:
         con = sqlite3.connect(self.data_dir / "feedback.sqlite3")
         try:
-            return con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            return con.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}").fetchone()[0]
         finally:
             con.close()
 

@@ -165,7 +165,7 @@ def test_files_past_the_batch_limit_get_a_row_and_are_deleted(model_dir, tmp_pat
         p.parent.mkdir()
         p.write_bytes(xray_bytes(30 + i))
         paths.append(str(p))
-    rows = service.batch(paths, delete_uploads=True)
+    rows = service.batch(paths, release=lambda p: p.unlink(missing_ok=True))
     assert len(rows) == 5
     assert [bool(r["error"]) for r in rows] == [False, False, False, True, True]
     assert all("limit" in r["error"] for r in rows[3:])

@@ -5,7 +5,6 @@ succeed, limits hold, a batch does not starve single predictions, stored data is
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 import zipfile
@@ -188,11 +187,7 @@ def busy_app(tmp_path_factory):
 
 
 def batch_rows(app) -> int:
-    con = sqlite3.connect(app.data_dir / "feedback.sqlite3")
-    try:
-        return con.execute("SELECT COUNT(*) FROM predictions WHERE channel = 'batch'").fetchone()[0]
-    finally:
-        con.close()
+    return app.rows("predictions", where="channel = 'batch'")
 
 
 def test_a_single_prediction_does_not_wait_for_a_running_batch(busy_app, tmp_path):
