@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from modeling.cli import add_flag, parse, shown_path
+from modeling.cli import add_flag, parse
+from modeling.paths import shown_path
 from modeling.data import load_cxr_dataset
 from modeling.gate import invert, turn
 from modeling.image_io import to_grayscale

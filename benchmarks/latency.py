@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-    from modeling.cli import shown_path
+    from modeling.paths import shown_path
     from modeling.predict import Predictor, bf16_fast
 
     files = list_images(Path(args.images), args.n_images)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling.cli import shown_path
+from modeling.paths import shown_path
 from modeling.metrics import agreement
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from modeling import robustness as rb
-from modeling.cli import add_flag, parse, shown_path
+from modeling.cli import add_flag, parse
+from modeling.paths import shown_path
 from modeling.augment import AugmentConfig
 from modeling.data import groups_of, load_cxr_dataset
 from modeling.features import ViewSpec, extract, features_fn
@@ -269,8 +270,9 @@ def cmd_soup(args) -> None:
     val = load_cxr_dataset(args.dataset)["validation"]
     model, processor = load_folder(args.like)
     average_weights(model, args.members)
+    members = [shown_path(m) for m in args.members]
     save_candidate(out, battery_of(model, processor, val), {
-        "name": args.name, "recipe": "weight average (soup) of " + ", ".join(args.members), "members": [shown_path(m) for m in args.members],
+        "name": args.name, "recipe": "weight average (soup) of " + ", ".join(members), "members": members,
         "single_pass": True})
 
 
@@ -280,7 +282,7 @@ def cmd_ensemble(args) -> None:
     logits = {k: np.mean([m[k] for m in members], axis=0) for k in members[0]}
     save_candidate(work / f"{safe(args.name)}.npz", logits, {
         "name": args.name, "recipe": "mean logits of " + ", ".join(args.members), "single_pass": False,
-        "members": [shown_path(m) for m in args.members]})
+        "members": list(args.members)})  # candidate names, not paths
 
 
 # ---- the table and the rule ---------------------------------------------------------------------------
@@ -297,8 +299,6 @@ def cmd_table(args) -> None:
         for key in ("model", "start", "end"):  # caches written before shown_path recorded absolute paths
             if key in meta:
                 meta[key] = shown_path(meta[key])
-        if "members" in meta:
-            meta["members"] = [shown_path(m) for m in meta["members"]]
         rows[meta["name"]] = {"meta": meta, **report}
         cands.append(rb.Candidate(meta["name"], logits[rb.PLAIN].argmax(1), report["summary"], bool(meta["single_pass"]),
                                   reference=bool(meta.get("reference"))))

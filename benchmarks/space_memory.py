@@ -28,14 +28,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from modeling.cli import add_flag, parse, shown_path
+from modeling.cli import add_flag, parse
+from modeling.paths import shown_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def film(size: tuple[int, int]) -> Image.Image:
     """A smooth film-like 8-bit image of ``size`` (cheap to make at any size)."""
-    small = np.asarray(Image.open(ROOT / "space" / "examples" / "kermany_test_normal_IM-0003-0001.jpeg").convert("L"))
+    example = next((ROOT / "space" / "examples").glob("kermany_test_normal_*.jpeg"))  # the Space's normal example
+    small = np.asarray(Image.open(example).convert("L"))
     return Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
 
 

@@ -62,19 +62,6 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Names
     return args
 
 
-def shown_path(path: str | Path) -> str:
-    """A path as a report records it: relative to the working directory when it lies below it or beside
-    it (``space/model``, ``../shared/...``), so that committed results do not name one machine's
-    checkout; anything else as given."""
-    p, here = Path(path).resolve(), Path.cwd().resolve()
-    for base, prefix in ((here, ""), (here.parent, "../")):
-        try:
-            return prefix + p.relative_to(base).as_posix()
-        except ValueError:
-            continue
-    return str(path)
-
-
 def _threads(n: int | None) -> None:
     if n:
         import torch
@@ -274,7 +261,6 @@ def gate_main(argv: list[str] | None = None) -> int:
     _threads(args.threads)
     gate, report = fit_for_model(args.model, args.dataset, n_fit=args.n_fit, false_refusal=args.false_refusal,
                                  battery=not args.no_battery, progress=not args.no_progress)
-    gate.meta["model"] = shown_path(args.model)  # not one machine's absolute path (the file ships with the model)
     gate.save(Path(args.model) / GATE_FILE)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .paths import shown_path
 from .probe import LinearHead, fit_probe
 
 GATE_FILE = "input_gate.npz"
@@ -67,7 +68,7 @@ class GateVerdict:
     inverted_probability: float
     distance: float
     distance_limit: float
-    caution_limit: float | None = None  # None: no caution band (gates saved before it existed)
+    caution_limit: float
 
     @property
     def out_of_distribution(self) -> bool:
@@ -75,8 +76,7 @@ class GateVerdict:
 
     @property
     def unusual(self) -> bool:
-        return (not self.out_of_distribution and self.caution_limit is not None
-                and self.distance > self.caution_limit)
+        return self.caution_limit < self.distance <= self.distance_limit
 
     @property
     def needs_correction(self) -> bool:
@@ -115,7 +115,7 @@ class GateVerdict:
         return {"rotation": self.rotation, "rotation_probability": round(self.rotation_probability, 4),
                 "inverted": self.inverted, "inverted_probability": round(self.inverted_probability, 4),
                 "distance": round(self.distance, 3), "distance_limit": round(self.distance_limit, 3),
-                "caution_limit": None if self.caution_limit is None else round(self.caution_limit, 3),
+                "caution_limit": round(self.caution_limit, 3),
                 "out_of_distribution": self.out_of_distribution, "unusual": self.unusual}
 
 
@@ -128,7 +128,11 @@ class InputGate:
     distance_limit: float
     confidence: float = 0.9
     meta: dict = field(default_factory=dict)
-    caution_limit: float | None = None
+    caution_limit: float | None = None  # None: no caution band (the refusal limit)
+
+    def __post_init__(self) -> None:
+        if self.caution_limit is None:
+            self.caution_limit = self.distance_limit
 
     def distances(self, feats: np.ndarray) -> np.ndarray:
         d = np.asarray(feats, np.float64) - self.mean
@@ -149,7 +153,7 @@ class InputGate:
             out.append(GateVerdict(rotation=rot, rotation_probability=float(o[k]), inverted=inv,
                                    inverted_probability=float(p[1]), distance=float(d),
                                    distance_limit=float(self.distance_limit),
-                                   caution_limit=None if self.caution_limit is None else float(self.caution_limit)))
+                                   caution_limit=float(self.caution_limit)))
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -234,7 +238,7 @@ def fit_for_model(model_dir: str, dataset: str, *, n_fit: int = 1500, seed: int 
 
     from .data import load_cxr_dataset, stratified_subset
     from .image_io import to_grayscale
-    from .robustness import apply, condition_names
+    from .robustness import battery_logits, condition_names
 
     model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
@@ -247,11 +251,14 @@ def fit_for_model(model_dir: str, dataset: str, *, n_fit: int = 1500, seed: int 
     inverted = feats([invert(f) for f in films])
     val_films = [to_grayscale(r["image"]) for r in ds["validation"]]
     val = feats(val_films)
-    shifted = np.concatenate([feats([apply(name, f) for f in val_films]) for name in
-                              tqdm(condition_names()[1:], desc="gate: validation under the battery",
-                                   disable=not progress)]) if battery else None
+    shifted = None
+    if battery:
+        with tqdm(total=len(val_films), desc="gate: validation under the battery", disable=not progress) as bar:
+            shifted = np.concatenate(list(battery_logits(feats, val_films, names=condition_names()[1:],
+                                                         progress=bar.update).values()))
+    # meta["model"]: relative (shown_path), since the gate file ships with the model
     gate = fit_gate(upright, turned, inverted, val, shifted=shifted, false_refusal=false_refusal,
-                    meta={"model": str(model_dir), "n_fit": len(films), "seed": seed, "precision": "bfloat16",
+                    meta={"model": shown_path(model_dir), "n_fit": len(films), "seed": seed, "precision": "bfloat16",
                           "refusal_limit_from": "validation under the robustness battery" if battery else
                           "plain validation"})
     report = {"validation_films": len(val_films), "validation": summarize(gate.verdicts(val), expect=None),

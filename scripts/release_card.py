@@ -86,9 +86,15 @@ def confusion(m: dict) -> str:
     return markdown_table(["true \\ predicted", *names], [[n, *row] for n, row in zip(names, m["confusion_matrix"])])
 
 
+def read_predictions(path: Path) -> list[dict]:
+    """The rows of an evaluation's predictions.csv."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def argmax_specificity(predictions_csv: Path) -> float:
     """Specificity of 'predicted class != normal' as the pneumonia call (the anchor's operating point)."""
-    rows = [r for r in csv.DictReader(predictions_csv.open()) if r["label"] == "normal"]
+    rows = [r for r in read_predictions(predictions_csv) if r["label"] == "normal"]
     return sum(r["predicted"] == "normal" for r in rows) / len(rows)
 
 
@@ -127,7 +133,7 @@ def paired_test_deltas(model_dir: Path, runs: dict) -> list[str]:
     from modeling.metrics import paired_bootstrap_macro_f1
 
     def preds(e: dict) -> list[dict]:
-        return list(csv.DictReader((model_dir / e["metrics"]).with_name("predictions.csv").open()))
+        return read_predictions((model_dir / e["metrics"]).with_name("predictions.csv"))
 
     evals = runs["test_evaluations"]
     current = preds(next(e for e in evals if e["release"] == runs["release"]))

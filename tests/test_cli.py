@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from modeling.cli import COMMANDS, add_flag, parse, shown_path
+from modeling.cli import COMMANDS, add_flag, parse
+from modeling.paths import shown_path
 
 
 def test_old_flag_spellings_fill_the_new_flag_and_print_a_notice(capsys):

@@ -3,8 +3,6 @@ the same forward pass, and the Space turning a film upright or refusing it."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +34,7 @@ def test_fit_gate_tells_orientation_polarity_and_distance():
     assert far.out_of_distribution and "far from the chest X-rays" in far.refusal()
 
 
-def test_refusal_limit_comes_from_validation_under_shift_and_the_band_below_it_is_a_caution():
+def test_refusal_limit_comes_from_validation_under_shift_and_the_band_below_it_is_a_caution(tmp_path):
     """Plain validation sets the caution limit; validation under the battery (here: a shifted copy) the
     refusal limit. A film between the two is predicted with a note; beyond the refusal limit, refused."""
     train, centres = clusters(300)
@@ -56,7 +54,7 @@ def test_refusal_limit_comes_from_validation_under_shift_and_the_band_below_it_i
     assert all(v.caution() is None for v in gate.verdicts(val["up"]) if v.distance <= gate.caution_limit)
     far = gate.verdicts(np.full((1, 8), 50.0))[0]
     assert far.out_of_distribution and not far.unusual and far.caution() is None
-    again = InputGate.load(gate.save(Path(tempfile.mkdtemp()) / GATE_FILE))
+    again = InputGate.load(gate.save(tmp_path / GATE_FILE))
     assert (again.caution_limit, again.distance_limit) == (gate.caution_limit, gate.distance_limit)
     plain_only = fit_gate(train["up"], {r: train[r] for r in ROTATIONS[1:]}, train["inv"], val["up"],
                           false_refusal=0.01)
@@ -86,15 +84,15 @@ def test_turn_and_invert_are_exact_and_correct_undoes_them():
     assert np.array_equal(np.asarray(v.correct(broken)), np.asarray(img))
 
 
-def _gate_for(model_dir, *, rotation_bias=None, limit=1e9):
+def _gate_for(model_dir, *, rotation_bias=None, limit=1e9, caution=None):
     """A gate over the model's head features whose verdicts we choose: every film 'turned 90' (a huge
-    bias), or every film out of distribution (limit 0)."""
+    bias), every film out of distribution (limit 0), or every film unusual (caution 0)."""
     import json
 
     d = 2 * json.loads((model_dir / "config.json").read_text())["hidden_size"]
     bias = np.zeros(4) if rotation_bias is None else np.asarray(rotation_bias, float)
     return InputGate(LinearHead(np.zeros((4, d)), bias), LinearHead(np.zeros((2, d)), np.array([0.0, -9.0])),
-                     mean=np.zeros(d), precision=np.eye(d) * 1e-6, distance_limit=limit)
+                     mean=np.zeros(d), precision=np.eye(d) * 1e-6, distance_limit=limit, caution_limit=caution)
 
 
 def test_predictor_loads_the_gate_and_reads_it_in_the_same_pass(tmp_path):
@@ -137,8 +135,7 @@ def test_space_turns_a_turned_film_upright_and_refuses_an_outlier(tmp_path):
     assert list(strict.store.staging.iterdir()) == []
 
     careful_dir = save_tiny_classifier(tmp_path / "c", image_size=32)
-    gate = _gate_for(careful_dir)
-    gate.caution_limit = 0.0  # every film is "unusual" but none is refused
+    gate = _gate_for(careful_dir, caution=0.0)  # every film is "unusual" but none is refused
     gate.save(careful_dir / GATE_FILE)
     careful = CxrService(Predictor.from_pretrained(str(careful_dir)), FeedbackStore(tmp_path / "data3"))
     c = careful.analyze(data, heatmap=True)

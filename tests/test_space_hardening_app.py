@@ -283,8 +283,8 @@ def test_a_film_the_learned_gate_refuses_or_cautions_leaves_no_patient_file(tmp_
 
     root = tmp_path / "gated-app"
     model = save_tiny_classifier(root / "model", image_size=32)
-    gate = _gate_for(model, limit=0.0 if verdict == "refused" else 1e9)
-    gate.caution_limit = 0.0  # every film is "unusual"; only the refusal limit differs
+    # every film is "unusual"; only the refusal limit differs
+    gate = _gate_for(model, limit=0.0 if verdict == "refused" else 1e9, caution=0.0)
     gate.save(model / GATE_FILE)
     systmp = root / "system-tmp"
     systmp.mkdir()
