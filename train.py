@@ -76,6 +76,8 @@ class TrainConfig:
     output_dir: str = field(metadata={"help": "where the model, card, metrics and checkpoints go"})
     dataset_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision"})
     base_model_revision: str | None = field(default=None, metadata={"help": "Hub model revision"})
+    keep_calibrated_head: bool = field(default=False, metadata={"help": "continue one of our calibrated (released) "
+                                       "models with its trained head, the temperature divided out; default: a fresh head"})
     # data
     image_size: int = field(default=224, metadata={"help": "square input side (multiple of the patch size for ViTs)"})
     letterbox: bool = field(default=False, metadata={"help": "keep aspect ratio, pad with black (else stretch)"})
@@ -91,10 +93,19 @@ class TrainConfig:
     brightness: float = field(default=0.15, metadata={"help": "brightness jitter (fraction)"})
     contrast: float = field(default=0.15, metadata={"help": "contrast jitter (fraction)"})
     gamma: float = field(default=0.15, metadata={"help": "gamma jitter (fraction, log-uniform)"})
+    gamma_min: float = field(default=0.0, metadata={"help": "with --gamma-max: sample gamma log-uniformly in "
+                             "[gamma_min, gamma_max] instead of the --gamma jitter (0 = use --gamma)"})
+    gamma_max: float = field(default=0.0)
+    tone_p: float = field(default=1.0, metadata={"help": "probability of each tone change (brightness, contrast, gamma)"})
     hflip: bool = field(default=False, metadata={"help": "random horizontal flips (off: mirrored chests are not real films)"})
-    noise: float = field(default=0.0, metadata={"help": "Gaussian noise up to this sigma (grey levels) on half the images; 0 = off"})
-    blur: float = field(default=0.0, metadata={"help": "Gaussian blur up to this radius (px) on half the images; 0 = off"})
-    sharpen: float = field(default=0.0, metadata={"help": "unsharp mask up to this percent on half the images; 0 = off"})
+    noise: float = field(default=0.0, metadata={"help": "Gaussian noise up to this sigma (grey levels); 0 = off"})
+    noise_p: float = field(default=0.5, metadata={"help": "probability of the noise"})
+    blur: float = field(default=0.0, metadata={"help": "Gaussian blur up to this radius (px); 0 = off"})
+    blur_p: float = field(default=0.5, metadata={"help": "probability of the blur"})
+    sharpen: float = field(default=0.0, metadata={"help": "unsharp mask up to this percent; 0 = off"})
+    sharpen_p: float = field(default=0.5, metadata={"help": "probability of the unsharp mask"})
+    jpeg_quality_min: int = field(default=0, metadata={"help": "JPEG re-encoding at a quality drawn from this to 95; 0 = off"})
+    jpeg_p: float = field(default=0.5, metadata={"help": "probability of the JPEG re-encoding"})
     # loss
     loss: str = field(default="weighted_ce", metadata={"choices": ["ce", "weighted_ce", "focal"],
                       "help": "class imbalance: inverse-frequency weighted CE (default), focal loss, or plain CE"})
@@ -145,8 +156,11 @@ class TrainConfig:
 
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig(crop_scale=(self.crop_scale_min, 1.0), crop_ratio=(self.crop_ratio_min, self.crop_ratio_max),
-                             max_rotation=self.max_rotation, noise=self.noise, blur=self.blur, sharpen=self.sharpen,
-                             brightness=self.brightness, contrast=self.contrast, gamma=self.gamma, hflip=self.hflip)
+                             max_rotation=self.max_rotation, brightness=self.brightness, contrast=self.contrast,
+                             gamma=self.gamma, gamma_range=(self.gamma_min, self.gamma_max) if self.gamma_max else None,
+                             tone_p=self.tone_p, hflip=self.hflip, noise=self.noise, noise_p=self.noise_p,
+                             blur=self.blur, blur_p=self.blur_p, sharpen=self.sharpen, sharpen_p=self.sharpen_p,
+                             jpeg_quality=self.jpeg_quality_min, jpeg_p=self.jpeg_p)
 
 
 class XrayDataset(Dataset):
@@ -405,7 +419,8 @@ def prepare_run(cfg: TrainConfig) -> Run:
                             crop_pct=cfg.crop_pct)
     processor = build_image_processor(pcfg)
 
-    model = build_model(cfg.base_model, revision=cfg.base_model_revision, drop_path_rate=cfg.drop_path_rate)
+    model = build_model(cfg.base_model, revision=cfg.base_model_revision, drop_path_rate=cfg.drop_path_rate,
+                        keep_calibrated_head=cfg.keep_calibrated_head)
     check_input_size(model, cfg.image_size)
 
     workers = cfg.num_workers if cfg.num_workers is not None else (

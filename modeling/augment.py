@@ -9,14 +9,19 @@ removes what the label depends on:
 * rotation (``max_rotation`` degrees, black fill): patients are rarely perfectly aligned, but
   frontal films are within a few degrees of upright;
 * brightness/contrast (``brightness``, ``contrast``): exposure, detector and post-processing differ
-  between machines; a gamma jitter covers non-linear display curves;
+  between machines; a gamma change covers non-linear display curves (``gamma``: log-uniform
+  ``1 +- gamma``; or an explicit ``gamma_range``: release v4 samples 0.6-1.6, the battery's two
+  gamma conditions, because v3's normals collapsed under them); each tone change is applied with
+  probability ``tone_p``;
 * no horizontal flip by default (``hflip``): a mirrored chest (heart on the right) is not a real
   film and side markers become mirrored text; it is available for experiments;
 * texture (off by default): Gaussian ``noise`` (sigma up to this many grey levels: dose, detector),
-  ``blur`` (radius up to this many pixels: resolution, motion) and ``sharpen`` (unsharp mask up to
-  this percentage: vendor edge enhancement), each applied to half of the images. They overlap
-  conditions of the robustness battery (:mod:`modeling.robustness`); a recipe that uses them must
-  keep its ranges below the battery's, and its card must say so.
+  ``blur`` (radius up to this many pixels: resolution, motion), ``sharpen`` (unsharp mask up to
+  this percentage: vendor edge enhancement) and JPEG re-encoding at a quality of ``jpeg_quality``
+  or more (a PACS export or a web upload), each applied with its own probability (``noise_p``...).
+  They overlap conditions of the robustness battery (:mod:`modeling.robustness`); a recipe that
+  uses them must keep its magnitudes at or below the battery's, and its card must say which
+  battery rows became partly in-distribution.
 
 Written with PIL because torchvision has no CPU build on our target machines; each step is one
 Pillow call, seeded through the ``random.Random`` passed in, so runs are reproducible.
@@ -24,6 +29,7 @@ Pillow call, seeded through the ``random.Random`` passed in, so runs are reprodu
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -40,10 +46,28 @@ class AugmentConfig:
     brightness: float = 0.15
     contrast: float = 0.15
     gamma: float = 0.15
+    gamma_range: tuple[float, float] | None = None  # overrides ``gamma`` when set
+    tone_p: float = 1.0
     hflip: bool = False
     noise: float = 0.0
+    noise_p: float = 0.5
     blur: float = 0.0
+    blur_p: float = 0.5
     sharpen: float = 0.0
+    sharpen_p: float = 0.5
+    jpeg_quality: int = 0  # lowest JPEG quality of the re-encoding; 0 = off
+    jpeg_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("tone_p", "noise_p", "blur_p", "sharpen_p", "jpeg_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.gamma_range is not None:
+            lo, hi = self.gamma_range
+            if not 0 < lo <= hi:
+                raise ValueError(f"gamma_range must be 0 < low <= high, got {self.gamma_range}")
+        if not (self.jpeg_quality == 0 or 1 <= self.jpeg_quality <= 95):
+            raise ValueError(f"jpeg_quality is a JPEG quality in 1-95 (0 = off), got {self.jpeg_quality}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,21 +94,38 @@ def augment(img: Image.Image, cfg: AugmentConfig, rng: random.Random) -> Image.I
     if cfg.max_rotation > 0:
         img = img.rotate(rng.uniform(-cfg.max_rotation, cfg.max_rotation), resample=Image.Resampling.BILINEAR,
                          fillcolor=0)
-    if cfg.brightness > 0:
+    if cfg.brightness > 0 and _happens(rng, cfg.tone_p):
         img = ImageEnhance.Brightness(img).enhance(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness))
-    if cfg.contrast > 0:
+    if cfg.contrast > 0 and _happens(rng, cfg.tone_p):
         img = ImageEnhance.Contrast(img).enhance(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
-    if cfg.gamma > 0:
-        g = math.exp(rng.uniform(math.log(1 - cfg.gamma), math.log(1 + cfg.gamma)))
+    lo, hi = cfg.gamma_range or (1 - cfg.gamma, 1 + cfg.gamma)
+    if hi > lo and _happens(rng, cfg.tone_p):
+        g = math.exp(rng.uniform(math.log(lo), math.log(hi)))
         img = img.point([min(255, int(round(255 * (i / 255) ** g))) for i in range(256)] * len(img.getbands()))
     if cfg.hflip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if cfg.blur > 0 and rng.random() < 0.5:
+    if cfg.blur > 0 and rng.random() < cfg.blur_p:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, cfg.blur)))
-    if cfg.sharpen > 0 and rng.random() < 0.5:
+    if cfg.sharpen > 0 and rng.random() < cfg.sharpen_p:
         img = img.filter(ImageFilter.UnsharpMask(radius=2, percent=int(rng.uniform(0, cfg.sharpen)), threshold=0))
-    if cfg.noise > 0 and rng.random() < 0.5:
+    if cfg.noise > 0 and rng.random() < cfg.noise_p:
         a = np.asarray(img, dtype=np.float32)
         noisy = a + np.random.default_rng(rng.getrandbits(32)).normal(0.0, rng.uniform(0, cfg.noise), a.shape)
         img = Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8), img.mode)
+    if cfg.jpeg_quality > 0 and rng.random() < cfg.jpeg_p:
+        img = jpeg_reencode(img, rng.randint(cfg.jpeg_quality, 95))
     return img
+
+
+def _happens(rng: random.Random, p: float) -> bool:
+    # p = 1 draws nothing, so the random stream of runs made before tone_p existed is unchanged
+    return p >= 1.0 or rng.random() < p
+
+
+def jpeg_reencode(img: Image.Image, quality: int) -> Image.Image:
+    """The image after a JPEG round trip at ``quality`` (block artefacts, lost fine texture)."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as out:
+        return out.convert(img.mode)

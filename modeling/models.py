@@ -26,6 +26,7 @@ def build_model(
     *,
     revision: str | None = None,
     drop_path_rate: float | None = None,
+    keep_calibrated_head: bool = False,
     quiet: bool = True,
 ) -> PreTrainedModel:
     """Load ``base`` as a 3-class classifier (normal, bacterial, viral) ready for training.
@@ -34,7 +35,10 @@ def build_model(
     classifier with another label set (an ImageNet head: replaced), one of our calibrated models
     (head re-initialised and the stored calibration dropped: neither the temperature nor the
     threshold holds for the model training will produce), or an uncalibrated checkpoint of ours
-    (kept whole, to continue training). ``drop_path_rate``
+    (kept whole, to continue training). ``keep_calibrated_head`` continues a released model
+    instead: its trained head is kept with the temperature divided out (a release's head is the
+    trained head scaled by 1/T), so a next release can start where the last one stopped.
+    ``drop_path_rate``
     (stochastic depth) is applied when the architecture has it, and refused with a clear error
     otherwise.
     """
@@ -63,7 +67,16 @@ def build_model(
         hf_logging.set_verbosity(verbosity)
     calibrated = hasattr(config, CALIBRATION_KEY)
     if calibrated:
+        stored = dict(getattr(model.config, CALIBRATION_KEY) or {})
         delattr(model.config, CALIBRATION_KEY)
+        if keep_calibrated_head and _has_our_labels(config):
+            t = float(stored.get("temperature", 1.0)) if stored.get("temperature_applied") else 1.0
+            head = classifier_head(model)
+            with torch.no_grad():
+                head.weight.mul_(t)
+                if head.bias is not None:
+                    head.bias.mul_(t)
+            return model
     if calibrated or not _has_our_labels(config):
         # A 3-way head of another label order, or ours scaled by 1/T, must not be reused as-is.
         # An uncalibrated checkpoint of ours (train.py's checkpoints/best) keeps its head, so a

@@ -519,3 +519,64 @@ def test_texture_augmentation_is_off_by_default_seeded_and_changes_texture():
     assert np.array_equal(outs[0], np.asarray(augment(img, tex, random.Random(0)), dtype=np.float64))
     changed = [not np.array_equal(o, np.asarray(img, dtype=np.float64)) for o in outs]
     assert 0 < sum(changed) and all(o.shape == (96, 96) for o in outs)
+
+
+def _tone_only(**kw) -> AugmentConfig:
+    base = dict(crop_scale=(1.0, 1.0), max_rotation=0, brightness=0, contrast=0, gamma=0)
+    base.update(kw)
+    return AugmentConfig(**base)
+
+
+def test_gamma_range_reaches_the_batterys_gammas_and_stays_inside_it():
+    """v4's tone augmentation samples gamma over 0.6-1.6 (the battery's two gamma conditions): a flat
+    grey film shows each draw's gamma exactly, so the sampled range can be read off the pixels."""
+    flat = Image.new("L", (16, 16), 128)
+    cfg = _tone_only(gamma_range=(0.6, 1.6))
+    gammas = []
+    for s in range(300):
+        v = float(np.asarray(augment(flat, cfg, random.Random(s))).mean())
+        gammas.append(np.log(v / 255) / np.log(128 / 255))
+    assert min(gammas) < 0.65 and max(gammas) > 1.5
+    assert min(gammas) > 0.6 - 0.02 and max(gammas) < 1.6 + 0.02
+    with pytest.raises(ValueError, match="gamma_range"):
+        AugmentConfig(gamma_range=(1.2, 0.8))
+
+
+def test_each_texture_change_happens_at_its_own_probability():
+    img = xray_like(4, (64, 64))
+    plain = np.asarray(img)
+
+    def share_changed(cfg: AugmentConfig) -> float:
+        return float(np.mean([not np.array_equal(np.asarray(augment(img, cfg, random.Random(s))), plain)
+                              for s in range(200)]))
+
+    assert share_changed(_tone_only(noise=8, noise_p=0.2)) == pytest.approx(0.2, abs=0.08)
+    assert share_changed(_tone_only(noise=8, noise_p=0.0)) == 0.0
+    assert share_changed(_tone_only(blur=1.0, blur_p=0.2)) == pytest.approx(0.2, abs=0.08)
+    assert share_changed(_tone_only(brightness=0.3, tone_p=0.5)) == pytest.approx(0.5, abs=0.1)
+    with pytest.raises(ValueError, match="noise_p"):
+        AugmentConfig(noise_p=1.5)
+
+
+def test_jpeg_reencoding_leaves_block_artefacts_at_low_quality_and_keeps_the_mode():
+    from modeling.augment import jpeg_reencode
+
+    img = xray_like(5, (64, 64))
+    low = jpeg_reencode(img, 10)
+    assert low.mode == img.mode and low.size == img.size
+    err_low = np.abs(np.asarray(low, float) - np.asarray(img, float)).mean()
+    err_high = np.abs(np.asarray(jpeg_reencode(img, 95), float) - np.asarray(img, float)).mean()
+    assert err_low > 2 * err_high
+    cfg = _tone_only(jpeg_quality=30, jpeg_p=1.0)
+    assert not np.array_equal(np.asarray(augment(img, cfg, random.Random(0))), np.asarray(img))
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        AugmentConfig(jpeg_quality=120)
+
+
+def test_a_released_model_can_be_continued_with_its_head_and_the_temperature_divided_out(tmp_path, tiny_bases):
+    released = _saved_model(tmp_path, tiny_bases["dinov2"], temperature=3.0)
+    old = AutoModelForImageClassification.from_pretrained(released)
+    model = build_model(str(released), keep_calibrated_head=True)
+    assert not hasattr(model.config, "cxr_calibration")
+    torch.testing.assert_close(classifier_head(model).weight, classifier_head(old).weight * 3.0)
+    torch.testing.assert_close(classifier_head(model).bias, classifier_head(old).bias * 3.0)
