@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # and intensity jitter: the training views of the augmented probes and of the fine-tuning runs.
 ANCHOR_AUG = AugmentConfig(crop_scale=(0.08, 1.0), crop_ratio=(0.75, 4 / 3), max_rotation=7.0, brightness=0.15,
                            contrast=0.15, gamma=0.15, hflip=True)
+# selection rule -> the objective it maximises (modeling.robustness.objective_value)
+RULES = {"v3": "worst_macro_f1", "v4": "worst_f1_and_specificity"}
 N_LAYERS = 4  # DINOv2 linear evaluation: CLS of the last 4 blocks + mean patch token
 
 
@@ -295,21 +297,28 @@ def cmd_table(args) -> None:
     for meta_file in sorted((Path(args.work) / "logits").glob("*.json")):
         meta = json.loads(meta_file.read_text())
         logits = dict(np.load(meta_file.with_suffix(".npz")))
-        report = rb.score(logits, labels)
+        op = rb.fit_battery_operating_point(logits, labels) if args.rule == "v4" else None
+        report = rb.score(logits, labels, op)
         for key in ("model", "start", "end"):  # caches written before shown_path recorded absolute paths
             if key in meta:
                 meta[key] = shown_path(meta[key])
         rows[meta["name"]] = {"meta": meta, **report}
         cands.append(rb.Candidate(meta["name"], logits[rb.PLAIN].argmax(1), report["summary"], bool(meta["single_pass"]),
                                   reference=bool(meta.get("reference"))))
-    decision = rb.select(cands, labels, groups)
+    objective = RULES[args.rule]
+    decision = rb.select(cands, labels, groups, objective=objective)
     # what the rule would have picked had the references (released, tested checkpoints) been candidates
     as_candidates = [rb.Candidate(c.name, c.plain_pred, c.summary, c.single_pass) for c in cands]
-    with_references = rb.select(as_candidates, labels, groups) if any(c.reference for c in cands) else None
+    with_references = (rb.select(as_candidates, labels, groups, objective=objective)
+                       if any(c.reference for c in cands) else None)
+    runs = json.loads((ROOT / "space" / "model" / "training_runs.json").read_text())
     result = {
         "split": "validation", "n": int(len(labels)), "precision": "bfloat16",
         "battery": rb.battery_description(),
-        "rule": json.loads((ROOT / "space" / "model" / "training_runs.json").read_text()).get("selection_rule"),
+        "rule": runs.get("selection_rule_v4" if args.rule == "v4" else "selection_rule"),
+        "operating_point": ("temperature on the pooled plain + battery logits, threshold for sensitivity >= 0.985 "
+                            "plain and >= 0.97 under every condition" if args.rule == "v4" else
+                            "temperature and threshold (sensitivity 0.985) on plain validation"),
         "decision": {k: v for k, v in decision.items() if k != "candidates"},
         "decision_with_references_as_candidates": (None if with_references is None else
                                                     {k: v for k, v in with_references.items() if k != "candidates"}),
@@ -317,14 +326,16 @@ def cmd_table(args) -> None:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-    order = sorted(rows, key=lambda n: -rows[n]["summary"]["worst_macro_f1"])
-    print(f"{'candidate':62s} {'plainF1':>7s} {'spec':>5s} {'worstF1':>7s} {'meanF1':>6s} {'wSpec':>5s} {'mSpec':>5s} elig")
+    order = sorted(rows, key=lambda n: -decision["candidates"][n]["objective"])
+    print(f"{'candidate':56s} {'plainF1':>7s} {'spec':>5s} {'worstF1':>7s} {'meanF1':>6s} {'wSpec':>5s} {'mSpec':>5s} "
+          f"{'obj':>5s} elig")
     for n in order:
         r, s, d = rows[n], rows[n]["summary"], decision["candidates"][n]
         p = r["conditions"][rb.PLAIN]
-        print(f"{n[:62]:62s} {p['macro_f1']:7.4f} {p['specificity']:5.3f} {s['worst_macro_f1']:7.4f} "
+        print(f"{n[:56]:56s} {p['macro_f1']:7.4f} {p['specificity']:5.3f} {s['worst_macro_f1']:7.4f} "
               f"{s['mean_macro_f1']:6.4f} {s['worst_specificity']:5.3f} {s['mean_specificity']:5.3f} "
-              f"{'yes' if d['eligible'] else 'no '} {s['worst_condition_macro_f1']}")
+              f"{d['objective']:5.3f} {'yes' if d['eligible'] else 'no '} {s['worst_condition_macro_f1']}/"
+              f"{s['worst_condition_specificity']}")
     print(f"chosen: {decision['chosen']} (best plain: {decision['best_plain']})")
 
 
@@ -370,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", required=True)
     e.add_argument("--members", nargs="+", required=True)
     t = sub.add_parser("table")
+    t.add_argument("--rule", choices=sorted(RULES), default="v3",
+                   help="v3: plain-validation operating point, worst-case macro-F1; v4: the battery operating point, "
+                        "worst-case macro-F1 and specificity (training_runs.json selection_rule_v4)")
     add_flag(t, "--output", old=("--out",), default=str(ROOT / "benchmarks" / "results" / "recipes.json"))
     return ap
 

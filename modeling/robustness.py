@@ -217,6 +217,35 @@ def fit_operating_point(plain_logits: np.ndarray, labels: np.ndarray, target_sen
                                                                           target_sensitivity))
 
 
+def fit_battery_operating_point(logits: dict[str, np.ndarray], labels: np.ndarray, *,
+                                plain_sensitivity: float = 0.985, condition_sensitivity: float = 0.97
+                                ) -> OperatingPoint:
+    """The operating point of release v4, fit on validation under the battery rather than on plain
+    validation alone (v3's plain-validation threshold lost half its specificity on shifted films).
+
+    * temperature: one ``T`` minimising the NLL of the pooled logits of every condition, plain
+      included (a temperature fit on plain validation alone sharpened v3's probabilities, and the
+      shifted test came out overconfident);
+    * threshold: the highest one that keeps sensitivity ``>= plain_sensitivity`` on plain validation
+      and ``>= condition_sensitivity`` under every condition of the battery (each condition's own
+      highest such threshold, :func:`modeling.calibration.choose_threshold`, then the lowest of them).
+    """
+    from .calibration import choose_threshold, fit_temperature, softmax
+    from .labels import pneumonia_probability
+
+    if PLAIN not in logits:
+        raise ValueError("the operating point needs the plain validation logits (condition 'plain')")
+    labels = np.asarray(labels, np.int64)
+    names = list(logits)
+    t = fit_temperature(np.concatenate([np.asarray(logits[n], np.float64) for n in names]),
+                        np.tile(labels, len(names)))
+    thresholds = []
+    for n in names:
+        p = pneumonia_probability(softmax(np.asarray(logits[n], np.float64) / t))
+        thresholds.append(choose_threshold(p, labels != 0, plain_sensitivity if n == PLAIN else condition_sensitivity))
+    return OperatingPoint(temperature=t, threshold=float(min(thresholds)))
+
+
 def condition_metrics(logits: np.ndarray, labels: np.ndarray, op: OperatingPoint) -> dict:
     """The numbers reported per condition (from the project's metric module, no bootstrap)."""
     from .calibration import softmax
@@ -281,14 +310,32 @@ class Candidate:
     reference: bool = False
 
 
+OBJECTIVES = ("worst_macro_f1", "worst_f1_and_specificity")
+
+
+def objective_value(summary: dict, objective: str) -> float:
+    """What a selection rule maximises over the battery: ``worst_macro_f1`` (the v3 rule), or
+    ``worst_f1_and_specificity``, the mean of the worst-case macro-F1 and the worst-case specificity
+    at the candidate's stored threshold (the v4 rule: v3's rule ranked the worst-case macro-F1 alone
+    and chose the model whose threshold the battery had shown to be fragile; worst-case specificity
+    ranked v1 > v2 > v3 exactly as the test's specificity did)."""
+    if objective == "worst_macro_f1":
+        return float(summary["worst_macro_f1"])
+    if objective == "worst_f1_and_specificity":
+        return 0.5 * (float(summary["worst_macro_f1"]) + float(summary["worst_specificity"]))
+    raise ValueError(f"unknown selection objective {objective!r}; choose from {OBJECTIVES}")
+
+
 def select(candidates: Sequence[Candidate], labels: np.ndarray, groups: Sequence[str] | None = None, *,
-           tie: float = 0.005, n_bootstrap: int = 2000, seed: int = 0) -> dict:
-    """Apply the v3 selection rule: among single-pass candidates whose plain-validation macro-F1 is not
+           tie: float = 0.005, n_bootstrap: int = 2000, seed: int = 0, objective: str = "worst_macro_f1") -> dict:
+    """Apply a selection rule: among single-pass candidates whose plain-validation macro-F1 is not
     significantly below the best single-pass candidate's (upper end of the patient-grouped paired
-    bootstrap 95% CI of the difference >= 0), take the highest worst-case battery macro-F1; within
-    ``tie`` of it, the higher worst-case specificity, then the higher mean battery macro-F1.
+    bootstrap 95% CI of the difference >= 0), take the highest battery ``objective``
+    (:func:`objective_value`; v3: worst-case macro-F1); within ``tie`` of it, the higher worst-case
+    specificity, then the higher mean battery macro-F1.
     Returns the chosen name and, per candidate, the comparison with the best and why it was or was not
     eligible."""
+    objective_value({"worst_macro_f1": 0.0, "worst_specificity": 0.0}, objective)  # an unknown name fails first
     from sklearn.metrics import f1_score
 
     from .metrics import paired_bootstrap_macro_f1
@@ -310,11 +357,13 @@ def select(candidates: Sequence[Candidate], labels: np.ndarray, groups: Sequence
         verdicts[c.name] = {"plain_macro_f1": plain_f1[c.name], "vs_best_plain": cmp, "eligible": ok, "why": why}
         if ok:
             eligible.append(c)
-    top = max(c.summary["worst_macro_f1"] for c in eligible)
-    tied = [c for c in eligible if c.summary["worst_macro_f1"] >= top - tie]
+    for c in candidates:
+        verdicts[c.name]["objective"] = objective_value(c.summary, objective)
+    top = max(objective_value(c.summary, objective) for c in eligible)
+    tied = [c for c in eligible if objective_value(c.summary, objective) >= top - tie]
     chosen = max(tied, key=lambda c: (c.summary["worst_specificity"], c.summary["mean_macro_f1"]))
-    return {"chosen": chosen.name, "best_plain": best.name, "tied_on_worst_macro_f1": [c.name for c in tied],
-            "candidates": verdicts}
+    return {"chosen": chosen.name, "best_plain": best.name, "objective": objective,
+            f"tied_on_{objective}": [c.name for c in tied], "candidates": verdicts}
 
 
 # ---- a saved model end to end -----------------------------------------------------------------------

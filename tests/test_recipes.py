@@ -86,3 +86,15 @@ def test_recipes_pipeline_from_features_to_the_selection(setup):
     assert not table["candidates"]["ens"]["selection"]["eligible"]
     assert list(chosen["conditions"])[0] == "plain" and "worst_macro_f1" in chosen["summary"]
     assert [c["name"] for c in table["battery"]][0] == "gamma_0.6"
+
+    # the v4 rule: the battery operating point (its threshold holds 97% sensitivity under every
+    # condition) and the objective that weighs worst-case specificity beside worst-case macro-F1
+    out4 = root / "recipes_v4.json"
+    run(common, "table", "--rule", "v4", "--output", str(out4))
+    v4 = json.loads(out4.read_text())
+    assert v4["decision"]["objective"] == "worst_f1_and_specificity" and "pooled" in v4["operating_point"]
+    for name, row in v4["candidates"].items():
+        assert row["operating_point"] != table["candidates"][name]["operating_point"]
+        s = row["summary"]
+        assert row["selection"]["objective"] == pytest.approx((s["worst_macro_f1"] + s["worst_specificity"]) / 2)
+        assert row["summary"]["worst_sensitivity"] >= 0.97 - 1e-9

@@ -177,3 +177,44 @@ def test_references_are_shown_but_never_chosen():
     assert not out["candidates"]["released"]["eligible"] and "reference" in out["candidates"]["released"]["why"]
     with pytest.raises(ValueError, match="release candidate"):
         rb.select([released], labels, n_bootstrap=10)
+
+
+def test_the_battery_operating_point_pools_the_temperature_and_keeps_every_conditions_sensitivity():
+    """v4's operating point: T from the pooled logits of every condition; the threshold the highest one
+    that keeps 98.5% sensitivity plain and 97% under each condition. A darkened condition that pushes
+    pneumonia scores down must pull the threshold down to hold its sensitivity."""
+    from modeling.calibration import softmax
+    from modeling.labels import pneumonia_probability
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 200)
+    plain = rng.normal(0, 1, (600, 3)) + 4.0 * np.eye(3)[labels]
+    dark = plain.copy()
+    dark[:, 0] += 2.5  # every film looks more normal under this condition
+    sharp_plain = plain * 3  # an overconfident model: plain alone asks for a higher temperature...
+    op_plain = rb.fit_operating_point(sharp_plain, labels)
+    op = rb.fit_battery_operating_point({rb.PLAIN: sharp_plain, "dark": dark * 3}, labels)
+    assert op.temperature > op_plain.temperature  # ...and the shifted condition raises it further
+    for name, lg, target in ((rb.PLAIN, sharp_plain, 0.985), ("dark", dark * 3, 0.97)):
+        p = pneumonia_probability(softmax(lg / op.temperature))
+        assert (p[labels != 0] >= op.threshold).mean() >= target
+    p_dark = pneumonia_probability(softmax(dark * 3 / op.temperature))
+    assert (p_dark[labels != 0] >= op_plain.threshold).mean() < 0.97  # the plain threshold would not hold
+    plain_only = rb.fit_battery_operating_point({rb.PLAIN: sharp_plain}, labels)
+    assert plain_only.threshold == pytest.approx(
+        rb.fit_operating_point(sharp_plain, labels).threshold, rel=0.2)  # without conditions: the plain rule
+    with pytest.raises(ValueError, match="plain"):
+        rb.fit_battery_operating_point({"dark": dark}, labels)
+
+
+def test_the_v4_objective_weighs_worst_case_specificity_beside_worst_case_macro_f1():
+    labels = np.repeat([0, 1, 2], 60)
+    pred = labels.copy()
+    f1_only = rb.Candidate("f1-only", pred, _summary(0.80, 0.40))
+    balanced = rb.Candidate("balanced", pred, _summary(0.74, 0.80))
+    v3_rule = rb.select([f1_only, balanced], labels, n_bootstrap=100)
+    v4_rule = rb.select([f1_only, balanced], labels, n_bootstrap=100, objective="worst_f1_and_specificity")
+    assert v3_rule["chosen"] == "f1-only" and v4_rule["chosen"] == "balanced"
+    assert v4_rule["candidates"]["balanced"]["objective"] == pytest.approx(0.77)
+    with pytest.raises(ValueError, match="objective"):
+        rb.select([f1_only], labels, objective="mean_of_everything")
