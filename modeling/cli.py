@@ -6,6 +6,7 @@
     cxr-export      --model M --output-dir O [--dataset D]    modeling.export.export_model
     cxr-robustness  --model M --dataset D --output-dir O      modeling.robustness.evaluate_robustness
     cxr-gate        --model M --dataset D                     modeling.gate.fit_for_model
+    cxr-scope       --model M --dataset D --out-of-scope DIR  modeling.scope.fit_for_model
 
 (also ``python -m modeling COMMAND ...``). The commands live here, not in the library modules, so that
 importing ``modeling`` never runs argument parsing and the library has no import cycle.
@@ -268,8 +269,37 @@ def gate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ---- scope --------------------------------------------------------------------------------------------
+
+def scope_main(argv: list[str] | None = None) -> int:
+    """Fit the scope check of a saved model (pediatric training films against out-of-scope films, e.g.
+    adults) and save it beside the weights (scope_check.npz)."""
+    from .scope import SCOPE_FILE, fit_for_model
+
+    ap = argparse.ArgumentParser(prog="cxr-scope", description=scope_main.__doc__)
+    add_flag(ap, "--model", required=True, help="save_pretrained folder; scope_check.npz is written into it")
+    add_flag(ap, "--dataset", required=True, help="the in-scope dataset (cxr-build's folder): train and validation")
+    ap.add_argument("--out-of-scope", required=True,
+                    help="a folder of out-of-scope films named <patient>_<n>.ext (../shared/data/nih-chestxray14-sample), "
+                         "split by patient into fit / validation / held-out; the held-out part is never read")
+    ap.add_argument("--n-fit", type=int, default=1500, help="training films used (stratified)")
+    ap.add_argument("--flag-rate", type=float, default=0.01, help="share of in-scope validation films flagged at the limit")
+    add_flag(ap, "--output", default=None, help="write the validation numbers here (JSON)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = parse(ap, argv)
+    _threads(args.threads)
+    check, report = fit_for_model(args.model, args.dataset, args.out_of_scope, n_fit=args.n_fit,
+                                  flag_rate=args.flag_rate, progress=not args.no_progress)
+    check.save(Path(args.model) / SCOPE_FILE)
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 COMMANDS = {"evaluate": evaluate_main, "predict": predict_main, "calibrate": calibrate_main, "export": export_main,
-            "robustness": robustness_main, "gate": gate_main}
+            "robustness": robustness_main, "gate": gate_main, "scope": scope_main}
 
 
 def main(argv: list[str] | None = None) -> int:

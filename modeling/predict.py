@@ -33,6 +33,7 @@ from .image_io import load_image, to_grayscale
 from .labels import LABELS, pneumonia_probability
 from .models import classifier_head
 from .preprocessing import crop_fraction, is_letterbox, pixel_values
+from .scope import ScopeCheck, ScopeVerdict, load_scope
 
 ImageInput = Image.Image | str | os.PathLike | bytes | bytearray | io.IOBase
 
@@ -40,17 +41,25 @@ ImageInput = Image.Image | str | os.PathLike | bytes | bytearray | io.IOBase
 @dataclass
 class Prediction:
     """One image's result. ``heatmap`` (when asked for) is an (H, W) float32 map in [0, 1] in the
-    geometry of the input image, for class ``heatmap_class``."""
+    geometry of the input image, for class ``heatmap_class``. A film the scope check flags
+    (:mod:`modeling.scope`: not like the pediatric films the model was trained on) gets no answer:
+    ``label`` and ``pneumonia`` are None, and ``probabilities`` are kept only as the model's
+    unreliable output."""
 
-    label: str
+    label: str | None
     probabilities: dict[str, float]
     pneumonia_probability: float
-    pneumonia: bool
+    pneumonia: bool | None
     threshold: float
     image_size: tuple[int, int]
     heatmap: np.ndarray | None = field(default=None, repr=False)
     heatmap_class: str | None = None
     gate: GateVerdict | None = None  # the learned input gate's verdict, when the model has one
+    scope: ScopeVerdict | None = None  # the scope check's verdict, when the model has one
+
+    @property
+    def out_of_scope(self) -> bool:
+        return self.scope is not None and self.scope.out_of_scope
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no heatmap array)."""
@@ -63,6 +72,8 @@ class Prediction:
             "image_size": list(self.image_size),
             "heatmap_class": self.heatmap_class,
             "gate": None if self.gate is None else self.gate.to_dict(),
+            "scope": None if self.scope is None else self.scope.to_dict(),
+            "out_of_scope": self.out_of_scope,
         }
 
 
@@ -115,9 +126,10 @@ class Predictor:
     """A calibrated classifier with optional Grad-CAM. Build with :meth:`from_pretrained`."""
 
     def __init__(self, model, processor, *, model_id: str | None = None, revision: str | None = None,
-                 precision: str = "float32", gate: InputGate | None = None) -> None:
+                 precision: str = "float32", gate: InputGate | None = None, scope: ScopeCheck | None = None) -> None:
         self.model = model.eval()
         self.gate = gate
+        self.scope = scope
         # float32 reproduces the model card's numbers exactly; "bfloat16" runs plain predictions on
         # a bf16 copy of the weights: faster on CPUs with native bf16, probabilities change by a few
         # 1e-3 (benchmarks/latency.py measures both). A copy rather than autocast: autocast re-casts
@@ -151,7 +163,7 @@ class Predictor:
         processor = AutoImageProcessor.from_pretrained(model_id_or_dir, revision=revision, backend="pil")
         return cls(model, processor, model_id=str(model_id_or_dir),
                    revision=resolve_revision(str(model_id_or_dir), revision), precision=precision,
-                   gate=load_gate(str(model_id_or_dir), revision))
+                   gate=load_gate(str(model_id_or_dir), revision), scope=load_scope(str(model_id_or_dir), revision))
 
     @property
     def threshold(self) -> float:
@@ -175,11 +187,16 @@ class Predictor:
         """Raw (calibrated) logits for already-loaded PIL images, no heatmap."""
         return self._forward(list(images))[0]
 
+    @property
+    def reads_features(self) -> bool:
+        """True when a gate or a scope check reads the head's input features of each pass."""
+        return self.gate is not None or self.scope is not None
+
     def _forward(self, images: list[Image.Image]) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Logits, and the head's input features when there is a gate to read them (same pass)."""
+        """Logits, and the head's input features when a gate or scope check reads them (same pass)."""
         pv = pixel_values(self.processor, images)
         net = self._fast if self._fast is not None else self.model
-        with torch.inference_mode(), _head_inputs(net, self.gate is not None) as feats:
+        with torch.inference_mode(), _head_inputs(net, self.reads_features) as feats:
             logits = net(pixel_values=pv.to(next(net.parameters()).dtype)).logits.float()
         return logits, (feats[0].float().numpy() if feats else None)
 
@@ -203,7 +220,7 @@ class Predictor:
                 from .gradcam import cam_to_image
 
                 pv = pixel_values(self.processor, batch)
-                with _head_inputs(self.model, self.gate is not None) as captured:
+                with _head_inputs(self.model, self.reads_features) as captured:
                     res = self._gradcam().explain(pv, None if target is None else [target] * len(batch))
                 feats = captured[0].detach().float().numpy() if captured else None
                 logits = res.logits.detach().float()
@@ -213,19 +230,22 @@ class Predictor:
             else:
                 logits, feats = self._forward(batch)
             verdicts = self.gate.verdicts(feats) if self.gate is not None and feats is not None else None
+            scopes = self.scope.verdicts(feats) if self.scope is not None and feats is not None else None
             probs = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
             for i, (p, im) in enumerate(zip(probs, batch)):
                 p_pneu = pneumonia_probability(p)
+                answered = scopes is None or not scopes[i].out_of_scope
                 out.append(Prediction(
-                    label=LABELS[int(p.argmax())],
+                    label=LABELS[int(p.argmax())] if answered else None,
                     probabilities={name: float(v) for name, v in zip(LABELS, p)},
                     pneumonia_probability=p_pneu,
-                    pneumonia=p_pneu >= self.threshold,
+                    pneumonia=(p_pneu >= self.threshold) if answered else None,
                     threshold=self.threshold,
                     image_size=im.size,
                     heatmap=None if maps is None else maps[i].astype(np.float32),
                     heatmap_class=None if classes is None else LABELS[int(classes[i])],
                     gate=None if verdicts is None else verdicts[i],
+                    scope=None if scopes is None else scopes[i],
                 ))
         return out
 

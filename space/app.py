@@ -133,8 +133,9 @@ def _label_dict(probabilities: dict) -> dict:
 
 def _info_md(service: CxrService, a) -> str:
     notes = "".join(f"\n- {n}" for n in a.notes)
-    return (f"Inference {a.latency_ms:.0f} ms (prediction + Grad-CAM, CPU) · heatmap for "
-            f"**{LABEL_NAMES[a.prediction.heatmap_class]}** · model `{service.predictor.model_id}` "
+    what = ("prediction + Grad-CAM, CPU) · heatmap for " f"**{LABEL_NAMES[a.prediction.heatmap_class]}**"
+            if a.prediction.heatmap_class else "prediction, CPU)")
+    return (f"Inference {a.latency_ms:.0f} ms ({what} · model `{service.predictor.model_id}` "
             f"revision `{service.predictor.revision}` · prediction id `{a.prediction_id}`"
             + (f"\n\nThe file was converted on loading:{notes}" if notes else ""))
 
@@ -166,6 +167,7 @@ def display_copies(image, heatmap, max_side: int = 768) -> dict:
     return {"image": small, "heatmap": np.asarray(heat, dtype=np.uint8)}
 
 
+OUT_OF_SCOPE_TITLE = "Outside what this model knows: no answer"
 LOCKED = "Administrators only: the history and the export show what clinicians stored."
 
 
@@ -199,15 +201,20 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
             a = service.analyze(take(file), target_class=heatmap_class, channel="ui")
         except InputError as exc:
             raise gr.Error(str(exc), title="Input not accepted") from None
+        if a.decision == "out_of_scope":  # no label, no call, no heatmap: the output only behind a disclosure
+            state = {"prediction_id": a.prediction_id, "image_sha256": a.image_sha256, "label": None}
+            return (None, f"### {OUT_OF_SCOPE_TITLE}\n\n{a.verdict}", "", _info_md(service, a), state,
+                    gr.update(value=None, interactive=True), gr.update(interactive=True), "",
+                    gr.update(visible=True, open=False), _label_dict(a.prediction.probabilities))
         verdict = f"### {LABEL_NAMES[a.prediction.label]}\n\n{a.verdict}"
         state = {"prediction_id": a.prediction_id, "image_sha256": a.image_sha256, "label": a.prediction.label,
                  **display_copies(a.image, a.prediction.heatmap)}
         return (_label_dict(a.prediction.probabilities), verdict, overlay_html(a.image, a.prediction.heatmap, alpha),
                 _info_md(service, a), state, gr.update(value=a.prediction.label, interactive=True),
-                gr.update(interactive=True), "")
+                gr.update(interactive=True), "", gr.update(visible=False, open=False), None)
 
     def ui_heatmap_class(state, heatmap_class, alpha):
-        if not state:
+        if not state or state.get("label") is None:  # nothing analysed, or out of scope: no heatmap
             return gr.skip()
         image = service.store.staged_image(state["image_sha256"])  # the full film, kept for feedback
         if image is None:
@@ -220,7 +227,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         return overlay_html(image, pred.heatmap, alpha), state
 
     def ui_alpha(state, alpha):
-        if not state:
+        if not state or "heatmap" not in state:
             return gr.skip()
         return overlay_html(state["image"], state["heatmap"] / 255.0, alpha)
 
@@ -247,7 +254,9 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
             a = service.analyze(take(file), target_class=heatmap_class or "predicted", channel="api")
         except InputError as exc:
             raise gr.Error(str(exc), title="Input not accepted") from None
-        return {**a.to_dict(), "heatmap_png": base64.b64encode(overlay_png(a.image, a.prediction.heatmap, 0.4)).decode()}
+        heat = a.prediction.heatmap  # None for a film out of the model's scope
+        return {**a.to_dict(),
+                "heatmap_png": None if heat is None else base64.b64encode(overlay_png(a.image, heat, 0.4)).decode()}
 
     def api_feedback(prediction_id, label, role="not specified", note="", consent=False):
         """Store a clinician's label for a prediction id returned by /predict. ``consent`` must be true: the
@@ -320,6 +329,10 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
                 with gr.Column(scale=1):
                     probs = gr.Label(label="Calibrated probabilities", num_top_classes=3, elem_id="probs")
                     verdict = gr.Markdown(elem_id="verdict")
+                    with gr.Accordion("Show the model's output anyway (unreliable: the film is outside what it "
+                                      "was trained on)", open=False, visible=False, elem_id="scope-anyway") as anyway:
+                        probs_anyway = gr.Label(label="Probabilities (unreliable)", num_top_classes=3,
+                                                elem_id="probs-anyway")
                     gr.Markdown("**Grad-CAM: what drove the score**")
                     heat = gr.HTML(elem_id="heatmap", js_on_load=None)
                     info = gr.Markdown(elem_id="info")
@@ -392,7 +405,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         # overtake a running batch between two of its images (service.ModelLock).
         predict_events = {"concurrency_id": "predict", "concurrency_limit": 2}
         run.click(ui_predict, [upload, heat_class, alpha],
-                  [probs, verdict, heat, info, state, fb_label, fb_send, fb_status],
+                  [probs, verdict, heat, info, state, fb_label, fb_send, fb_status, anyway, probs_anyway],
                   api_visibility="private", **predict_events)
         heat_class.change(ui_heatmap_class, [state, heat_class, alpha], [heat, state], api_visibility="private",
                           **predict_events)

@@ -44,7 +44,7 @@ class InputError(ValueError):
 class Analysis:
     prediction: Prediction
     prediction_id: str
-    decision: str  # no_pneumonia | uncertain | pneumonia
+    decision: str  # no_pneumonia | uncertain | pneumonia | out_of_scope (no label, no call: modeling.scope)
     verdict: str  # one readable sentence
     latency_ms: float
     image_sha256: str
@@ -67,6 +67,7 @@ class Analysis:
             "image_sha256": self.image_sha256,
             "notes": self.notes,
             "gate": None if p.gate is None else p.gate.to_dict(),
+            "scope": None if p.scope is None else p.scope.to_dict(),
         }
 
 
@@ -208,31 +209,35 @@ class CxrService:
             raise InputError(f"Unknown heatmap class {target_class!r}; choose one of {', '.join(LABELS)}.")
         t0 = time.perf_counter()
         with (self._lock.background() if channel == "batch" else self._lock.interactive()):
-            gated = self.predictor.gate is not None
-            # The learned gate (modeling.gate) reads the plain (fast-path) pass, the precision it was fit
-            # in, so the UI, the API and batches decide alike; the heatmap is computed once, on the film
-            # as it is finally predicted.
-            pred = self.predictor.predict_one(gray, heatmap=heatmap and not gated, target_class=target_class)
-            if gated:
+            # The learned gate (modeling.gate) and the scope check (modeling.scope) read the plain
+            # (fast-path) pass, the precision they were fit in, so the UI, the API and batches decide
+            # alike; the heatmap is computed once, on the film as it is finally predicted, and not at
+            # all for a film outside the model's scope (it would explain an answer not given).
+            checked = self.predictor.reads_features
+            pred = self.predictor.predict_one(gray, heatmap=heatmap and not checked, target_class=target_class)
+            if pred.gate is not None:
                 if pred.gate.needs_correction:  # a turned or inverted film is put right first
                     notes += pred.gate.notes()
                     gray = pred.gate.correct(gray)
                     pred = self.predictor.predict_one(gray)
-                verdict = pred.gate
-                if verdict.out_of_distribution:
-                    raise InputError("This does not look like a frontal chest X-ray: " + verdict.refusal() + ".")
-                if caution := verdict.caution():
+                if pred.gate.out_of_distribution:
+                    raise InputError("This does not look like a frontal chest X-ray: " + pred.gate.refusal() + ".")
+                if caution := pred.gate.caution():
                     notes.append(caution)
-                if heatmap:
-                    pred = self.predictor.predict_one(gray, heatmap=True, target_class=target_class)
-                    pred.gate = verdict
+            if heatmap and checked and not pred.out_of_scope:
+                gate, scope = pred.gate, pred.scope
+                pred = self.predictor.predict_one(gray, heatmap=True, target_class=target_class)
+                pred.gate, pred.scope = gate, scope
         latency = (time.perf_counter() - t0) * 1000
-        decision, verdict = decide(pred.pneumonia_probability, pred.threshold, self.uncertain_high)
+        if pred.out_of_scope:
+            decision, verdict = "out_of_scope", pred.scope.message()
+        else:
+            decision, verdict = decide(pred.pneumonia_probability, pred.threshold, self.uncertain_high)
         sha = pixel_sha256(gray)
         pid = self.store.record_prediction(PredictionRecord(
             model_id=self.predictor.model_id or "unknown", model_revision=self.predictor.revision or "unknown",
             image_sha256=sha, width=gray.size[0], height=gray.size[1], probabilities=pred.probabilities,
-            pneumonia_probability=pred.pneumonia_probability, label=pred.label, decision=decision,
+            pneumonia_probability=pred.pneumonia_probability, label=pred.label or "", decision=decision,
             threshold=pred.threshold, latency_ms=latency, channel=channel))
         if channel != "batch":  # feedback may come later (API, restart); batch rows cannot get feedback
             self.store.stage_image(gray, sha)
@@ -283,7 +288,7 @@ class CxrService:
                     try:
                         a = self.analyze(item.read(), channel="batch", heatmap=False)
                         p = a.prediction
-                        row.update({"label": p.label, **{f"p_{k}": round(v, 4) for k, v in p.probabilities.items()},
+                        row.update({"label": p.label or "", **{f"p_{k}": round(v, 4) for k, v in p.probabilities.items()},
                                     "p_pneumonia": round(p.pneumonia_probability, 4), "decision": a.decision,
                                     "image_sha256": a.image_sha256, "error": ""})
                     except InputError as exc:

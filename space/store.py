@@ -39,7 +39,7 @@ from modeling.labels import LABELS
 from modeling.manifest import write_manifest
 
 ROLES = ("radiologist", "pediatrician", "emergency physician", "resident", "other clinician", "not specified")
-DECISIONS = ("no_pneumonia", "uncertain", "pneumonia")
+DECISIONS = ("no_pneumonia", "uncertain", "pneumonia", "out_of_scope")  # out_of_scope: label ""
 CHANNELS = ("ui", "api", "batch")
 MAX_NOTE_CHARS = 1000
 
