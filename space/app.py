@@ -234,11 +234,11 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
     def ui_feedback(state, label, role, note, consent):
         if not state:
             raise gr.Error("Analyse an image first, then give your reading.")
-        if not consent:
+        if consent is not True:
             raise gr.Error("Please confirm that the image carries no identifying information and that you agree "
                            f"to share your reading and the de-identified image under {config.feedback_license}.")
         try:
-            fid = service.feedback(state["prediction_id"], label, role, note, consent=True)
+            fid = service.feedback(state["prediction_id"], label, role, note, consent=consent is True)
         except StoreError as exc:
             raise gr.Error(str(exc)) from None
         verb = "confirmed" if label == state["label"] else f"corrected to {LABEL_NAMES[label]}"
@@ -263,8 +263,9 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         image carries no identifiers and the reading and de-identified image are shared under the
         feedback licence (the UI's checkbox)."""
         try:
+            # only the boolean true is a yes: "false", "no" or {"a": 0} are truthy, and are refused
             fid = service.feedback(str(prediction_id), label, role or "not specified", note or "",
-                                   consent=bool(consent))
+                                   consent=consent is True)
         except StoreError as exc:
             raise gr.Error(str(exc)) from None
         return {"feedback_id": fid, "prediction_id": prediction_id, "label": label}
@@ -273,7 +274,13 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         paths = [f if isinstance(f, str) else f.name for f in (uploads or [])]
         if not paths:
             raise gr.Error("Upload one or more X-rays or a .zip of them.")
-        rows = service.batch(paths, progress=lambda frac, desc: progress(frac, desc=desc), release=files.release)
+        # a path that is not an upload (a folder, a link, a scratch output...) is a row, never opened or deleted
+        problems = {p: files.upload_problem(p) for p in paths}
+        rows = service.batch([p for p in paths if not problems[p]], progress=lambda frac, desc: progress(frac, desc=desc),
+                             release=files.release)
+        rows += [{"#": len(rows) + i, "file": Path(p).name, "label": "", "decision": "",
+                  "error": f"This path was not accepted: {why}."}
+                 for i, (p, why) in enumerate(((p, w) for p, w in problems.items() if w), start=1)]
         out = rows_to_csv(rows, files.scratch("batch") / "predictions.csv")
         cols = ["#", "file", "label", "p_pneumonia", "decision", "error"]
         return pd.DataFrame(rows).reindex(columns=cols).fillna(""), str(out)

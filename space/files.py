@@ -65,6 +65,16 @@ class UploadGone(FileNotFoundError):
     """An upload path that no longer exists and was not consumed recently."""
 
 
+class NotAnUpload(ValueError):
+    """A path given to an event that is not a file this app's upload route wrote: a folder (the temp
+    root itself, which an upload's answer reveals), a link, a scratch output, a path outside the
+    upload area. ``str()`` is the message shown."""
+
+
+SCRATCH = "cxr-scratch"
+RELEASED_PREFIX = ".released-"
+
+
 class TempFiles:
     """The Space's temp folder: consuming uploads, scratch folders, the age-based sweeper."""
 
@@ -83,6 +93,29 @@ class TempFiles:
         self._stop = threading.Event()
 
     # --- uploads -----------------------------------------------------------------------------------
+    def upload_problem(self, path: str | os.PathLike) -> str | None:
+        """Why ``path`` cannot be an upload of this app, or None when it can. Gradio accepts any path
+        inside its upload folder, the folder itself included, so an event must check what it was given:
+        an upload is a regular file (not a link, not a folder) at ``<root>/<hash>/<name>``, where Gradio's
+        upload route writes, and not a scratch output; a bundled example (``keep``) is one too. A path
+        that is gone is not a problem here (:meth:`consume` reports it)."""
+        p = Path(os.path.abspath(path))
+        if self.keep(p):
+            return None
+        try:
+            rel = p.relative_to(self.root)
+        except ValueError:
+            return "it is outside the upload folder"
+        if len(rel.parts) != 2 or rel.parts[0] == SCRATCH or rel.name.startswith(RELEASED_PREFIX):
+            return "it is not an uploaded file"
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return "it is a folder or a link, not an uploaded file"
+        return None
+
     def claim(self, paths: Iterable[str | os.PathLike]) -> None:
         """Count one upload of each path (in this folder; others are ignored): Gradio answered an upload
         with it, and an event will be given it. Called by :class:`ClaimUploads` before the client
@@ -109,7 +142,7 @@ class TempFiles:
         A file re-uploaded after the last claim (a new inode not yet counted: its event is on the way)
         is left to that event, or to the sweeper."""
         p = Path(path)
-        if self.keep(p):
+        if self.keep(p) or self.upload_problem(p):  # only uploaded files are ever deleted, nothing else
             return
         key = os.path.abspath(p)
         with self._lock:
@@ -119,7 +152,7 @@ class TempFiles:
                 return
             # Gradio renames a new upload into place without our lock: take the file away under a private
             # name first, so the inode checked is the one deleted (same bytes and name if it goes back).
-            taken = p.with_name(f".released-{uuid.uuid4().hex}")
+            taken = p.with_name(f"{RELEASED_PREFIX}{uuid.uuid4().hex}")
             try:
                 os.rename(p, taken)
             except OSError:  # gone already, or not a file
@@ -133,11 +166,14 @@ class TempFiles:
         """The upload's bytes; the file is released (:meth:`release`: deleted unless other events were
         given the same path, or ``keep`` says it is a bundled example). Raises :class:`UploadGone` for
         a path that is gone and was not consumed in the last minutes, ``ValueError`` for a file over
-        ``max_bytes`` (released too)."""
+        ``max_bytes`` (released too), :class:`NotAnUpload` for a path that is not an upload (left as
+        it is)."""
         p = Path(path)
         key = os.path.abspath(p)
         if self.keep(p):
             return p.read_bytes()
+        if problem := self.upload_problem(p):
+            raise NotAnUpload(f"This path was not accepted: {problem}. Upload the file itself.")
         try:
             size = p.stat().st_size
             if max_bytes is not None and size > max_bytes:
@@ -171,7 +207,7 @@ class TempFiles:
     # --- outputs -----------------------------------------------------------------------------------
     def scratch(self, prefix: str) -> Path:
         """A new private folder under the temp root for one request's outputs (swept by age)."""
-        d = self.root / "cxr-scratch" / f"{prefix}-{uuid.uuid4().hex}"
+        d = self.root / SCRATCH / f"{prefix}-{uuid.uuid4().hex}"
         d.mkdir(parents=True)
         return d
 

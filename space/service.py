@@ -262,7 +262,7 @@ class CxrService:
         checkbox; API clients pass it explicitly): without it nothing is stored. The image comes from the
         UI session or, for API clients (which send only the prediction id), from the store's staging of
         predicted images."""
-        if not consent:
+        if consent is not True:  # an explicit yes only: a truthy string or object is not consent
             raise StoreError("feedback needs consent: confirm that the image carries no identifying information "
                              "and that you share your reading and the de-identified image (consent=True)")
         return self.store.add_feedback(prediction_id, label, role=role, note=note, image=image)

@@ -394,3 +394,34 @@ def test_the_upload_middleware_counts_each_answered_upload(tmp_path):
         assert files.claims(up) == 1
         client.post("/gradio_api/upload")
         assert files.claims(up) == 2
+
+
+def test_only_uploaded_files_are_accepted_and_released_never_folders_links_or_outputs(tmp_path):
+    """Issue 21: Gradio accepts any path inside its upload folder, the folder itself included. An upload
+    is a regular file at <root>/<hash>/<name>; anything else is refused by consume and left alone by
+    release (which used to rename the whole temp folder away, out of the sweeper's reach)."""
+    import stat
+
+    from space.files import NotAnUpload, TempFiles, private_temp_dir
+
+    root = private_temp_dir(tmp_path / "gradio")
+    files = TempFiles(root)
+    upload = root / "abc123" / "film.png"
+    upload.parent.mkdir()
+    upload.write_bytes(b"film")
+    link = root / "abc123" / "link.png"
+    os.symlink(upload, link)
+    out = files.scratch("batch") / "predictions.csv"
+    out.write_text("x")
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(b"x")
+    for bad, why in ((root, "not an uploaded file"), (upload.parent, "not an uploaded file"),
+                     (link, "folder or a link"), (out, "not an uploaded file"), (outside, "outside")):
+        assert why in files.upload_problem(bad)
+        with pytest.raises(NotAnUpload, match="not accepted"):
+            files.consume(bad)
+        files.release(bad)
+        assert os.path.lexists(bad)
+    assert root.is_dir() and stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert [p.name for p in root.parent.iterdir()] == [root.name]  # nothing renamed beside it
+    assert files.upload_problem(upload) is None and files.consume(upload) == b"film" and not upload.exists()

@@ -321,3 +321,65 @@ def test_a_stopped_app_leaves_no_upload_behind(tmp_path):
         assert not phi_offenders(running), phi_offenders(running)
     finally:
         running.stop()
+
+
+# ---- issue 21: consent that means yes; a folder given where a file is expected ----------------------
+
+def raw_call(app, api: str, data: list, timeout: float = 60) -> tuple[str, object]:
+    """An API call as any HTTP client can make it (gradio_client would upload a local path itself):
+    POST the data, read the event stream; returns ("complete", output) or ("error", message)."""
+    r = httpx.post(f"{app.url}gradio_api/call/{api}", json={"data": data}, timeout=timeout)
+    r.raise_for_status()
+    event_id = r.json()["event_id"]
+    kind, payload = "", None
+    with httpx.stream("GET", f"{app.url}gradio_api/call/{api}/{event_id}", timeout=timeout) as s:
+        for line in s.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                import json
+
+                return kind, json.loads(line.split(":", 1)[1]) if line.split(":", 1)[1].strip() not in ("", "null") \
+                    else None
+    return kind, payload
+
+
+@pytest.mark.parametrize("consent", ["false", "no", {"a": 0}, "true", 1, "yes"])
+def test_feedback_is_stored_only_for_an_explicit_yes(app, consent):
+    """/feedback with a consent that is not the boolean true (or the checkbox) stores nothing and says why."""
+    result = app.client().predict(xray_bytes_file(app), "predicted", api_name="/predict")
+    before = app.rows("feedback")
+    kind, out = raw_call(app, "feedback", [result["prediction_id"], "normal", "radiologist", "", consent])
+    assert kind == "error" and app.rows("feedback") == before
+    kind, out = raw_call(app, "feedback", [result["prediction_id"], "normal", "radiologist", "", True])
+    assert kind == "complete" and app.rows("feedback") == before + 1
+
+
+def xray_bytes_file(app):
+    from gradio_client import handle_file
+
+    path = app.data_dir.parent / "consent-film.png"
+    path.write_bytes(xray_bytes())
+    return handle_file(str(path))
+
+
+def test_a_folder_given_to_batch_is_a_row_and_the_temp_folder_stays_whole(app, tmp_path):
+    """The temp root (two levels above an upload's path, which the upload's answer reveals), an upload's
+    own folder and a symlink, given to /batch as files: each is a row saying it was not accepted; the
+    temp folder is not renamed, keeps mode 0700, and a pending upload in it stays until its own end."""
+    import os
+    import stat
+
+    pending = upload_only(app, _write(tmp_path, PHI_FILE_NAME, phi_dicom()))
+    root = Path(pending).parents[1]
+    link = Path(pending).parent / "link.png"
+    os.symlink(pending, link)
+    given = [str(root), str(Path(pending).parent), str(link)]
+    kind, out = raw_call(app, "batch", [[{"path": p, "meta": {"_type": "gradio.FileData"}} for p in given]])
+    assert kind == "complete", out
+    rows = out[0]["data"]
+    assert len(rows) == 3 and all("not accepted" in str(r) for r in rows)
+    assert root.is_dir() and stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".released-")]
+    assert Path(pending).exists() and link.is_symlink()  # neither deleted nor renamed by the batch
+    link.unlink()
