@@ -107,6 +107,10 @@ class Calibration:
     nll_after: float | None = None
     fit_sensitivity: float | None = None
     fit_specificity: float | None = None
+    # release v4 on: the operating point fit under the robustness battery (modeling.robustness.
+    # fit_battery_operating_point); None for a plain-validation fit
+    condition_sensitivity: float | None = None
+    fit_rule: str | None = None
 
     @classmethod
     def from_config(cls, config) -> "Calibration":
@@ -127,6 +131,23 @@ def apply_temperature(model, temperature: float) -> None:
     head.weight.div_(temperature)
     if head.bias is not None:
         head.bias.div_(temperature)
+
+
+def calibrate_with(model, temperature: float, threshold: float, plain_logits, labels, **fields) -> Calibration:
+    """Bake an operating point fit elsewhere (e.g. under the robustness battery) into ``model``: the
+    temperature into the head, the threshold and ``fields`` (what it was fit on) into the config."""
+    previous = Calibration.from_config(model.config)
+    if previous.temperature_applied:
+        raise ValueError("this model is already calibrated (config.cxr_calibration.temperature_applied)")
+    z = _as_numpy(plain_logits).astype(np.float64)
+    y = _as_numpy(labels).astype(np.int64)
+    sens, spec = binary_rates(pneumonia_probability(softmax(z / temperature)), y != 0, threshold)
+    apply_temperature(model, temperature)
+    cal = Calibration(temperature=float(temperature), temperature_applied=True, pneumonia_threshold=float(threshold),
+                      n_fit=int(len(y)), nll_before=nll(z, y), nll_after=nll(z, y, temperature),
+                      fit_sensitivity=sens, fit_specificity=spec, **fields)
+    cal.to_config(model.config)
+    return cal
 
 
 def calibrate(model, val_logits, val_labels, *, target_sensitivity: float = 0.985) -> Calibration:

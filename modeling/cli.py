@@ -172,6 +172,13 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     add_flag(ap, "--output-dir", required=True)
     ap.add_argument("--crop-pct", type=float, default=None, help="set the processor's evaluation centre crop first")
     ap.add_argument("--target-sensitivity", type=float, default=0.985)
+    ap.add_argument("--battery", action="store_true",
+                    help="fit under the robustness battery (release v4's rule): the temperature on the pooled plain + "
+                         "battery logits, the threshold keeping --target-sensitivity plain and "
+                         "--condition-sensitivity under every condition")
+    ap.add_argument("--condition-sensitivity", type=float, default=0.97)
+    ap.add_argument("--battery-logits", default=None,
+                    help="with --battery: reuse these logits (benchmarks/recipes.py score's .npz of this model)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
@@ -179,7 +186,8 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     _threads(args.threads)
     cal = calibrate_saved(args.model, args.dataset, args.output_dir, crop_pct=args.crop_pct,
                           target_sensitivity=args.target_sensitivity, batch_size=args.batch_size,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, battery=args.battery, battery_logits=args.battery_logits,
+                          condition_sensitivity=args.condition_sensitivity)
     print(json.dumps(asdict(cal), indent=2))
     return 0
 

@@ -120,9 +120,44 @@ def calibrate_on(model, processor, split, *, target_sensitivity: float = 0.985, 
     return calibrate(model, logits, np.asarray(split["label"]), target_sensitivity=target_sensitivity), logits
 
 
+def calibrate_under_battery(model, processor, split, *, target_sensitivity: float = 0.985,
+                            condition_sensitivity: float = 0.97, battery_logits: dict | None = None,
+                            progress: bool = True) -> Calibration:
+    """The v4 operating point (:func:`modeling.robustness.fit_battery_operating_point`): the temperature
+    on the pooled logits of plain validation and every battery condition, the threshold that keeps
+    ``target_sensitivity`` plain and ``condition_sensitivity`` under each condition; baked into
+    ``model``. The logits are bfloat16 passes, as the candidates were scored (``battery_logits``: those
+    of ``benchmarks/recipes.py score``, reused after checking that their plain row is this model's)."""
+    from . import robustness as rb
+    from .calibration import calibrate_with
+
+    labels = np.asarray(split["label"])
+    fn = rb.model_logits_fn(model, processor, "bfloat16")
+    images = [row["image"] for row in split]
+    if battery_logits is not None:
+        plain = np.concatenate([fn(images[i:i + 32]) for i in range(0, len(images), 32)])
+        if np.asarray(battery_logits[rb.PLAIN]).shape != plain.shape or \
+                np.abs(np.asarray(battery_logits[rb.PLAIN]) - plain).max() > 0.05:
+            raise ValueError("the battery logits given are not this model's on this split (plain rows differ)")
+    else:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(images), desc="calibrate: battery", disable=not progress) as bar:
+            battery_logits = rb.battery_logits(fn, images, progress=bar.update)
+    op = rb.fit_battery_operating_point(battery_logits, labels, plain_sensitivity=target_sensitivity,
+                                        condition_sensitivity=condition_sensitivity)
+    return calibrate_with(model, op.temperature, op.threshold, battery_logits[rb.PLAIN], labels,
+                          target_sensitivity=target_sensitivity, condition_sensitivity=condition_sensitivity,
+                          fitted_on="validation + robustness battery (bfloat16 logits)",
+                          fit_rule="temperature on the pooled plain + 15-condition logits; threshold the highest "
+                                   f"keeping sensitivity >= {target_sensitivity} plain and >= {condition_sensitivity} "
+                                   "under every condition")
+
+
 def calibrate_saved(model_dir: str, dataset: str, output_dir: str, *, crop_pct: float | None = None,
                     target_sensitivity: float = 0.985, split: str = "validation", batch_size: int = 32,
-                    progress: bool = True) -> Calibration:
+                    progress: bool = True, battery: bool = False, battery_logits: str | None = None,
+                    condition_sensitivity: float = 0.97) -> Calibration:
     """Calibrate an uncalibrated ``save_pretrained`` folder (a ``train.py`` ``checkpoints/best``) on the
     dataset's validation split and save the result (weights with T baked in, config, processor) to
     ``output_dir``. ``crop_pct`` replaces the processor's evaluation centre crop first, so the
@@ -144,8 +179,14 @@ def calibrate_saved(model_dir: str, dataset: str, output_dir: str, *, crop_pct: 
     if crop_pct is not None:
         processor = build_image_processor(replace(config_from_processor(processor), crop_pct=crop_pct))
     val = require_split(load_cxr_dataset(dataset), split)
-    cal, _ = calibrate_on(model, processor, val, target_sensitivity=target_sensitivity, batch_size=batch_size,
-                          progress=progress)
+    if battery or battery_logits:
+        given = dict(np.load(battery_logits)) if battery_logits else None
+        cal = calibrate_under_battery(model, processor, val, target_sensitivity=target_sensitivity,
+                                      condition_sensitivity=condition_sensitivity, battery_logits=given,
+                                      progress=progress)
+    else:
+        cal, _ = calibrate_on(model, processor, val, target_sensitivity=target_sensitivity, batch_size=batch_size,
+                              progress=progress)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return cal

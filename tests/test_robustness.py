@@ -218,3 +218,51 @@ def test_the_v4_objective_weighs_worst_case_specificity_beside_worst_case_macro_
     assert v4_rule["candidates"]["balanced"]["objective"] == pytest.approx(0.77)
     with pytest.raises(ValueError, match="objective"):
         rb.select([f1_only], labels, objective="mean_of_everything")
+
+
+def test_cxr_calibrate_battery_fits_the_v4_operating_point_and_checks_reused_logits(tmp_path):
+    """cxr-calibrate --battery: the stored threshold keeps 97% sensitivity under every condition of the
+    battery (bf16, as scored) and the config says how it was fit; logits of another model are refused."""
+    from modeling.calibration import Calibration, softmax
+    from modeling.cli import calibrate_main
+    from modeling.labels import pneumonia_probability
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    data = make_class_dataset(tmp_path / "data", n_train=6, n_val=24, n_test=4)
+    model = _uncalibrated(tmp_path / "m", seed=0)
+    assert calibrate_main(["--model", str(model), "--dataset", str(data), "--output-dir", str(tmp_path / "cal"),
+                           "--battery", "--no-progress"]) == 0
+    m = AutoModelForImageClassification.from_pretrained(tmp_path / "cal")
+    cal = Calibration.from_config(m.config)
+    assert cal.temperature_applied and cal.condition_sensitivity == 0.97 and "every condition" in cal.fit_rule
+    from datasets import load_from_disk
+
+    val = load_from_disk(str(data))["validation"]
+    # the uncalibrated model's bf16 battery logits (what the fit saw) over the stored temperature
+    logits = rb.battery_logits(rb.model_logits_fn(AutoModelForImageClassification.from_pretrained(model),
+                                                  AutoImageProcessor.from_pretrained(model, backend="pil")),
+                               [r["image"] for r in val])
+    pos = np.asarray(val["label"]) != 0
+    for name, lg in logits.items():
+        p = pneumonia_probability(softmax(lg / cal.temperature))
+        # (a random tiny model's probabilities differ in the 7th digit: allow recomputation noise)
+        assert (p[pos] >= cal.pneumonia_threshold - 1e-6).mean() >= (0.985 if name == rb.PLAIN else 0.97), name
+    other = _uncalibrated(tmp_path / "other", seed=7)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, **rb.battery_logits(rb.model_logits_fn(
+        AutoModelForImageClassification.from_pretrained(other),
+        AutoImageProcessor.from_pretrained(other, backend="pil")), [r["image"] for r in val]))
+    with pytest.raises(ValueError, match="not this model's"):
+        calibrate_main(["--model", str(model), "--dataset", str(data), "--output-dir", str(tmp_path / "cal2"),
+                        "--battery-logits", str(wrong), "--no-progress"])
+
+
+def _uncalibrated(out, seed):
+    """A tiny model as train.py's checkpoints/best (our labels, no calibration yet)."""
+    from modeling.models import build_model
+    from modeling.preprocessing import PreprocessConfig, build_image_processor
+    from tiny_models import save_tiny_base
+
+    build_model(str(save_tiny_base("dinov2", out.with_name(out.name + "-base"), seed=seed))).save_pretrained(out)
+    build_image_processor(PreprocessConfig(size=32)).save_pretrained(out)
+    return out
