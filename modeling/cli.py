@@ -263,13 +263,17 @@ def gate_main(argv: list[str] | None = None) -> int:
                          "robustness battery (refusal)")
     ap.add_argument("--no-battery", action="store_true",
                     help="refusal limit from plain validation only (faster; refuses more real films from other sites)")
+    ap.add_argument("--refusal-margin", type=float, default=1.25,
+                    help="refuse only beyond this multiple of the farthest real film's distance (training, validation, "
+                         "validation under the battery): distance alone earns a caution; 0 = the quantile limits")
     add_flag(ap, "--output", old=("--report",), default=None, help="write the validation numbers here (JSON)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = parse(ap, argv)
     _threads(args.threads)
     gate, report = fit_for_model(args.model, args.dataset, n_fit=args.n_fit, false_refusal=args.false_refusal,
-                                 battery=not args.no_battery, progress=not args.no_progress)
+                                 battery=not args.no_battery, progress=not args.no_progress,
+                                 refusal_margin=args.refusal_margin or None)
     gate.save(Path(args.model) / GATE_FILE)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

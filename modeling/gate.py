@@ -178,12 +178,18 @@ class InputGate:
 
 def fit_gate(upright: np.ndarray, turned: dict[int, np.ndarray], inverted: np.ndarray, validation: np.ndarray, *,
              shifted: np.ndarray | None = None, false_refusal: float = 0.005, C: float = 0.1,
-             confidence: float = 0.9, meta: dict | None = None) -> InputGate:
+             confidence: float = 0.9, meta: dict | None = None, refusal_margin: float | None = None) -> InputGate:
     """Fit the gate from head features: ``upright`` training films, the same films ``turned`` by each of
     90/180/270 degrees, ``inverted`` copies, and upright ``validation`` films. The ``1 - false_refusal``
-    quantile of the validation distances is the caution limit; the same quantile of ``shifted`` (the
-    validation films under the robustness battery) is the refusal limit (never below the caution limit).
-    Without ``shifted`` both are the plain-validation quantile."""
+    quantile of the validation distances is the caution limit. The refusal limit:
+
+    * with ``refusal_margin`` (release v4 on): ``refusal_margin`` times the largest distance of any real
+      film seen in the fit (training films, validation films, and ``shifted``: the validation films
+      under the robustness battery). Distance alone earns a caution; a refusal is for what lies far
+      beyond every real film. Quantile limits refused real pediatric films of the official test split
+      (3 of 624 with v3's gate), a film is refused only when it is clearly not like any of them;
+    * without it, the same quantile of ``shifted`` (never below the caution limit); without ``shifted``
+      both are the plain-validation quantile."""
     from sklearn.covariance import LedoitWolf
 
     rot_x = np.concatenate([upright] + [turned[r] for r in ROTATIONS[1:]])
@@ -196,8 +202,14 @@ def fit_gate(upright: np.ndarray, turned: dict[int, np.ndarray], inverted: np.nd
     gate = InputGate(orientation=orientation, polarity=polarity, mean=lw.location_, precision=lw.precision_,
                      distance_limit=float("inf"), confidence=confidence, meta=dict(meta or {}))
     gate.caution_limit = float(np.quantile(gate.distances(validation), 1 - false_refusal))
-    gate.distance_limit = gate.caution_limit if shifted is None or not len(shifted) else max(
-        gate.caution_limit, float(np.quantile(gate.distances(shifted), 1 - false_refusal)))
+    if refusal_margin:
+        real = [upright, validation] + ([shifted] if shifted is not None and len(shifted) else [])
+        farthest = max(float(gate.distances(x).max()) for x in real)
+        gate.distance_limit = max(gate.caution_limit, refusal_margin * farthest)
+        gate.meta.update(refusal_margin=refusal_margin, farthest_real_film=farthest)
+    else:
+        gate.distance_limit = gate.caution_limit if shifted is None or not len(shifted) else max(
+            gate.caution_limit, float(np.quantile(gate.distances(shifted), 1 - false_refusal)))
     gate.meta.update(false_refusal_target=false_refusal, shrinkage=float(lw.shrinkage_), n_upright=int(len(upright)))
     return gate
 
@@ -227,7 +239,8 @@ def gate_features(model, processor, images, *, batch_size: int = 32, precision: 
 
 
 def fit_for_model(model_dir: str, dataset: str, *, n_fit: int = 1500, seed: int = 0, false_refusal: float = 0.005,
-                  battery: bool = True, progress: bool = True) -> tuple[InputGate, dict]:
+                  battery: bool = True, progress: bool = True, refusal_margin: float | None = 1.25
+                  ) -> tuple[InputGate, dict]:
     """Fit the gate of a saved model: ``n_fit`` training films (stratified) upright, turned and
     inverted; the caution limit from all validation films, the refusal limit from them under the
     robustness battery (``battery=False``: from the plain films too). Returns the gate and the
@@ -258,8 +271,11 @@ def fit_for_model(model_dir: str, dataset: str, *, n_fit: int = 1500, seed: int 
                                                          progress=bar.update).values()))
     # meta["model"]: relative (shown_path), since the gate file ships with the model
     gate = fit_gate(upright, turned, inverted, val, shifted=shifted, false_refusal=false_refusal,
+                    refusal_margin=refusal_margin,
                     meta={"model": shown_path(model_dir), "n_fit": len(films), "seed": seed, "precision": "bfloat16",
-                          "refusal_limit_from": "validation under the robustness battery" if battery else
+                          "refusal_limit_from": (f"{refusal_margin} x the farthest real film (training, validation"
+                                                 + (", validation under the battery)" if battery else ")"))
+                          if refusal_margin else "validation under the robustness battery" if battery else
                           "plain validation"})
     report = {"validation_films": len(val_films), "validation": summarize(gate.verdicts(val), expect=None),
               "caution_limit": gate.caution_limit, "distance_limit": gate.distance_limit}

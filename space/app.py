@@ -87,6 +87,7 @@ class AppConfig:
     staging_days: float = 7.0
     staging_max_mb: float = 2048.0
     max_upload_mb: float = 256.0
+    pending_uploads_mb: float = 2048.0
     max_side: int = 2048
     max_batch_files: int = 200
     queue_size: int = 64
@@ -107,6 +108,7 @@ class AppConfig:
             staging_days=float(env.get("CXR_STAGING_DAYS", "7")),
             staging_max_mb=float(env.get("CXR_STAGING_MAX_MB", "2048")),
             max_upload_mb=float(env.get("CXR_MAX_UPLOAD_MB", "256")),
+            pending_uploads_mb=float(env.get("CXR_PENDING_UPLOADS_MB", "2048")),
             max_side=int(env.get("CXR_MAX_SIDE", "2048")),
             max_batch_files=int(env.get("CXR_MAX_BATCH_FILES", "200")),
             queue_size=int(env.get("CXR_QUEUE_SIZE", "64")),
@@ -174,7 +176,8 @@ LOCKED = "Administrators only: the history and the export show what clinicians s
 def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = None,
               access: AccessPolicy | None = None) -> gr.Blocks:
     """The Blocks app around a :class:`CxrService` (tests build it with a tiny model)."""
-    files = files or TempFiles(Path(os.environ["GRADIO_TEMP_DIR"]), max_age_s=config.tmp_max_age_s, keep=_is_example)
+    files = files or TempFiles(Path(os.environ["GRADIO_TEMP_DIR"]), max_age_s=config.tmp_max_age_s, keep=_is_example,
+                                 pending_max_bytes=int(config.pending_uploads_mb * 2**20))
     access = access or AccessPolicy.from_env()
 
     def take(upload) -> bytes:
@@ -287,7 +290,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
 
     def export_zip():
         """The feedback as a manifest folder, zipped in a scratch folder (the unzipped copy is removed)."""
-        scratch = files.scratch("export")
+        scratch = files.scratch("export", serve_once=True)  # its URL works once, not until the sweep
         staging = scratch / "manifest"
         summary = service.store.export_manifest(staging, license=config.feedback_license)
         zpath = scratch / "feedback-manifest.zip"
@@ -317,8 +320,10 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         return analytics(service.store)
 
     # ---------------- layout ----------------
-    with gr.Blocks(title="Pediatric chest X-ray pneumonia triage",
-                   delete_cache=(60, max(60, int(config.tmp_max_age_s)))) as demo:
+    # No delete_cache: Gradio's cleanup deleted its cached copies of the examples (clicking one then
+    # said "the uploaded file is gone"); the sweeper of space.files bounds every file's age instead
+    # and keeps the examples.
+    with gr.Blocks(title="Pediatric chest X-ray pneumonia triage") as demo:
         gr.Markdown("# Pediatric chest X-ray: normal, bacterial or viral pneumonia")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
         state = gr.State(None)
@@ -511,7 +516,8 @@ def main(argv: list[str] | None = None) -> None:
                                         "GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose the address.")
     ap.parse_args(argv)
     config = AppConfig.from_env()
-    files = TempFiles(Path(os.environ["GRADIO_TEMP_DIR"]), max_age_s=config.tmp_max_age_s, keep=_is_example)
+    files = TempFiles(Path(os.environ["GRADIO_TEMP_DIR"]), max_age_s=config.tmp_max_age_s, keep=_is_example,
+                                 pending_max_bytes=int(config.pending_uploads_mb * 2**20))
     files.sweep()  # what an earlier run left behind
     files.start_sweeper()
     atexit.register(files.clear)

@@ -73,6 +73,7 @@ class NotAnUpload(ValueError):
 
 SCRATCH = "cxr-scratch"
 RELEASED_PREFIX = ".released-"
+ONCE_PREFIX = "once-"
 
 
 class TempFiles:
@@ -80,8 +81,11 @@ class TempFiles:
 
     def __init__(self, root: str | os.PathLike, *, max_age_s: float = DEFAULT_MAX_AGE_S,
                  keep: Callable[[Path], bool] | None = None, recent_ttl_s: float = RECENT_TTL_S,
-                 recent_max_bytes: int = RECENT_MAX_BYTES) -> None:
+                 recent_max_bytes: int = RECENT_MAX_BYTES, pending_max_bytes: int | None = None) -> None:
         self.root = Path(root).absolute()
+        # all uploads held at once (waiting for their event, or never used), past which new uploads are
+        # refused: each upload may be held for max_age_s, and many would otherwise fill the disk
+        self.pending_max_bytes = pending_max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_age_s = float(max_age_s)
         self.keep = keep or (lambda p: False)
@@ -204,12 +208,41 @@ class TempFiles:
             self._recent.popitem(last=False)
             total -= len(data)
 
+    def pending_bytes(self) -> int:
+        """Bytes of the uploads held now (files at ``<root>/<hash>/<name>``, bundled examples excluded)."""
+        total = 0
+        for d in self.root.iterdir() if self.root.exists() else ():
+            if d.name == SCRATCH or not d.is_dir() or d.is_symlink():
+                continue
+            for f in d.iterdir():
+                try:
+                    st = f.lstat()
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and not self.keep(f):
+                    total += st.st_size
+        return total
+
+    def admits(self, incoming_bytes: int) -> bool:
+        """Whether an upload of about this size fits the pending-uploads budget."""
+        return self.pending_max_bytes is None or self.pending_bytes() + incoming_bytes <= self.pending_max_bytes
+
     # --- outputs -----------------------------------------------------------------------------------
-    def scratch(self, prefix: str) -> Path:
-        """A new private folder under the temp root for one request's outputs (swept by age)."""
-        d = self.root / SCRATCH / f"{prefix}-{uuid.uuid4().hex}"
+    def scratch(self, prefix: str, *, serve_once: bool = False) -> Path:
+        """A new private folder under the temp root for one request's outputs (swept by age). With
+        ``serve_once`` each file in it is deleted once it has been downloaded (:class:`ClaimUploads`)."""
+        d = self.root / SCRATCH / f"{ONCE_PREFIX if serve_once else ''}{prefix}-{uuid.uuid4().hex}"
         d.mkdir(parents=True)
         return d
+
+    def serve_once_path(self, path: str) -> str | None:
+        """The absolute path when ``path`` is a file in a serve-once scratch folder, else None."""
+        p = Path(os.path.abspath(path))
+        try:
+            rel = p.relative_to(self.root / SCRATCH)
+        except ValueError:
+            return None
+        return str(p) if len(rel.parts) == 2 and rel.parts[0].startswith(ONCE_PREFIX) and p.is_file() else None
 
     # --- the sweeper ------------------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> int:
@@ -281,8 +314,16 @@ class ClaimUploads:
         self.app, self.files = app, files
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD") and "/file=" in scope["path"]:
+            await self._serve(scope, receive, send)
+            return
         if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].endswith("/upload"):
             await self.app(scope, receive, send)
+            return
+        length = int(dict(scope.get("headers") or []).get(b"content-length", b"0") or 0)
+        if not self.files.admits(length):
+            await _json_error(send, 503, "The server holds too many uploads waiting to be analysed right now; "
+                                         "try again in a few minutes.")
             return
         status, body = 0, bytearray()
 
@@ -297,6 +338,34 @@ class ClaimUploads:
             await send(message)
 
         await self.app(scope, receive, send_counting)
+
+
+    async def _serve(self, scope, receive, send) -> None:
+        """A file of a serve-once scratch folder (the export archive) is deleted as soon as it has been
+        sent whole: its URL works once, not for everyone who learns it until the sweep."""
+        path = scope["path"].split("/file=", 1)[1]
+        once = self.files.serve_once_path(path)
+        if not once or scope.get("method") != "GET":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def send_then_delete(message) -> None:
+            nonlocal status
+            await send(message)
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body") and status == 200:
+                Path(once).unlink(missing_ok=True)
+
+        await self.app(scope, receive, send_then_delete)
+
+
+async def _json_error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message, "detail": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _answered_paths(body: bytes) -> list[str]:

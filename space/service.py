@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import lzma
 import os
 import threading
@@ -217,9 +218,14 @@ class CxrService:
             pred = self.predictor.predict_one(gray, heatmap=heatmap and not checked, target_class=target_class)
             if pred.gate is not None:
                 if pred.gate.needs_correction:  # a turned or inverted film is put right first
-                    notes += pred.gate.notes()
-                    gray = pred.gate.correct(gray)
+                    found = pred.gate
+                    notes += found.notes()
+                    gray = found.correct(gray)
                     pred = self.predictor.predict_one(gray)
+                    # the distance is the corrected film's; the turn and inversion reported are what was found
+                    pred.gate = dataclasses.replace(
+                        pred.gate, rotation=found.rotation, rotation_probability=found.rotation_probability,
+                        inverted=found.inverted, inverted_probability=found.inverted_probability)
                 if pred.gate.out_of_distribution:
                     raise InputError("This does not look like a frontal chest X-ray: " + pred.gate.refusal() + ".")
                 if caution := pred.gate.caution():

@@ -186,3 +186,51 @@ def test_the_gate_costs_no_extra_forward_pass_and_decides_on_the_plain_pass(tmp_
     calls.clear()
     a = service.analyze(jpeg_bytes(xray_like(4, (128, 128))), heatmap=True)
     assert len(calls) == 2 and a.prediction.heatmap is not None and a.prediction.gate is not None
+
+
+def test_the_gate_field_reports_the_turn_that_was_corrected(tmp_path):
+    """Issue 21: the film is turned upright, the note says so, and the API's gate field must say it too
+    (it used to give the verdict on the corrected film: rotation 0)."""
+    from modeling.predict import Predictor
+    from space.service import CxrService
+    from space.store import FeedbackStore
+
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=32)
+    _gate_for(model_dir).save(model_dir / GATE_FILE)
+    predictor = Predictor.from_pretrained(str(model_dir))
+    real = predictor.gate.verdicts
+    seen = []
+
+    def turned_once(feats):  # a real gate sees the turned film, then the film put upright
+        out = real(feats)
+        if not seen:
+            out[0].rotation, out[0].rotation_probability = 270, 0.97
+        seen.append(1)
+        return out
+
+    predictor.gate.verdicts = turned_once
+    a = CxrService(predictor, FeedbackStore(tmp_path / "data")).analyze(jpeg_bytes(xray_like(5, (200, 160))))
+    assert any("turned by 270 degrees" in n for n in a.notes)
+    assert a.to_dict()["gate"]["rotation"] == 270 and a.to_dict()["gate"]["rotation_probability"] == 0.97
+    assert len(seen) >= 2  # the corrected film was checked again (its distance decides)
+
+
+def test_with_a_margin_only_films_far_beyond_every_real_one_are_refused():
+    """Issue 21: distance alone earns a caution; the refusal limit is a margin over the farthest real film
+    of the fit (training, validation, validation under the battery), not a quantile that some real
+    films always exceed."""
+    groups, centres = clusters(300, seed=3)
+    up, val = groups["up"][:200], groups["up"][200:]
+    rng = np.random.default_rng(5)
+    shifted = val + rng.normal(0, 1.5, val.shape)  # the battery: the same films, farther out
+    turned = {90: groups[90], 180: groups[180], 270: groups[270]}
+    quantile = fit_gate(up, turned, groups["inv"], val, shifted=shifted, false_refusal=0.005)
+    margin = fit_gate(up, turned, groups["inv"], val, shifted=shifted, false_refusal=0.005, refusal_margin=1.25)
+    real = np.concatenate([up, val, shifted])
+    assert (quantile.distances(real) > quantile.distance_limit).any()  # the old rule refuses some real films
+    assert not (margin.distances(real) > margin.distance_limit).any()  # the margin never does
+    assert margin.caution_limit == pytest.approx(quantile.caution_limit)
+    assert (margin.distances(real) > margin.caution_limit).any()  # the far ones get a caution instead
+    assert margin.meta["refusal_margin"] == 1.25
+    photo = centres["up"] + 40 * rng.normal(0, 1, (5, up.shape[1]))  # something far from every film
+    assert (margin.distances(photo) > margin.distance_limit).all()

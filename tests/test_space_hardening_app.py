@@ -5,6 +5,7 @@ succeed, limits hold, a batch does not starve single predictions, stored data is
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import zipfile
@@ -164,7 +165,7 @@ def test_no_output_file_lands_in_the_cache_and_scratch_outputs_expire(app, tmp_p
     # on the server, the export archive and the batch CSV are in the private temp folder (served from
     # there, not copied elsewhere)... and expire with it; the system temp folder gets nothing
     served = lambda: [p for p in app.temp_dir.rglob("*") if p.suffix in (".zip", ".csv")]  # noqa: E731
-    assert {p.suffix for p in served()} == {".zip", ".csv"}
+    assert {p.suffix for p in served()} == {".csv"}  # the export archive went once downloaded (issue 21)
     assert wait_until(lambda: not served(), timeout=TTL + 8)
     assert not list(app.system_tmp.iterdir())
     assert not phi_offenders(app)
@@ -325,14 +326,14 @@ def test_a_stopped_app_leaves_no_upload_behind(tmp_path):
 
 # ---- issue 21: consent that means yes; a folder given where a file is expected ----------------------
 
-def raw_call(app, api: str, data: list, timeout: float = 60) -> tuple[str, object]:
+def raw_call(app, api: str, data: list, timeout: float = 60, headers: dict | None = None) -> tuple[str, object]:
     """An API call as any HTTP client can make it (gradio_client would upload a local path itself):
     POST the data, read the event stream; returns ("complete", output) or ("error", message)."""
-    r = httpx.post(f"{app.url}gradio_api/call/{api}", json={"data": data}, timeout=timeout)
+    r = httpx.post(f"{app.url}gradio_api/call/{api}", json={"data": data}, timeout=timeout, headers=headers)
     r.raise_for_status()
     event_id = r.json()["event_id"]
     kind, payload = "", None
-    with httpx.stream("GET", f"{app.url}gradio_api/call/{api}/{event_id}", timeout=timeout) as s:
+    with httpx.stream("GET", f"{app.url}gradio_api/call/{api}/{event_id}", timeout=timeout, headers=headers) as s:
         for line in s.iter_lines():
             if line.startswith("event:"):
                 kind = line.split(":", 1)[1].strip()
@@ -383,3 +384,53 @@ def test_a_folder_given_to_batch_is_a_row_and_the_temp_folder_stays_whole(app, t
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".released-")]
     assert Path(pending).exists() and link.is_symlink()  # neither deleted nor renamed by the batch
     link.unlink()
+
+
+def test_the_bundled_examples_still_work_after_the_cleanups_have_run(tmp_path):
+    """Issue 21: Gradio's delete_cache removed the cached copies of the examples about a minute after
+    start (ten on a real Space), and clicking one then said "The uploaded file is gone". With short
+    ages, after both Gradio's cleanup cycle (60 s) and many sweeps of our own, an example sent as the
+    browser sends it (the cached copy's path) is predicted, and its copy is still there afterwards."""
+    root = tmp_path / "examples-app"
+    running = start_app(save_tiny_classifier(root / "model", image_size=32), root, {"CXR_TMP_MAX_AGE_S": "2"})
+    try:
+        cached = [p for p in running.temp_dir.rglob("kermany_test_normal_IM-0003-0001.jpeg")]
+        assert cached, "Gradio keeps a copy of each example in its temp folder"
+        time.sleep(75)
+        assert cached[0].exists()
+        kind, out = raw_call(running, "predict", [{"path": str(cached[0]), "meta": {"_type": "gradio.FileData"}},
+                                                  "predicted"])
+        assert kind == "complete" and out[0]["label"] in ("normal", "bacterial_pneumonia", "viral_pneumonia"), out
+        assert cached[0].exists()
+    finally:
+        running.stop()
+
+
+def test_the_export_url_works_once_and_uploads_past_the_pending_budget_are_refused(tmp_path):
+    """Issue 21: the export archive's URL could be fetched without the token until the sweep; now the
+    file is deleted once it has been downloaded. Uploads held at once have a budget
+    (CXR_PENDING_UPLOADS_MB): past it an upload is refused with a clear message, and one fits again
+    once the held ones are used."""
+    from test_space import ADMIN_TOKEN
+
+    root = tmp_path / "budget-app"
+    running = start_app(save_tiny_classifier(root / "model", image_size=32), root,
+                        {"CXR_PENDING_UPLOADS_MB": "1", "CXR_MAX_UPLOAD_MB": "4"})
+    try:
+        kind, out = raw_call(running, "export", [], headers={"X-CXR-Admin-Token": ADMIN_TOKEN})
+        assert kind == "complete", out
+        url = out[0]["url"]
+        first = httpx.get(url, timeout=30)
+        assert first.status_code == 200 and first.content[:2] == b"PK"
+        assert httpx.get(url, timeout=30).status_code != 200  # gone once served
+        big = tmp_path / "big.png"
+        big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(700 * 1024))
+        held = upload_only(running, str(big))
+        with open(big, "rb") as f:
+            r = httpx.post(running.url + "gradio_api/upload", files={"files": ("again.png", f)}, timeout=30)
+        assert r.status_code == 503 and "too many uploads" in r.text
+        kind, out = raw_call(running, "batch", [[{"path": held, "meta": {"_type": "gradio.FileData"}}]])
+        assert kind == "complete" and not Path(held).exists()  # used (a row: not an image), so released
+        assert upload_only(running, str(big))  # fits again
+    finally:
+        running.stop()
