@@ -11,7 +11,8 @@ How: a logistic regression on the model's own head features (the input of its cl
 captured in the same forward pass as the prediction and the gate, so it costs nothing at run time),
 fit to tell the pediatric training films (in scope) from NIH ChestX-ray14 films (out of scope), each
 also seen once through the training augmentation (tone, noise, crops: so that a darker or noisier
-pediatric film is not flagged for its tone alone). NIH is split by patient id (the prefix of its
+pediatric film is not flagged for its tone alone); Skytells' adult COVID-19 films, which the dataset
+also holds, are in neither class. NIH is split by patient id (the prefix of its
 file names) into fit / validation / held-out parts; the held-out part is never used to fit or
 choose anything. The flag limit on the out-of-scope log-odds is the ``1 - flag_rate`` quantile of the
 in-scope validation films (<= 1% of them flagged); the regularisation is chosen on the NIH
@@ -151,8 +152,12 @@ def load_scope(model_id_or_dir: str, revision: str | None = None) -> ScopeCheck 
         return None
 
 
+IN_SCOPE_SOURCES = ("kermany",)  # the pediatric source; Skytells' COVID-19 films in the dataset are adults
+
+
 def fit_for_model(model_dir: str, dataset: str, out_of_scope_dir: str, *, n_fit: int = 1500, seed: int = 0,
-                  flag_rate: float = 0.01, progress: bool = True) -> tuple[ScopeCheck, dict]:
+                  flag_rate: float = 0.01, progress: bool = True,
+                  in_scope_sources: tuple[str, ...] = IN_SCOPE_SOURCES) -> tuple[ScopeCheck, dict]:
     """Fit the scope check of a saved model. In scope: ``n_fit`` training films (stratified), each
     plain and once through the v4 training augmentation; the limit from all validation films. Out of
     scope: the films under ``out_of_scope_dir`` split by patient; the fit part plain and augmented,
@@ -180,6 +185,8 @@ def fit_for_model(model_dir: str, dataset: str, out_of_scope_dir: str, *, n_fit:
         return np.concatenate([feats(films), feats([augment(f, aug, rng) for f in films])])
 
     ds = load_cxr_dataset(dataset)
+    if "source" in ds["train"].column_names:  # in scope: the pediatric films only, never the adult COVID-19 ones
+        ds = {k: ds[k].filter(lambda s: s in in_scope_sources, input_columns="source") for k in ("train", "validation")}
     train = stratified_subset(ds["train"], n_fit, seed)
     in_films = [to_grayscale(r["image"]) for r in tqdm(train, desc="scope: training films", disable=not progress)]
     in_fit = with_views(in_films)
@@ -190,6 +197,7 @@ def fit_for_model(model_dir: str, dataset: str, out_of_scope_dir: str, *, n_fit:
     out_val = feats(out["validation"])
     check, tried = fit_scope(in_fit, out_fit, in_val, out_val, flag_rate=flag_rate, meta={
         "model": shown_path(model_dir), "out_of_scope": shown_path(out_of_scope_dir), "n_fit": len(in_films),
+        "in_scope_sources": list(in_scope_sources),
         "seed": seed, "precision": "bfloat16", "trained_on": TRAINED_ON,
         "patients": {k: len({patient_of(p) for p in v}) for k, v in parts.items()}})
     report = {"choice_of_C": tried, "limit": check.limit, "C": check.meta["C"],
