@@ -425,3 +425,25 @@ def test_only_uploaded_files_are_accepted_and_released_never_folders_links_or_ou
     assert root.is_dir() and stat.S_IMODE(root.stat().st_mode) == 0o700
     assert [p.name for p in root.parent.iterdir()] == [root.name]  # nothing renamed beside it
     assert files.upload_problem(upload) is None and files.consume(upload) == b"film" and not upload.exists()
+
+
+def test_the_apps_settings_reach_what_they_configure(tmp_path, monkeypatch):
+    """Issue 21: CXR_UNCERTAIN_HIGH, CXR_STAGING_DAYS / _MB, CXR_QUEUE_SIZE, CXR_ADMINS, CXR_PENDING_UPLOADS_MB
+    are read where the app reads them (AppConfig.from_env, make_service, AccessPolicy.from_env)."""
+    from space.access import AccessPolicy
+    from space.app import AppConfig, make_service
+
+    model = save_tiny_classifier(tmp_path / "m", image_size=32, threshold=0.3)
+    for k, v in {"MODEL_ID": str(model), "CXR_DATA_DIR": str(tmp_path / "data"), "CXR_UNCERTAIN_HIGH": "0.8",
+                 "CXR_STAGING_DAYS": "2", "CXR_STAGING_MAX_MB": "5", "CXR_QUEUE_SIZE": "7", "CXR_ADMINS": "Dr-Lee, mo",
+                 "CXR_PENDING_UPLOADS_MB": "3", "CXR_PRECISION": "float32"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = AppConfig.from_env()
+    assert (cfg.uncertain_high, cfg.staging_days, cfg.staging_max_mb, cfg.queue_size, cfg.pending_uploads_mb) == (
+        0.8, 2.0, 5.0, 7, 3.0)
+    service = make_service(cfg)
+    assert service.uncertain_high == 0.8
+    assert service.store.staging_max_age_s == 2 * 86400 and service.store.staging_max_bytes == 5 * 2**20
+    assert AccessPolicy.from_env().admins == frozenset({"dr-lee", "mo"})
+    monkeypatch.setenv("CXR_UNCERTAIN_HIGH", "0.1")  # below the threshold: the band starts at the threshold
+    assert make_service(AppConfig.from_env()).uncertain_high == 0.3

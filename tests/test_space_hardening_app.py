@@ -19,7 +19,9 @@ from test_space import (ADMIN_TOKEN, PHI_FILE_NAME, PHI_STRINGS, _write, phi_dic
 from test_space_hardening import corrupt_zip
 from tiny_models import save_tiny_classifier
 
-TTL = 6.0  # CXR_TMP_MAX_AGE_S of the app under test (an upload waiting longer in the queue is lost)
+# CXR_TMP_MAX_AGE_S of the app under test (an upload waiting longer in the queue is lost): long enough
+# that a loaded machine's queue does not lose uploads (6 s raced), short enough to watch the sweeper
+TTL = 12.0
 
 
 @pytest.fixture(scope="module")
