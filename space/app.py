@@ -144,10 +144,14 @@ def _info_md(service: CxrService, a) -> str:
 
 def overlay_png(image, heatmap, alpha: float, max_side: int = 1024) -> bytes:
     """The Grad-CAM overlay as PNG bytes, at most ``max_side`` px: returned inline (data, not a file in
-    Gradio's cache that anyone with the URL could fetch)."""
+    Gradio's cache that anyone with the URL could fetch). The film and the map are brought to display
+    size first, so a 3000 px film is blended and encoded at display size, not at full size."""
+    if max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        heatmap = np.asarray(Image.fromarray(np.asarray(heatmap, np.float32), "F").resize(
+            image.size, Image.Resampling.BILINEAR))
     over = Image.fromarray(heatmap_overlay(image, heatmap, alpha))
-    if max(over.size) > max_side:
-        over.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     over.save(buf, format="PNG")
     return buf.getvalue()

@@ -24,7 +24,7 @@ def test_release_folder_loads_float32_calibrated_and_small() -> None:
     assert model.dtype == torch.float32  # fp16 on disk, float32 compute (config.dtype)
     assert tuple(model.config.id2label[i] for i in range(3)) == LABELS
     cal = Calibration.from_config(model.config)
-    assert cal.temperature_applied and cal.fitted_on == "validation" and 0 < cal.pneumonia_threshold < 1
+    assert cal.temperature_applied and cal.fitted_on.startswith("validation") and 0 < cal.pneumonia_threshold < 1
     weights = list(MODEL.glob("*.safetensors"))
     assert len(weights) == 1 and weights[0].stat().st_size <= 50 * 2**20
     from safetensors import safe_open
@@ -60,6 +60,35 @@ def test_cards_are_rendered_from_the_measured_json() -> None:
         assert f"{test[key]:.4f}" in block, f"README results table lacks test {key}"
 
 
+def test_the_readme_space_block_is_rendered_from_the_measured_json() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from release_card import SPACE_END, SPACE_START, readme_space
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index(SPACE_START) + len(SPACE_START):readme.index(SPACE_END)].strip()
+    assert block == readme_space().strip(), "run python scripts/release_card.py"
+
+
+def test_the_shipped_gate_refuses_photographs_and_screenshots(tmp_path) -> None:
+    """The bundled model's rules and learned gate, through the Space's path, on grey photographs and
+    screenshots with text (benchmarks/input_gate.py's negatives): each is refused, none predicted."""
+    import pytest
+
+    from modeling.predict import Predictor
+    from space.service import CxrService, InputError
+    from space.store import FeedbackStore
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from input_gate import negatives
+
+    neg = negatives()
+    service = CxrService(Predictor.from_pretrained(str(MODEL), precision="auto"), FeedbackStore(tmp_path / "data"))
+    for data in neg["photographs"] + neg["screenshots"][:4]:
+        with pytest.raises(InputError, match="does not look like a frontal chest X-ray"):
+            service.analyze(data, heatmap=False)
+    assert service.store.count("predictions") == 0
+
+
 def test_latency_report_is_for_the_released_weights() -> None:
     from modeling.predict import resolve_revision
 
@@ -78,9 +107,10 @@ def test_independent_reproduction_on_official_test() -> None:
 
 
 def test_the_spaces_examples_are_accepted_by_the_bundled_model(tmp_path) -> None:
-    """Every example the Space offers goes through the Space's own path (rules, the learned gate) with the
-    released model and is predicted, not refused: a demo whose normal example is refused looks broken, and
-    the first gate did refuse it (its limit came from plain validation)."""
+    """Every example the Space offers goes through the Space's own path (rules, the learned gate, the scope
+    check) with the released model and is predicted, not refused and not flagged out of scope (its label
+    would be None): a demo whose normal example is refused looks broken, and the first gate did refuse it
+    (its limit came from plain validation)."""
     from modeling.predict import Predictor
     from space.service import CxrService
     from space.store import FeedbackStore
