@@ -223,7 +223,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
     def ui_heatmap_class(state, heatmap_class, alpha):
         if not state or state.get("label") is None:  # nothing analysed, or out of scope: no heatmap
             return gr.skip()
-        image = service.store.staged_image(state["image_sha256"])  # the full film, kept for feedback
+        image = service.staged_image(state["image_sha256"])  # the full film, kept for feedback
         if image is None:
             raise gr.Error("This film is no longer kept on the server: analyse it again.")
         try:

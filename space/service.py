@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import logging
 import lzma
 import os
 import threading
 import time
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -32,6 +34,7 @@ from modeling.quality import symmetry_problems, xray_problems
 from .store import FeedbackStore, PredictionRecord, StoreError
 
 LABEL_NAMES = DISPLAY_NAMES  # modeling.labels: one place
+logger = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a large uncompressed DICOM CR is ~30 MB
 MAX_BATCH_FILES = 200
 MAX_ZIP_UNCOMPRESSED = 1024 * 1024 * 1024
@@ -169,6 +172,25 @@ class CxrService:
         self.uncertain_high = default_uncertain_high(t) if uncertain_high is None else max(float(uncertain_high), t)
         self._lock = ModelLock()
         self._last_purge = 0.0
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-staging")
+
+    def _after(self, fn, *args) -> None:
+        """Run a store write after the answer, in order, on the writer thread (a failure is logged)."""
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - a failed staging must not take the writer down
+                logger.exception("background store write failed")
+        self._writer.submit(run)
+
+    def flush(self) -> None:
+        """Wait for the store writes queued so far (staged pixels) to land."""
+        self._writer.submit(lambda: None).result()
+
+    def staged_image(self, sha256: str) -> Image.Image | None:
+        """The staged pixels of an analysed film (after any pending write of them)."""
+        self.flush()
+        return self.store.staged_image(sha256)
 
     def warmup(self) -> None:
         """One unrecorded prediction with Grad-CAM, so the first user does not pay for lazy imports
@@ -245,11 +267,13 @@ class CxrService:
             image_sha256=sha, width=gray.size[0], height=gray.size[1], probabilities=pred.probabilities,
             pneumonia_probability=pred.pneumonia_probability, label=pred.label or "", decision=decision,
             threshold=pred.threshold, latency_ms=latency, channel=channel))
+        # Staging the pixels (a PNG encode: ~0.1 s for a 2048 px film) happens after the answer, on one
+        # writer thread; what reads staged images (feedback, another heatmap class) waits for it first.
         if channel != "batch":  # feedback may come later (API, restart); batch rows cannot get feedback
-            self.store.stage_image(gray, sha)
+            self._after(self.store.stage_image, gray, sha)
         if time.time() - self._last_purge > 60:
             self._last_purge = time.time()
-            self.store.purge_staging()
+            self._after(self.store.purge_staging)
         return Analysis(prediction=pred, prediction_id=pid, decision=decision, verdict=verdict, latency_ms=latency,
                         image_sha256=sha, notes=notes, image=gray)
 
@@ -271,6 +295,7 @@ class CxrService:
         if consent is not True:  # an explicit yes only: a truthy string or object is not consent
             raise StoreError("feedback needs consent: confirm that the image carries no identifying information "
                              "and that you share your reading and the de-identified image (consent=True)")
+        self.flush()  # its staged pixels may still be on the writer thread
         return self.store.add_feedback(prediction_id, label, role=role, note=note, image=image)
 
     # --- batch ---------------------------------------------------------------------------------

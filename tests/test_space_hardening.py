@@ -65,6 +65,7 @@ def test_feedback_for_an_expired_staged_image_is_refused_not_stored_without_pixe
 
     service = make_service(model_dir, tmp_path / "data", staging_max_age_s=0.0)
     a = service.analyze(xray_bytes(3), channel="api")
+    service.flush()  # the pixels are staged after the answer
     service.store.purge_staging()
     with pytest.raises(StoreError, match="no longer available"):
         service.feedback(a.prediction_id, "normal", "radiologist", consent=True)
@@ -76,11 +77,13 @@ def test_staging_is_bounded_in_size_oldest_first(model_dir, tmp_path):
     a = service.analyze(xray_bytes(4), channel="api", heatmap=False)
     time.sleep(0.05)
     b = service.analyze(xray_bytes(5), channel="api", heatmap=False)
+    service.flush()
     sizes = {p.stem: p.stat().st_size for p in service.store.staging.glob("*.png")}
     service.store.staging_max_bytes = sizes[b.image_sha256] + 10  # room for one: the newer one stays
     service.store.purge_staging()
     assert service.store.staged_image(a.image_sha256) is None and service.store.staged_image(b.image_sha256) is not None
     service.analyze(xray_bytes(6), channel="batch", heatmap=False)  # batch rows cannot get feedback: not kept
+    service.flush()
     assert len(list(service.store.staging.glob("*.png"))) == 1
 
 
@@ -447,3 +450,18 @@ def test_the_apps_settings_reach_what_they_configure(tmp_path, monkeypatch):
     assert AccessPolicy.from_env().admins == frozenset({"dr-lee", "mo"})
     monkeypatch.setenv("CXR_UNCERTAIN_HIGH", "0.1")  # below the threshold: the band starts at the threshold
     assert make_service(AppConfig.from_env()).uncertain_high == 0.3
+
+
+def test_pixels_are_staged_after_the_answer_and_feedback_waits_for_them(model_dir, tmp_path):
+    """Issue 21 (the request path): staging the PNG is not on the request's path any more; feedback sent
+    right after the answer still finds the pixels (it waits for the writer), in order."""
+    import threading
+
+    service = make_service(model_dir, tmp_path / "data")
+    gate = threading.Event()
+    service._after(gate.wait)  # hold the writer: the next staging waits behind it
+    a = service.analyze(xray_bytes(7), channel="api", heatmap=False)
+    assert service.store.staged_image(a.image_sha256) is None  # the answer came before the staging
+    threading.Timer(0.2, gate.set).start()
+    service.feedback(a.prediction_id, "normal", "radiologist", consent=True)  # waits, then finds the pixels
+    assert service.store.count("feedback") == 1 and service.store.staged_image(a.image_sha256) is not None
