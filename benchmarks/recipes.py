@@ -169,6 +169,7 @@ def safe(name: str) -> str:
 
 
 def save_candidate(path: Path, logits: dict[str, np.ndarray], meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # a soup or WiSE-FT may be the first candidate scored
     np.savez(path, **logits)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 
