@@ -157,7 +157,7 @@ class TrainConfig:
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig(crop_scale=(self.crop_scale_min, 1.0), crop_ratio=(self.crop_ratio_min, self.crop_ratio_max),
                              max_rotation=self.max_rotation, brightness=self.brightness, contrast=self.contrast,
-                             gamma=self.gamma, gamma_range=(self.gamma_min, self.gamma_max) if self.gamma_max else None,
+                             gamma=self.gamma, gamma_range=(self.gamma_min, self.gamma_max) if self.gamma_min > 0 and self.gamma_max > 0 else None,
                              tone_p=self.tone_p, hflip=self.hflip, noise=self.noise, noise_p=self.noise_p,
                              blur=self.blur, blur_p=self.blur_p, sharpen=self.sharpen, sharpen_p=self.sharpen_p,
                              jpeg_quality=self.jpeg_quality_min, jpeg_p=self.jpeg_p)

@@ -33,7 +33,7 @@ from modeling.data import load_cxr_dataset
 from modeling.image_io import to_grayscale
 from modeling.paths import shown_path
 from modeling.predict import Predictor
-from modeling.scope import out_of_scope_films, patient_split
+from modeling.scope import IN_SCOPE_SOURCES, out_of_scope_films, patient_split
 from space.service import CxrService, InputError
 from space.store import FeedbackStore
 
@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             files = [p for p in held if p.parent.name == kind]
             results[f"nih_held_out_{kind}_without_scope_check"] = count(service, (p.read_bytes() for p in files))
         predictor.scope = scope
-        results["validation"] = count(service, (png(to_grayscale(r["image"])) for r in ds["validation"]))
-        results["test_counted_only"] = count(service, (png(to_grayscale(r["image"])) for r in ds["test"]))
+        for key, split in (("validation", "validation"), ("test_counted_only", "test")):  # the pediatric films only
+            rows = ds[split].filter(lambda src: src in IN_SCOPE_SOURCES, input_columns="source")
+            results[key] = count(service, (png(to_grayscale(r["image"])) for r in rows))
         examples = sorted((ROOT / "space" / "examples").glob("*.jp*g")) + sorted((ROOT / "space" / "examples").glob("*.png"))
         results["space_examples"] = count(service, (p.read_bytes() for p in examples))
         covid = sorted((SHARED / "data" / "skytells-covid19-xray" / "NonAugmentedTrain" / "COVID-19").glob("*"))

@@ -145,7 +145,7 @@ def predict_main(argv: list[str] | None = None) -> int:
             gray = load_image(name)
             pred = predictor.predict_one(gray, heatmap=heat_dir is not None, target_class=args.target_class)
             record.update(pred.to_dict())
-            if heat_dir is not None:
+            if heat_dir is not None and not pred.out_of_scope:  # no explanation of an answer not given
                 from .gradcam import overlay
 
                 out = heat_dir / f"{i:05d}_{Path(name).stem}_gradcam_{pred.heatmap_class}.png"

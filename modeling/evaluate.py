@@ -149,7 +149,8 @@ def calibrate_under_battery(model, processor, split, *, target_sensitivity: floa
     return calibrate_with(model, op.temperature, op.threshold, battery_logits[rb.PLAIN], labels,
                           target_sensitivity=target_sensitivity, condition_sensitivity=condition_sensitivity,
                           fitted_on="validation + robustness battery (bfloat16 logits)",
-                          fit_rule="temperature on the pooled plain + 15-condition logits; threshold the highest "
+                          fit_rule=f"temperature on the pooled plain + {len(battery_logits) - 1}-condition logits; "
+                                   "threshold the highest "
                                    f"keeping sensitivity >= {target_sensitivity} plain and >= {condition_sensitivity} "
                                    "under every condition")
 

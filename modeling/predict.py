@@ -61,6 +61,18 @@ class Prediction:
     def out_of_scope(self) -> bool:
         return self.scope is not None and self.scope.out_of_scope
 
+    def with_checks(self, gate: GateVerdict | None, scope: ScopeVerdict | None) -> "Prediction":
+        """This prediction with the gate's and the scope check's verdicts of another pass (the Space decides
+        on its plain pass and computes the heatmap in a second one): the label and the call follow that
+        scope verdict, not the one the second pass's own features gave."""
+        import dataclasses
+
+        answered = scope is None or not scope.out_of_scope
+        p = np.array([self.probabilities[k] for k in LABELS])
+        return dataclasses.replace(self, gate=gate, scope=scope,
+                                   label=LABELS[int(p.argmax())] if answered else None,
+                                   pneumonia=(self.pneumonia_probability >= self.threshold) if answered else None)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no heatmap array)."""
         return {

@@ -211,7 +211,8 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         if a.decision == "out_of_scope":  # no label, no call, no heatmap: the output only behind a disclosure
             state = {"prediction_id": a.prediction_id, "image_sha256": a.image_sha256, "label": None}
             return (None, f"### {OUT_OF_SCOPE_TITLE}\n\n{a.verdict}", "", _info_md(service, a), state,
-                    gr.update(value=None, interactive=True), gr.update(interactive=True), "",
+                    gr.update(value=None, interactive=False), gr.update(interactive=False),
+                    "Feedback is not taken for a film outside the model's scope.",
                     gr.update(visible=True, open=False), _label_dict(a.prediction.probabilities))
         verdict = f"### {LABEL_NAMES[a.prediction.label]}\n\n{a.verdict}"
         state = {"prediction_id": a.prediction_id, "image_sha256": a.image_sha256, "label": a.prediction.label,
@@ -241,6 +242,8 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
     def ui_feedback(state, label, role, note, consent):
         if not state:
             raise gr.Error("Analyse an image first, then give your reading.")
+        if state.get("label") is None:
+            raise gr.Error("Feedback is not taken for a film outside the model's scope.")
         if consent is not True:
             raise gr.Error("Please confirm that the image carries no identifying information and that you agree "
                            f"to share your reading and the de-identified image under {config.feedback_license}.")

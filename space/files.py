@@ -113,6 +113,8 @@ class TempFiles:
         if len(rel.parts) != 2 or rel.parts[0] == SCRATCH or rel.name.startswith(RELEASED_PREFIX):
             return "it is not an uploaded file"
         try:
+            if os.path.islink(p.parent):  # <root>/<hash> itself must be a folder, not a link to one
+                return "it is a folder or a link, not an uploaded file"
             st = os.lstat(p)
         except FileNotFoundError:
             return None
@@ -320,8 +322,13 @@ class ClaimUploads:
         if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].endswith("/upload"):
             await self.app(scope, receive, send)
             return
-        length = int(dict(scope.get("headers") or []).get(b"content-length", b"0") or 0)
-        if not self.files.admits(length):
+        try:  # a chunked upload has no length: the budget then counts what is already held
+            length = max(0, int(dict(scope.get("headers") or []).get(b"content-length", b"0") or 0))
+        except ValueError:
+            length = 0
+        from starlette.concurrency import run_in_threadpool
+
+        if not await run_in_threadpool(self.files.admits, length):  # a folder walk: off the event loop
             await _json_error(send, 503, "The server holds too many uploads waiting to be analysed right now; "
                                          "try again in a few minutes.")
             return
@@ -348,6 +355,8 @@ class ClaimUploads:
         if not once or scope.get("method") != "GET":
             await self.app(scope, receive, send)
             return
+        # the whole file, once: a Range request would get a part (206) and leave the file behind
+        scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"range"]}
         status = 0
 
         async def send_then_delete(message) -> None:

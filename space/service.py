@@ -183,6 +183,10 @@ class CxrService:
                 logger.exception("background store write failed")
         self._writer.submit(run)
 
+    def close(self) -> None:
+        """Finish the queued store writes and stop the writer thread."""
+        self._writer.shutdown(wait=True)
+
     def flush(self) -> None:
         """Wait for the store writes queued so far (staged pixels) to land."""
         self._writer.submit(lambda: None).result()
@@ -253,9 +257,9 @@ class CxrService:
                 if caution := pred.gate.caution():
                     notes.append(caution)
             if heatmap and checked and not pred.out_of_scope:
-                gate, scope = pred.gate, pred.scope
-                pred = self.predictor.predict_one(gray, heatmap=True, target_class=target_class)
-                pred.gate, pred.scope = gate, scope
+                first = pred
+                pred = self.predictor.predict_one(gray, heatmap=True, target_class=target_class).with_checks(
+                    first.gate, first.scope)
         latency = (time.perf_counter() - t0) * 1000
         if pred.out_of_scope:
             decision, verdict = "out_of_scope", pred.scope.message()
@@ -295,6 +299,10 @@ class CxrService:
         if consent is not True:  # an explicit yes only: a truthy string or object is not consent
             raise StoreError("feedback needs consent: confirm that the image carries no identifying information "
                              "and that you share your reading and the de-identified image (consent=True)")
+        pred = self.store.get_prediction(str(prediction_id))
+        if pred is not None and pred["decision"] == "out_of_scope":
+            raise StoreError("this film was outside what the model was trained on (no answer was given), so a "
+                             "reading of it would not be pediatric training data: feedback is not stored for it")
         self.flush()  # its staged pixels may still be on the writer thread
         return self.store.add_feedback(prediction_id, label, role=role, note=note, image=image)
 
@@ -479,7 +487,7 @@ def analytics(store: FeedbackStore):
     summary = (f"**{len(preds)}** predictions ({', '.join(f'{k}: {v}' for k, v in preds['channel'].value_counts().items())}), "
                f"**{n_fb}** clinician readings"
                + (f", model and clinician agree on **{agree:.0%}**; corrections: "
-                  + ", ".join(f"{LABEL_NAMES[k]} {int(v)}" for k, v in
+                  + ", ".join(f"{LABEL_NAMES.get(k, 'out of scope')} {int(v)}" for k, v in
                               fb[fb['agrees'] == 0]['model_label'].value_counts().items()) if n_fb else "")
                + ".")
     if n_fb:

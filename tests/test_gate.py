@@ -132,6 +132,7 @@ def test_space_turns_a_turned_film_upright_and_refuses_an_outlier(tmp_path):
     with pytest.raises(InputError, match="far from the chest X-rays the model was trained on"):
         strict.analyze(data)
     assert strict.store.count("predictions") == 0
+    strict.flush()  # staging happens after the answer: wait for anything queued
     assert list(strict.store.staging.iterdir()) == []
 
     careful_dir = save_tiny_classifier(tmp_path / "c", image_size=32)

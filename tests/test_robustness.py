@@ -247,11 +247,8 @@ def test_cxr_calibrate_battery_fits_the_v4_operating_point_and_checks_reused_log
         p = pneumonia_probability(softmax(lg / cal.temperature))
         # (a random tiny model's probabilities differ in the 7th digit: allow recomputation noise)
         assert (p[pos] >= cal.pneumonia_threshold - 1e-6).mean() >= (0.985 if name == rb.PLAIN else 0.97), name
-    other = _uncalibrated(tmp_path / "other", seed=7)
-    wrong = tmp_path / "wrong.npz"
-    np.savez(wrong, **rb.battery_logits(rb.model_logits_fn(
-        AutoModelForImageClassification.from_pretrained(other),
-        AutoImageProcessor.from_pretrained(other, backend="pil")), [r["image"] for r in val]))
+    wrong = tmp_path / "wrong.npz"  # another model's logits: this one's, shifted
+    np.savez(wrong, **{name: lg + np.array([1.0, 0.0, -1.0]) for name, lg in logits.items()})
     with pytest.raises(ValueError, match="not this model's"):
         calibrate_main(["--model", str(model), "--dataset", str(data), "--output-dir", str(tmp_path / "cal2"),
                         "--battery-logits", str(wrong), "--no-progress"])

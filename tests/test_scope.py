@@ -28,9 +28,10 @@ def test_fit_scope_sets_its_limit_on_in_scope_validation_and_separates_what_it_c
     assert set(tried) == {"C=0.01", "C=1"}
     assert (check.scores(in_val) > check.limit).mean() <= 0.01  # the limit: <= 1% of in-scope films flagged
     assert (check.scores(out_val) > check.limit).mean() > 0.9  # far-away films are flagged
-    v = check.verdicts(np.vstack([in_val[:1], out_val[:1] + 10]))
+    typical = in_val[[int(np.argmin(check.scores(in_val)))]]  # the most in-scope validation film
+    v = check.verdicts(np.vstack([typical, out_val[:1] + 10]))
     assert v[1].out_of_scope and "children aged 1-5" in v[1].message()
-    assert v[0].message() is None or v[0].out_of_scope
+    assert not v[0].out_of_scope and v[0].message() is None
     assert check.meta["n_in_fit"] == 300 and check.meta["C"] in (0.01, 1.0)
 
 
@@ -153,9 +154,13 @@ def test_a_flagged_film_over_the_running_app_gets_no_call_and_stores_only_a_pred
         assert result["heatmap_png"] is None and "children aged 1-5" in result["verdict"]
         assert running.rows("predictions") == 1
         assert running.rows("predictions", "decision = 'out_of_scope' AND label = ''") == 1
+        with pytest.raises(Exception, match="outside what the model was trained on"):  # not pediatric data
+            running.client().predict(result["prediction_id"], "normal", "radiologist", "", True, api_name="/feedback")
         assert running.rows("feedback") == 0
-        staged = list((running.data_dir / "staging").glob("*"))
-        assert len(staged) <= 1  # the pixels of the prediction, as for any prediction
+        # the pixels of the prediction are staged, as for any prediction (after the answer)
+        from test_space_hardening_app import wait_until
+
+        assert wait_until(lambda: len(list((running.data_dir / "staging").glob("*.png"))) == 1, timeout=10)
         assert not phi_offenders(running)
     finally:
         running.stop()
@@ -190,3 +195,34 @@ def test_cxr_scope_fits_saves_and_never_reads_the_held_out_patients(tmp_path):
     assert report["out_of_scope_parts"]["held_out"]["films"] == len(held_out)
     check = ScopeCheck.load(model_dir / SCOPE_FILE)
     assert check.limit == pytest.approx(report["limit"]) and check.meta["n_in_fit"] == 60  # plain + one view each
+
+
+def test_the_heatmap_pass_answers_by_the_plain_passs_verdict():
+    """The Space decides on its plain pass and draws the heatmap in a second (float32) pass, whose own
+    scope verdict can differ near the limit: the label and the call follow the verdict kept."""
+    from modeling.predict import Prediction
+    from modeling.scope import ScopeVerdict
+
+    second = Prediction(label=None, probabilities={"normal": 0.2, "bacterial_pneumonia": 0.7, "viral_pneumonia": 0.1},
+                        pneumonia_probability=0.8, pneumonia=None, threshold=0.4, image_size=(8, 8),
+                        scope=ScopeVerdict(score=0.51, limit=0.5))
+    kept = second.with_checks(None, ScopeVerdict(score=0.49, limit=0.5))
+    assert kept.label == "bacterial_pneumonia" and kept.pneumonia is True and not kept.out_of_scope
+    flagged = kept.with_checks(None, ScopeVerdict(score=0.9, limit=0.5))
+    assert flagged.label is None and flagged.pneumonia is None and flagged.out_of_scope
+
+
+def test_feedback_is_not_taken_for_an_out_of_scope_film(tmp_path):
+    """A reading of a film outside the model's scope (an adult's) would be exported as pediatric training
+    data: the service refuses it and stores nothing."""
+    from modeling.predict import Predictor
+    from space.service import CxrService
+    from space.store import FeedbackStore, StoreError
+
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=32)
+    _scope_for(model_dir, flag=True).save(model_dir / SCOPE_FILE)
+    service = CxrService(Predictor.from_pretrained(str(model_dir)), FeedbackStore(tmp_path / "data"))
+    a = service.analyze(jpeg_bytes(xray_like(3, (96, 96))), channel="api")
+    with pytest.raises(StoreError, match="outside what the model was trained on"):
+        service.feedback(a.prediction_id, "normal", "radiologist", consent=True)
+    assert service.store.count("feedback") == 0

@@ -460,8 +460,12 @@ def test_pixels_are_staged_after_the_answer_and_feedback_waits_for_them(model_di
     service = make_service(model_dir, tmp_path / "data")
     gate = threading.Event()
     service._after(gate.wait)  # hold the writer: the next staging waits behind it
-    a = service.analyze(xray_bytes(7), channel="api", heatmap=False)
-    assert service.store.staged_image(a.image_sha256) is None  # the answer came before the staging
-    threading.Timer(0.2, gate.set).start()
-    service.feedback(a.prediction_id, "normal", "radiologist", consent=True)  # waits, then finds the pixels
-    assert service.store.count("feedback") == 1 and service.store.staged_image(a.image_sha256) is not None
+    try:
+        a = service.analyze(xray_bytes(7), channel="api", heatmap=False)
+        assert service.store.staged_image(a.image_sha256) is None  # the answer came before the staging
+        threading.Timer(0.2, gate.set).start()
+        service.feedback(a.prediction_id, "normal", "radiologist", consent=True)  # waits, then finds the pixels
+        assert service.store.count("feedback") == 1 and service.store.staged_image(a.image_sha256) is not None
+    finally:
+        gate.set()
+        service.close()
