@@ -352,6 +352,8 @@ README_START = "<!-- results:start (written by scripts/release_card.py) -->"
 README_END = "<!-- results:end -->"
 SPACE_START = "<!-- space:start (written by scripts/release_card.py) -->"
 SPACE_END = "<!-- space:end -->"
+SCOPE_START = "<!-- scope:start (written by scripts/release_card.py) -->"
+SCOPE_END = "<!-- scope:end -->"
 
 
 def readme_results(model_dir: Path, latency_path: Path) -> str:
@@ -427,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     update_block(readme, README_START, README_END, readme_results(model_dir, Path(args.latency)))
     if SPACE_START in readme.read_text():
         update_block(readme, SPACE_START, SPACE_END, readme_space())
+    scope = _load(RESULTS / "scope.json")
+    space_doc = ROOT / "docs" / "space.md"
+    if scope and SCOPE_START in space_doc.read_text():
+        update_block(space_doc, SCOPE_START, SCOPE_END, scope_table(scope))
     print(f"wrote {model_dir / 'README.md'}, {ROOT / 'model_card.md'} and the README's blocks")
     return 0
 

@@ -122,3 +122,20 @@ def test_the_spaces_examples_are_accepted_by_the_bundled_model(tmp_path) -> None
     for path in examples:
         analysis = service.analyze(path.read_bytes())
         assert analysis.prediction.label in {"normal", "bacterial_pneumonia", "viral_pneumonia"}, path.name
+
+
+def test_the_scope_and_gate_reports_are_for_the_released_weights_and_shown_as_measured() -> None:
+    """benchmarks/results/scope.json and input_gate.json were measured on the bundled weights, and the
+    scope table in docs/space.md is the one rendered from scope.json."""
+    from modeling.predict import resolve_revision
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from release_card import SCOPE_END, SCOPE_START, scope_table
+
+    revision = resolve_revision(str(MODEL))
+    scope = json.loads((ROOT / "benchmarks" / "results" / "scope.json").read_text())
+    gate = json.loads((ROOT / "benchmarks" / "results" / "input_gate.json").read_text())
+    assert scope["model_revision"] == revision and gate["model_revision"] == revision
+    doc = (ROOT / "docs" / "space.md").read_text()
+    assert doc[doc.index(SCOPE_START) + len(SCOPE_START):doc.index(SCOPE_END)].strip() == scope_table(scope).strip()
+    assert scope["space_examples"]["flagged"] == 0 and scope["space_examples"]["refused"] == 0
