@@ -29,13 +29,14 @@ Pillow call, seeded through the ``random.Random`` passed in, so runs are reprodu
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
+
+from .robustness import jpeg as jpeg_reencode  # one JPEG round trip for training and the battery
 
 
 @dataclass
@@ -120,12 +121,3 @@ def augment(img: Image.Image, cfg: AugmentConfig, rng: random.Random) -> Image.I
 def _happens(rng: random.Random, p: float) -> bool:
     # p = 1 draws nothing, so the random stream of runs made before tone_p existed is unchanged
     return p >= 1.0 or rng.random() < p
-
-
-def jpeg_reencode(img: Image.Image, quality: int) -> Image.Image:
-    """The image after a JPEG round trip at ``quality`` (block artefacts, lost fine texture)."""
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    buf.seek(0)
-    with Image.open(buf) as out:
-        return out.convert(img.mode)

@@ -214,18 +214,25 @@ def fit_gate(upright: np.ndarray, turned: dict[int, np.ndarray], inverted: np.nd
     return gate
 
 
-def load_gate(model_id_or_dir: str, revision: str | None = None) -> InputGate | None:
-    """The gate saved beside a model (folder or Hub repo), or None when it has none."""
+def file_beside(model_id_or_dir: str, filename: str, revision: str | None = None) -> Path | None:
+    """A file saved beside a model's weights (a folder, or a Hub repo through the real client), or None
+    when the model has none: the input gate, the scope check."""
     path = Path(model_id_or_dir)
     if path.is_dir():
-        return InputGate.load(path / GATE_FILE) if (path / GATE_FILE).exists() else None
+        return path / filename if (path / filename).exists() else None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return InputGate.load(hf_hub_download(model_id_or_dir, GATE_FILE, revision=revision))
+        return Path(hf_hub_download(model_id_or_dir, filename, revision=revision))
     except EntryNotFoundError:
         return None
+
+
+def load_gate(model_id_or_dir: str, revision: str | None = None) -> InputGate | None:
+    """The gate saved beside a model (folder or Hub repo), or None when it has none."""
+    found = file_beside(model_id_or_dir, GATE_FILE, revision)
+    return None if found is None else InputGate.load(found)
 
 
 def gate_features(model, processor, images, *, batch_size: int = 32, precision: str = "bfloat16") -> np.ndarray:

@@ -140,16 +140,10 @@ def out_of_scope_films(root: str | Path) -> list[Path]:
 
 def load_scope(model_id_or_dir: str, revision: str | None = None) -> ScopeCheck | None:
     """The scope check saved beside a model (folder or Hub repo), or None when it has none."""
-    path = Path(model_id_or_dir)
-    if path.is_dir():
-        return ScopeCheck.load(path / SCOPE_FILE) if (path / SCOPE_FILE).exists() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from .gate import file_beside
 
-    try:
-        return ScopeCheck.load(hf_hub_download(model_id_or_dir, SCOPE_FILE, revision=revision))
-    except EntryNotFoundError:
-        return None
+    found = file_beside(model_id_or_dir, SCOPE_FILE, revision)
+    return None if found is None else ScopeCheck.load(found)
 
 
 IN_SCOPE_SOURCES = ("kermany",)  # the pediatric source; Skytells' COVID-19 films in the dataset are adults
