@@ -105,7 +105,7 @@ def fit_scope(in_fit: np.ndarray, out_fit: np.ndarray, in_val: np.ndarray, out_v
     best, tried = None, {}
     for C in Cs:
         check = ScopeCheck(head=fit_probe(x, y, C=C, balanced=True, n_classes=2), limit=float("inf"))
-        check.limit = float(np.quantile(check.scores(in_val), 1 - flag_rate))
+        check.limit = limit_for(check.scores(in_val), flag_rate)
         row = {"limit": check.limit, "in_scope_validation_flagged": float((check.scores(in_val) > check.limit).mean()),
                "out_of_scope_validation_flagged": float((check.scores(out_val) > check.limit).mean())}
         tried[f"C={C:g}"] = row
@@ -115,6 +115,14 @@ def fit_scope(in_fit: np.ndarray, out_fit: np.ndarray, in_val: np.ndarray, out_v
     check.meta = {**(meta or {}), "C": C, "flag_rate_target": flag_rate, "n_in_fit": int(len(in_fit)),
                   "n_out_fit": int(len(out_fit))}
     return check, tried
+
+
+def limit_for(scores: np.ndarray, flag_rate: float) -> float:
+    """The lowest limit that flags at most ``floor(flag_rate * n)`` of these scores (strictly above it). A
+    plain quantile interpolates and can flag one film more (7 of 680 at 1%: 1.03%)."""
+    s = np.sort(np.asarray(scores, np.float64))[::-1]
+    k = int(np.floor(flag_rate * len(s)))
+    return float(s[min(k, len(s) - 1)])
 
 
 def patient_of(path: str | Path) -> str:

@@ -35,6 +35,15 @@ def test_fit_scope_sets_its_limit_on_in_scope_validation_and_separates_what_it_c
     assert check.meta["n_in_fit"] == 300 and check.meta["C"] in (0.01, 1.0)
 
 
+def test_the_limit_flags_at_most_the_share_asked_for():
+    """1% of 680 in-scope validation films is 6.8: at most 6 may be flagged (a plain quantile flagged 7)."""
+    from modeling.scope import limit_for
+
+    scores = np.random.default_rng(0).normal(0, 1, 680)
+    assert (scores > limit_for(scores, 0.01)).sum() == 6
+    assert (scores > limit_for(scores, 0.0)).sum() == 0 and (scores > limit_for(scores, 0.5)).sum() == 340
+
+
 def test_scope_round_trips_through_its_file(tmp_path):
     check = ScopeCheck(LinearHead(np.arange(12.0).reshape(2, 6), np.array([0.5, -0.5])), limit=1.25,
                        meta={"model": "m"})
