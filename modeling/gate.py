@@ -184,10 +184,11 @@ def fit_gate(upright: np.ndarray, turned: dict[int, np.ndarray], inverted: np.nd
     quantile of the validation distances is the caution limit. The refusal limit:
 
     * with ``refusal_margin`` (release v4 on): ``refusal_margin`` times the largest distance of any real
-      film seen in the fit (training films, validation films, and ``shifted``: the validation films
-      under the robustness battery). Distance alone earns a caution; a refusal is for what lies far
-      beyond every real film. Quantile limits refused real pediatric films of the official test split
-      (3 of 624 with v3's gate), a film is refused only when it is clearly not like any of them;
+      film as acquired seen in the fit (the training and validation films; not ``shifted``, whose
+      synthetic noise and zoom reach as far as some screenshots do). Distance alone earns a caution; a
+      refusal is for what lies far beyond every real film. Quantile limits refused real pediatric films
+      of the official test split (3 of 624 with v3's gate); a film is refused only when it is clearly
+      not like any of them;
     * without it, the same quantile of ``shifted`` (never below the caution limit); without ``shifted``
       both are the plain-validation quantile."""
     from sklearn.covariance import LedoitWolf
@@ -203,8 +204,7 @@ def fit_gate(upright: np.ndarray, turned: dict[int, np.ndarray], inverted: np.nd
                      distance_limit=float("inf"), confidence=confidence, meta=dict(meta or {}))
     gate.caution_limit = float(np.quantile(gate.distances(validation), 1 - false_refusal))
     if refusal_margin:
-        real = [upright, validation] + ([shifted] if shifted is not None and len(shifted) else [])
-        farthest = max(float(gate.distances(x).max()) for x in real)
+        farthest = max(float(gate.distances(x).max()) for x in (upright, validation))
         gate.distance_limit = max(gate.caution_limit, refusal_margin * farthest)
         gate.meta.update(refusal_margin=refusal_margin, farthest_real_film=farthest)
     else:
@@ -280,8 +280,8 @@ def fit_for_model(model_dir: str, dataset: str, *, n_fit: int = 1500, seed: int 
     gate = fit_gate(upright, turned, inverted, val, shifted=shifted, false_refusal=false_refusal,
                     refusal_margin=refusal_margin,
                     meta={"model": shown_path(model_dir), "n_fit": len(films), "seed": seed, "precision": "bfloat16",
-                          "refusal_limit_from": (f"{refusal_margin} x the farthest real film (training, validation"
-                                                 + (", validation under the battery)" if battery else ")"))
+                          "refusal_limit_from": (f"{refusal_margin} x the farthest real film as acquired "
+                                                 "(training and validation films)")
                           if refusal_margin else "validation under the robustness battery" if battery else
                           "plain validation"})
     report = {"validation_films": len(val_films), "validation": summarize(gate.verdicts(val), expect=None),
