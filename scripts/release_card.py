@@ -246,13 +246,18 @@ def scope_text(scope: dict | None) -> str:
     if not scope:
         return "(run `python benchmarks/scope.py`)"
     m = scope["scope"]
+    fit = _load(RESULTS / "scope_fit.json")
     return (f"A logistic regression on this model's head features (the same forward pass) tells the pediatric "
             f"training films from NIH ChestX-ray14 films ({m['patients']['fit']} fit patients; "
             f"{m['patients']['validation']} validation patients chose C = {m['C']:g}; the "
             f"{m['patients']['held_out']} held-out patients were never read by the fit). Its limit "
-            f"({scope['limit']:.2f} on the out-of-scope log-odds) flags at most {m['flag_rate_target']:.0%} of the "
-            "in-scope validation films. A flagged film gets no label and no pneumonia call. "
-            "`python benchmarks/scope.py`, through the Space's own path:")
+            f"({scope['limit']:.2f} on the out-of-scope log-odds) was set to flag at most "
+            f"{m['flag_rate_target']:.0%} of the in-scope validation films"
+            + (f" ({fit['in_scope_validation']['flagged']} of {fit['in_scope_validation']['n']} in the fit's batched "
+               "bfloat16 passes; the Space's one-film passes flag the count in the table: a film or two near the "
+               "limit, a difference not traced further)" if fit else "")
+            + ". A flagged film gets no label and no pneumonia call. `python benchmarks/scope.py`, through the "
+              "Space's own path:")
 
 
 # ---- the card -----------------------------------------------------------------------------------------
