@@ -11,7 +11,8 @@ threshold.
 - the held-out NIH ChestX-ray14 patients (the part ``cxr-scope`` never read), normal ("No Finding")
   and pneumonia films separately, with the scope check and, for comparison, without it;
 - in-scope validation films (the limit was set on them), the official test films (only counted:
-  nothing is chosen on them), the Space's examples (must never be flagged);
+  nothing is chosen on them), the Space's pediatric examples (must never be flagged) and its adult
+  DICOM example (the one that shows a visitor the scope check's answer);
 - Skytells' adult COVID-19 films (adults from other hospitals; not used to fit anything);
 - the 35 non-films of ``benchmarks/input_gate.py`` (photographs, screenshots, an MRI slice...): still
   refused, or at least flagged.
@@ -98,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         for key, split in (("validation", "validation"), ("test_counted_only", "test")):  # the pediatric films only
             rows = ds[split].filter(lambda src: src in IN_SCOPE_SOURCES, input_columns="source")
             results[key] = count(service, (png(to_grayscale(r["image"])) for r in rows))
-        examples = sorted((ROOT / "space" / "examples").glob("*.jp*g")) + sorted((ROOT / "space" / "examples").glob("*.png"))
+        examples = sorted((ROOT / "space" / "examples").glob("kermany_*"))  # pediatric: never to be flagged
         results["space_examples"] = count(service, (p.read_bytes() for p in examples))
+        adult = sorted((ROOT / "space" / "examples").glob("*.dcm"))  # the adult DICOM example (its NOTICE)
+        results["space_example_adult_dicom"] = count(service, (p.read_bytes() for p in adult))
         covid = sorted((SHARED / "data" / "skytells-covid19-xray" / "NonAugmentedTrain" / "COVID-19").glob("*"))
         if covid:
             results["skytells_covid19_adult"] = count(service, (p.read_bytes() for p in covid))

@@ -228,7 +228,8 @@ SCOPE_ROWS = {  # benchmarks/scope.json keys -> what the row is
     "nih_held_out_pneumonia_without_scope_check": "... the same pneumonia films without the scope check",
     "validation": "in-scope validation films (the limit was set here)",
     "test_counted_only": "official test films (counted once, nothing chosen on them)",
-    "space_examples": "the Space's examples",
+    "space_examples": "the Space's pediatric examples",
+    "space_example_adult_dicom": "the Space's adult DICOM example (SIIM CR chest PA)",
     "skytells_covid19_adult": "Skytells adult COVID-19 films (not used to fit)",
     "non_films": "photographs, screenshots, an MRI slice... (benchmarks/input_gate.py)",
 }

@@ -344,7 +344,8 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
                     alpha = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity", elem_id="opacity")
                     run = gr.Button("Analyse", variant="primary", elem_id="analyse")
                     if examples():
-                        gr.Examples(examples(), inputs=upload, label="Example X-rays (Kermany et al., CC BY 4.0)")
+                        gr.Examples(examples(), inputs=upload, label="Example X-rays (Kermany et al., CC BY 4.0; "
+                                "the DICOM is an adult's: outside the model's scope)")
                 with gr.Column(scale=1):
                     probs = gr.Label(label="Calibrated probabilities", num_top_classes=3, elem_id="probs")
                     verdict = gr.Markdown(elem_id="verdict")
