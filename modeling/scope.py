@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .image_io import IMAGE_EXTENSIONS
 from .probe import LinearHead, fit_probe
 
 SCOPE_FILE = "scope_check.npz"
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 # What the model was trained on, in the words the Space and the docs use.
 TRAINED_ON = "frontal chest X-rays of children aged 1-5 from one hospital"
 
@@ -143,7 +143,7 @@ def patient_split(paths: list[Path], *, fractions: tuple[float, float] = (0.6, 0
 
 def out_of_scope_films(root: str | Path) -> list[Path]:
     """Every image under ``root`` (the NIH sample's ``no_finding/`` and ``pneumonia/``)."""
-    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def load_scope(model_id_or_dir: str, revision: str | None = None) -> ScopeCheck | None:

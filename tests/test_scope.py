@@ -145,16 +145,13 @@ def test_a_flagged_film_over_the_running_app_gets_no_call_and_stores_only_a_pred
     pixels, as any prediction is; the DICOM's planted name and values are nowhere on disk."""
     from gradio_client import handle_file
 
-    from test_space import PHI_FILE_NAME, _write, phi_dicom, start_app
-    from test_space_hardening_app import phi_offenders
+    from test_space import PHI_FILE_NAME, _write, phi_dicom
+    from test_space_hardening_app import phi_offenders, start_scanned_app
 
     root = tmp_path / "scoped-app"
     model = save_tiny_classifier(root / "model", image_size=32)
     _scope_for(model, flag=True).save(model / SCOPE_FILE)
-    systmp = root / "system-tmp"
-    systmp.mkdir()
-    running = start_app(model, root, {"TMPDIR": str(systmp)})
-    running.system_tmp = systmp
+    running = start_scanned_app(model, root)
     try:
         path = _write(tmp_path, PHI_FILE_NAME, phi_dicom())
         result = running.client().predict(handle_file(path), "predicted", api_name="/predict")

@@ -50,6 +50,16 @@ def phi_offenders(app) -> list[str]:
     return out
 
 
+def start_scanned_app(model, root: Path, env: dict | None = None):
+    """An app of its own whose system temp folder is private too, so that phi_offenders scans all three
+    places it could write (the data dir, Gradio's temp dir, the system temp dir)."""
+    systmp = root / "system-tmp"
+    systmp.mkdir(parents=True)
+    running = start_app(model, root, {"TMPDIR": str(systmp), **(env or {})})
+    running.system_tmp = systmp
+    return running
+
+
 def non_empty_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and p.stat().st_size > 0]
 
@@ -289,10 +299,7 @@ def test_a_film_the_learned_gate_refuses_or_cautions_leaves_no_patient_file(tmp_
     # every film is "unusual"; only the refusal limit differs
     gate = _gate_for(model, limit=0.0 if verdict == "refused" else 1e9, caution=0.0)
     gate.save(model / GATE_FILE)
-    systmp = root / "system-tmp"
-    systmp.mkdir()
-    running = start_app(model, root, {"TMPDIR": str(systmp)})
-    running.system_tmp = systmp
+    running = start_scanned_app(model, root)
     try:
         path = _write(tmp_path, PHI_FILE_NAME, phi_dicom())
         if verdict == "refused":
@@ -386,6 +393,9 @@ def test_a_folder_given_to_batch_is_a_row_and_the_temp_folder_stays_whole(app, t
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".released-")]
     assert Path(pending).exists() and link.is_symlink()  # neither deleted nor renamed by the batch
     link.unlink()
+    kind, _ = raw_call(app, "predict", [{"path": pending, "meta": {"_type": "gradio.FileData"}}, "predicted"])
+    assert kind == "complete"  # the upload's own event reads it; then nothing of the patient is left
+    assert wait_until(lambda: not phi_offenders(app), timeout=10), phi_offenders(app)
 
 
 def test_the_bundled_examples_still_work_after_the_cleanups_have_run(tmp_path):
@@ -416,8 +426,8 @@ def test_the_export_url_works_once_and_uploads_past_the_pending_budget_are_refus
     from test_space import ADMIN_TOKEN
 
     root = tmp_path / "budget-app"
-    running = start_app(save_tiny_classifier(root / "model", image_size=32), root,
-                        {"CXR_PENDING_UPLOADS_MB": "1", "CXR_MAX_UPLOAD_MB": "4"})
+    running = start_scanned_app(save_tiny_classifier(root / "model", image_size=32), root,
+                                {"CXR_PENDING_UPLOADS_MB": "1", "CXR_MAX_UPLOAD_MB": "4"})
     try:
         kind, out = raw_call(running, "export", [], headers={"X-CXR-Admin-Token": ADMIN_TOKEN})
         assert kind == "complete", out
@@ -428,11 +438,13 @@ def test_the_export_url_works_once_and_uploads_past_the_pending_budget_are_refus
         big = tmp_path / "big.png"
         big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(700 * 1024))
         held = upload_only(running, str(big))
-        with open(big, "rb") as f:
-            r = httpx.post(running.url + "gradio_api/upload", files={"files": ("again.png", f)}, timeout=30)
+        with open(big, "rb") as f:  # refused before Gradio writes it: no file of the patient's name appears
+            r = httpx.post(running.url + "gradio_api/upload", files={"files": (PHI_FILE_NAME, f)}, timeout=30)
         assert r.status_code == 503 and "too many uploads" in r.text
+        assert not phi_offenders(running)
         kind, out = raw_call(running, "batch", [[{"path": held, "meta": {"_type": "gradio.FileData"}}]])
         assert kind == "complete" and not Path(held).exists()  # used (a row: not an image), so released
         assert upload_only(running, str(big))  # fits again
+        assert not phi_offenders(running)
     finally:
         running.stop()
