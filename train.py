@@ -89,6 +89,9 @@ class TrainConfig:
     crop_ratio_min: float = field(default=0.9, metadata={"help": "smallest crop aspect change (width/height relative "
                                   "to the image's own; the anchor recipe's RandomResizedCrop uses 0.75)"})
     crop_ratio_max: float = field(default=1.1, metadata={"help": "largest crop aspect change (anchor: 4/3)"})
+    zoom_out: float = field(default=1.0, metadata={"help": "shrink the film by up to this factor onto a black "
+                            "frame (a smaller chest on the detector); 1 = off"})
+    zoom_out_p: float = field(default=0.0, metadata={"help": "probability of the zoom out"})
     max_rotation: float = field(default=7.0, metadata={"help": "rotation range in degrees"})
     brightness: float = field(default=0.15, metadata={"help": "brightness jitter (fraction)"})
     contrast: float = field(default=0.15, metadata={"help": "contrast jitter (fraction)"})
@@ -156,6 +159,7 @@ class TrainConfig:
 
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig(crop_scale=(self.crop_scale_min, 1.0), crop_ratio=(self.crop_ratio_min, self.crop_ratio_max),
+                             zoom_out=self.zoom_out, zoom_out_p=self.zoom_out_p,
                              max_rotation=self.max_rotation, brightness=self.brightness, contrast=self.contrast,
                              gamma=self.gamma, gamma_range=(self.gamma_min, self.gamma_max) if self.gamma_min > 0 and self.gamma_max > 0 else None,
                              tone_p=self.tone_p, hflip=self.hflip, noise=self.noise, noise_p=self.noise_p,

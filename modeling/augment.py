@@ -6,6 +6,10 @@ removes what the label depends on:
 * scale/crop (``crop_scale``): collimation and patient distance vary between sites; crops keep at
   least 80% of the area so both lungs stay in view (a small crop could cut away the consolidation
   and make the label wrong);
+* zoom out (``zoom_out``, off by default): a smaller child or a wider collimation leaves the chest
+  smaller on the detector; the film is shrunk by a factor up to ``zoom_out`` onto a black frame of
+  its own size, at a random place, with probability ``zoom_out_p`` (release v5: the battery's worst
+  geometry, ``zoom_out_1.25``, at or below its magnitude);
 * rotation (``max_rotation`` degrees, black fill): patients are rarely perfectly aligned, but
   frontal films are within a few degrees of upright;
 * brightness/contrast (``brightness``, ``contrast``): exposure, detector and post-processing differ
@@ -43,6 +47,8 @@ from .robustness import jpeg as jpeg_reencode  # one JPEG round trip for trainin
 class AugmentConfig:
     crop_scale: tuple[float, float] = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (0.9, 1.1)  # aspect change relative to the image's own
+    zoom_out: float = 1.0  # largest shrink factor (1 = off)
+    zoom_out_p: float = 0.0
     max_rotation: float = 7.0
     brightness: float = 0.15
     contrast: float = 0.15
@@ -60,7 +66,9 @@ class AugmentConfig:
     jpeg_p: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("tone_p", "noise_p", "blur_p", "sharpen_p", "jpeg_p"):
+        if self.zoom_out < 1.0:
+            raise ValueError(f"zoom_out is a shrink factor >= 1 (1 = off), got {self.zoom_out}")
+        for name in ("zoom_out_p", "tone_p", "noise_p", "blur_p", "sharpen_p", "jpeg_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if self.gamma_range is not None:
@@ -88,10 +96,23 @@ def random_resized_crop(img: Image.Image, rng: random.Random, scale, ratio) -> I
     return img
 
 
+def random_zoom_out(img: Image.Image, rng: random.Random, max_factor: float) -> Image.Image:
+    """The film shrunk by a factor in [1, ``max_factor``] and pasted at a random place on a black
+    frame of its own size (:func:`modeling.robustness.zoom` is the centred, fixed-factor version)."""
+    w, h = img.size
+    f = rng.uniform(1.0, max_factor)
+    sw, sh = max(1, round(w / f)), max(1, round(h / f))
+    canvas = Image.new(img.mode, (w, h), 0)
+    canvas.paste(img.resize((sw, sh), Image.Resampling.BICUBIC), (rng.randint(0, w - sw), rng.randint(0, h - sh)))
+    return canvas
+
+
 def augment(img: Image.Image, cfg: AugmentConfig, rng: random.Random) -> Image.Image:
     """Apply the configured random transforms to a grayscale ("L") or RGB image."""
     if cfg.crop_scale[0] < 1.0:
         img = random_resized_crop(img, rng, cfg.crop_scale, cfg.crop_ratio)
+    if cfg.zoom_out > 1.0 and cfg.zoom_out_p > 0 and rng.random() < cfg.zoom_out_p:
+        img = random_zoom_out(img, rng, cfg.zoom_out)
     if cfg.max_rotation > 0:
         img = img.rotate(rng.uniform(-cfg.max_rotation, cfg.max_rotation), resample=Image.Resampling.BILINEAR,
                          fillcolor=0)

@@ -558,6 +558,28 @@ def test_each_texture_change_happens_at_its_own_probability():
         AugmentConfig(noise_p=1.5)
 
 
+def test_zoom_out_shrinks_the_film_onto_a_black_frame_within_the_batterys_factor():
+    """v5 adds the battery's worst geometry (zoom_out_1.25: a smaller child on a wider detector) at
+    or below its magnitude: the film keeps its size, its content shrinks by at most 1/1.25 and lands
+    somewhere on a black frame; with zoom_out_p = 0 nothing changes."""
+    img = Image.new("L", (100, 80), 200)
+    cfg = _tone_only(zoom_out=1.25, zoom_out_p=1.0)
+    shares, corners = [], set()
+    for s in range(100):
+        out = np.asarray(augment(img, cfg, random.Random(s)))
+        assert out.shape == (80, 100)
+        bright = out > 100
+        shares.append(bright.mean())
+        ys, xs = np.nonzero(bright)
+        corners.add((int(xs.min()), int(ys.min())))
+    assert min(shares) >= 1 / 1.25 ** 2 - 0.03 and max(shares) <= 1.0
+    assert min(shares) < 0.75 and len(corners) > 10  # it reaches the battery's factor, at varied places
+    never = _tone_only(zoom_out=1.25, zoom_out_p=0.0)
+    assert all(np.array_equal(np.asarray(augment(img, never, random.Random(s))), np.asarray(img)) for s in range(20))
+    with pytest.raises(ValueError, match="zoom_out"):
+        AugmentConfig(zoom_out=0.8)
+
+
 def test_jpeg_reencoding_leaves_block_artefacts_at_low_quality_and_keeps_the_mode():
     from modeling.augment import jpeg_reencode
 
