@@ -2,6 +2,7 @@
 
     cxr-evaluate    --model M --dataset D --output-dir O      modeling.evaluate.evaluate_model
     cxr-predict     --model M FILE...                         modeling.predict.Predictor
+    cxr-predict     --model M DIR... --output F.parquet       modeling.archive.predict_archive
     cxr-calibrate   --model M --dataset D --output-dir O      modeling.evaluate.calibrate_saved
     cxr-export      --model M --output-dir O [--dataset D]    modeling.export.export_model
     cxr-robustness  --model M --dataset D --output-dir O      modeling.robustness.evaluate_robustness
@@ -116,7 +117,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 def predict_main(argv: list[str] | None = None) -> int:
     """One JSON line per file. A file that cannot be read gets a line with its error (reason code and
-    message) and the others are still predicted; the exit code is 1 if any file failed, else 0."""
+    message) and the others are still predicted; the exit code is 1 if any file failed, else 0.
+    With --output, folders are walked and every film gets a row of a results table (Parquet, CSV or
+    JSON lines), decoded in worker processes and predicted in batches (modeling.archive)."""
     from PIL import Image
 
     from .image_io import ImageLoadError, load_image
@@ -129,10 +132,24 @@ def predict_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heatmap-dir", default=None, help="write a Grad-CAM overlay PNG per file here")
     ap.add_argument("--target-class", default=None, choices=LABELS, help="heatmap class (default: the predicted one)")
     ap.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in the overlay")
-    ap.add_argument("--precision", default="float32", choices=PRECISIONS,
-                    help="compute precision (float32 reproduces the model card; bfloat16 is faster on CPUs with native bf16)")
-    ap.add_argument("files", nargs="+")
+    ap.add_argument("--precision", default=None, choices=PRECISIONS,
+                    help="compute precision (float32 reproduces the model card; bfloat16 is faster on CPUs with native "
+                         "bf16); default float32, or auto (bf16 where native) with --output")
+    archive = ap.add_argument_group("archive mode (--output): folders to a results table, modeling.archive")
+    archive.add_argument("--output", default=None, help="results file: .parquet, .csv or .jsonl (rows written as they come)")
+    archive.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in this process)")
+    archive.add_argument("--batch-size", type=int, default=16, help="films per forward pass")
+    archive.add_argument("--resume", action="store_true", help="skip the files whose rows are already in --output")
+    archive.add_argument("--no-paths", action="store_true", help="leave the path column empty; the file hash is the key")
+    archive.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not a terminal)")
+    archive.add_argument("--max-side", type=int, default=2048, help="films are reduced to this long side while decoding")
+    archive.add_argument("--num-threads", type=int, default=None, help="torch threads for the forward pass")
+    ap.add_argument("files", nargs="+", metavar="DIR_OR_FILE")
     args = parse(ap, argv)
+    if args.output:
+        return _archive(args)
+    if args.precision is None:
+        args.precision = "float32"
 
     predictor = Predictor.from_pretrained(args.model, revision=args.revision, precision=args.precision)
     heat_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
@@ -158,6 +175,30 @@ def predict_main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"{failed} of {len(args.files)} file(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _archive(args: argparse.Namespace) -> int:
+    from .archive import ArchiveConfig, output_format, predict_archive
+
+    try:
+        output_format(args.output)
+    except ValueError as exc:
+        print(f"cxr-predict: {exc}", file=sys.stderr)
+        return 2
+    _threads(args.num_threads)
+    cfg = ArchiveConfig(inputs=args.files, output=args.output, model=args.model, revision=args.revision,
+                        workers=args.workers, batch_size=args.batch_size, resume=args.resume, paths=not args.no_paths,
+                        progress=False if args.no_progress else None, precision=args.precision or "auto",
+                        max_side=args.max_side)
+    try:
+        summary = predict_archive(cfg)
+    except KeyboardInterrupt as stop:
+        done = stop.args[0] if stop.args else None
+        print(f"interrupted: {done.written if done else 'the'} rows written to {args.output} are kept; run again with "
+              "--resume to continue", file=sys.stderr)
+        return 130
+    print(json.dumps(summary.to_dict()), flush=True)
+    return 0
 
 
 # ---- calibrate ----------------------------------------------------------------------------------------

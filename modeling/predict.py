@@ -108,6 +108,30 @@ def resolve_revision(model_id_or_dir: str, revision: str | None = None) -> str:
     return config_path.parent.name  # .../snapshots/<commit>/config.json
 
 
+DECISIONS = ("no_pneumonia", "uncertain", "pneumonia", "out_of_scope")
+
+
+def decide(p_pneumonia: float, threshold: float, uncertain_high: float) -> tuple[str, str]:
+    """Three-way triage on the calibrated pneumonia probability (the Space's answer and the archive's
+    ``decision`` column; a film the scope check flags gets ``out_of_scope`` instead, by its caller).
+
+    Below the stored threshold (chosen on validation for ~98.5% sensitivity) the model has nothing to
+    flag. From the threshold to ``uncertain_high`` the film is flagged but the model is not confident:
+    "uncertain, refer for review". At or above it: "pneumonia, refer"."""
+    if p_pneumonia < threshold:
+        return "no_pneumonia", (f"No pneumonia detected: P(pneumonia) = {p_pneumonia:.1%}, below the triage "
+                                f"threshold {threshold:.1%}.")
+    if p_pneumonia < uncertain_high:
+        return "uncertain", (f"Uncertain, refer for review: P(pneumonia) = {p_pneumonia:.1%}, above the triage "
+                             f"threshold {threshold:.1%} but below {uncertain_high:.0%}.")
+    return "pneumonia", f"Pneumonia suspected, refer: P(pneumonia) = {p_pneumonia:.1%}."
+
+
+def default_uncertain_high(threshold: float) -> float:
+    """Upper end of the "uncertain, refer" band when none is set (``CXR_UNCERTAIN_HIGH`` in the Space)."""
+    return max(0.5, (threshold + 1.0) / 2.0)
+
+
 PRECISIONS = ("float32", "bfloat16", "auto")
 
 
@@ -206,7 +230,9 @@ class Predictor:
 
     def _forward(self, images: list[Image.Image]) -> tuple[torch.Tensor, np.ndarray | None]:
         """Logits, and the head's input features when a gate or scope check reads them (same pass)."""
-        pv = pixel_values(self.processor, images)
+        return self._forward_pixels(pixel_values(self.processor, images))
+
+    def _forward_pixels(self, pv: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
         net = self._fast if self._fast is not None else self.model
         with torch.inference_mode(), _head_inputs(net, self.reads_features) as feats:
             logits = net(pixel_values=pv.to(next(net.parameters()).dtype)).logits.float()
@@ -241,24 +267,35 @@ class Predictor:
                 classes = res.target_classes
             else:
                 logits, feats = self._forward(batch)
-            verdicts = self.gate.verdicts(feats) if self.gate is not None and feats is not None else None
-            scopes = self.scope.verdicts(feats) if self.scope is not None and feats is not None else None
-            probs = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
-            for i, (p, im) in enumerate(zip(probs, batch)):
-                p_pneu = pneumonia_probability(p)
-                answered = scopes is None or not scopes[i].out_of_scope
-                out.append(Prediction(
-                    label=LABELS[int(p.argmax())] if answered else None,
-                    probabilities={name: float(v) for name, v in zip(LABELS, p)},
-                    pneumonia_probability=p_pneu,
-                    pneumonia=(p_pneu >= self.threshold) if answered else None,
-                    threshold=self.threshold,
-                    image_size=im.size,
-                    heatmap=None if maps is None else maps[i].astype(np.float32),
-                    heatmap_class=None if classes is None else LABELS[int(classes[i])],
-                    gate=None if verdicts is None else verdicts[i],
-                    scope=None if scopes is None else scopes[i],
-                ))
+            out += self._predictions(logits, feats, [im.size for im in batch], maps, classes)
+        return out
+
+    def predict_pixel_values(self, pixel_values: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
+        """Predictions for a batch already through the image processor (no heatmap): what
+        :mod:`modeling.archive` calls with films decoded and processed in worker processes."""
+        return self._predictions(*self._forward_pixels(pixel_values), image_sizes)
+
+    def _predictions(self, logits: torch.Tensor, feats: np.ndarray | None, sizes: Sequence[tuple[int, int]],
+                     maps: list | None = None, classes: list | None = None) -> list[Prediction]:
+        verdicts = self.gate.verdicts(feats) if self.gate is not None and feats is not None else None
+        scopes = self.scope.verdicts(feats) if self.scope is not None and feats is not None else None
+        probs = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
+        out = []
+        for i, (p, size) in enumerate(zip(probs, sizes)):
+            p_pneu = pneumonia_probability(p)
+            answered = scopes is None or not scopes[i].out_of_scope
+            out.append(Prediction(
+                label=LABELS[int(p.argmax())] if answered else None,
+                probabilities={name: float(v) for name, v in zip(LABELS, p)},
+                pneumonia_probability=p_pneu,
+                pneumonia=(p_pneu >= self.threshold) if answered else None,
+                threshold=self.threshold,
+                image_size=tuple(size),
+                heatmap=None if maps is None else maps[i].astype(np.float32),
+                heatmap_class=None if classes is None else LABELS[int(classes[i])],
+                gate=None if verdicts is None else verdicts[i],
+                scope=None if scopes is None else scopes[i],
+            ))
         return out
 
     def predict_one(self, image: ImageInput, **kwargs) -> Prediction:

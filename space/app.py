@@ -53,6 +53,7 @@ from PIL import Image  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
 from modeling.image_io import IMAGE_EXTENSIONS  # noqa: E402
+from modeling.archive import error_row  # noqa: E402
 from modeling.labels import LABELS  # noqa: E402
 from modeling.predict import Predictor  # noqa: E402
 
@@ -288,8 +289,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         problems = {p: files.upload_problem(p) for p in paths}
         rows = service.batch([p for p in paths if not problems[p]], progress=lambda frac, desc: progress(frac, desc=desc),
                              release=files.release)
-        rows += [{"#": len(rows) + i, "file": Path(p).name, "label": "", "decision": "",
-                  "error": f"This path was not accepted: {why}."}
+        rows += [{"#": len(rows) + i, "file": Path(p).name, **error_row("not_an_upload", f"This path was not accepted: {why}.")}
                  for i, (p, why) in enumerate(((p, w) for p, w in problems.items() if w), start=1)]
         out = rows_to_csv(rows, files.scratch("batch") / "predictions.csv")
         cols = ["#", "file", "label", "p_pneumonia", "decision", "error"]

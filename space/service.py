@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import logging
 import lzma
 import os
@@ -25,11 +24,10 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from modeling.image_io import ImageLoadError, load_image_with_info, pixel_sha256
+from modeling.archive import correct_and_repredict, decision_for, error_row, prediction_row, read_film
+from modeling.image_io import ImageLoadError, pixel_sha256
 from modeling.labels import DISPLAY_NAMES, LABELS
-from modeling.predict import Prediction, Predictor
-from modeling.dicom import identifying_tags
-from modeling.quality import symmetry_problems, xray_problems
+from modeling.predict import Prediction, Predictor, decide, default_uncertain_high  # noqa: F401 (re-exported)
 
 from .store import FeedbackStore, PredictionRecord, StoreError
 
@@ -41,7 +39,12 @@ MAX_ZIP_UNCOMPRESSED = 1024 * 1024 * 1024
 
 
 class InputError(ValueError):
-    """An upload the Space will not analyse; ``str()`` is the message shown to the user."""
+    """An upload the Space will not analyse; ``str()`` is the message shown to the user, ``reason`` a
+    stable code (the archive's, :data:`modeling.archive.COLUMNS`' ``reason``)."""
+
+    def __init__(self, message: str, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -73,26 +76,6 @@ class Analysis:
             "gate": None if p.gate is None else p.gate.to_dict(),
             "scope": None if p.scope is None else p.scope.to_dict(),
         }
-
-
-def decide(p_pneumonia: float, threshold: float, uncertain_high: float) -> tuple[str, str]:
-    """Three-way triage on the calibrated pneumonia probability.
-
-    Below the stored threshold (chosen on validation for ~98.5% sensitivity) the model has nothing to
-    flag. From the threshold to ``uncertain_high`` the film is flagged but the model is not confident:
-    "uncertain, refer for review". At or above it: "pneumonia, refer"."""
-    if p_pneumonia < threshold:
-        return "no_pneumonia", (f"No pneumonia detected: P(pneumonia) = {p_pneumonia:.1%}, below the triage "
-                                f"threshold {threshold:.1%}.")
-    if p_pneumonia < uncertain_high:
-        return "uncertain", (f"Uncertain, refer for review: P(pneumonia) = {p_pneumonia:.1%}, above the triage "
-                             f"threshold {threshold:.1%} but below {uncertain_high:.0%}.")
-    return "pneumonia", f"Pneumonia suspected, refer: P(pneumonia) = {p_pneumonia:.1%}."
-
-
-def default_uncertain_high(threshold: float) -> float:
-    """Upper end of the "uncertain, refer" band when ``CXR_UNCERTAIN_HIGH`` is not set."""
-    return max(0.5, (threshold + 1.0) / 2.0)
 
 
 def read_upload(path_or_bytes: str | os.PathLike | bytes) -> bytes:
@@ -207,22 +190,22 @@ class CxrService:
     def load(self, data: bytes) -> tuple[Image.Image, list[str]]:
         """Decode and gate an upload. Raises :class:`InputError` with a readable message."""
         try:
-            gray, info = load_image_with_info(data, max_side=self.max_side)
+            film = read_film(data, max_side=self.max_side)
         except ImageLoadError as exc:
-            raise InputError(f"Cannot read this file: {exc.detail}") from None
-        problems = xray_problems(gray, info, data)
-        if problems:
-            raise InputError("This does not look like a frontal chest X-ray: " + "; ".join(problems) + ".")
-        notes = list(info.notes) if info.converted else []
-        if info.is_dicom:  # the project's de-identification policy (modeling.dicom): names, never values
-            names, _, burned = identifying_tags(data)
-            if burned == "YES":
-                raise InputError("The DICOM header says text is burned into the pixels (BurnedInAnnotation YES), "
-                                 "which can identify the patient and cannot be removed: upload a film without it.")
-            if names:
-                notes.append("identifying DICOM tags were present and are not stored (only the pixels are used): "
-                             + ", ".join(names))
-        notes += symmetry_problems(gray)
+            raise InputError(f"Cannot read this file: {exc.detail}", exc.reason) from None
+        if film.problems:
+            raise InputError("This does not look like a frontal chest X-ray: " + "; ".join(film.problems) + ".",
+                             "not_a_chest_xray")
+        if film.burned_in_annotation:
+            raise InputError("The DICOM header says text is burned into the pixels (BurnedInAnnotation YES), "
+                             "which can identify the patient and cannot be removed: upload a film without it.",
+                             "burned_in_annotation")
+        notes = list(film.notes)
+        if film.identifying_tags:
+            notes.append("identifying DICOM tags were present and are not stored (only the pixels are used): "
+                         + ", ".join(film.identifying_tags))
+        gray = film.gray
+        notes += film.warnings
         return gray, notes
 
     def analyze(self, upload: str | os.PathLike | bytes, *, target_class: str | None = None,
@@ -243,17 +226,11 @@ class CxrService:
             checked = self.predictor.reads_features
             pred = self.predictor.predict_one(gray, heatmap=heatmap and not checked, target_class=target_class)
             if pred.gate is not None:
-                if pred.gate.needs_correction:  # a turned or inverted film is put right first
-                    found = pred.gate
-                    notes += found.notes()
-                    gray = found.correct(gray)
-                    pred = self.predictor.predict_one(gray)
-                    # the distance is the corrected film's; the turn and inversion reported are what was found
-                    pred.gate = dataclasses.replace(
-                        pred.gate, rotation=found.rotation, rotation_probability=found.rotation_probability,
-                        inverted=found.inverted, inverted_probability=found.inverted_probability)
+                gray, pred, corrected = correct_and_repredict(self.predictor, gray, pred)  # a turned film put right
+                notes += corrected
                 if pred.gate.out_of_distribution:
-                    raise InputError("This does not look like a frontal chest X-ray: " + pred.gate.refusal() + ".")
+                    raise InputError("This does not look like a frontal chest X-ray: " + pred.gate.refusal() + ".",
+                                     "gate_refused")
                 if caution := pred.gate.caution():
                     notes.append(caution)
             if heatmap and checked and not pred.out_of_scope:
@@ -261,10 +238,7 @@ class CxrService:
                 pred = self.predictor.predict_one(gray, heatmap=True, target_class=target_class).with_checks(
                     first.gate, first.scope)
         latency = (time.perf_counter() - t0) * 1000
-        if pred.out_of_scope:
-            decision, verdict = "out_of_scope", pred.scope.message()
-        else:
-            decision, verdict = decide(pred.pneumonia_probability, pred.threshold, self.uncertain_high)
+        decision, verdict = decision_for(pred, self.uncertain_high)
         sha = pixel_sha256(gray)
         pid = self.store.record_prediction(PredictionRecord(
             model_id=self.predictor.model_id or "unknown", model_revision=self.predictor.revision or "unknown",
@@ -326,12 +300,9 @@ class CxrService:
                     row = {"#": i, "file": item.name}
                     try:
                         a = self.analyze(item.read(), channel="batch", heatmap=False)
-                        p = a.prediction
-                        row.update({"label": p.label or "", **{f"p_{k}": round(v, 4) for k, v in p.probabilities.items()},
-                                    "p_pneumonia": round(p.pneumonia_probability, 4), "decision": a.decision,
-                                    "image_sha256": a.image_sha256, "error": ""})
+                        row.update(prediction_row(a.prediction, a.decision, a.image_sha256))
                     except InputError as exc:
-                        row.update({"label": "", "decision": "", "error": str(exc)})
+                        row.update(error_row(exc.reason, str(exc)))
                     rows.append(row)
             finally:
                 if release:  # an open archive stays readable after its file is unlinked
@@ -454,7 +425,7 @@ def plan_batch(uploads: list[Path], max_files: int | None = None,
 
 
 BATCH_COLUMNS = ["#", "label", "p_normal", "p_bacterial_pneumonia", "p_viral_pneumonia", "p_pneumonia",
-                 "decision", "image_sha256", "error"]
+                 "decision", "image_sha256", "reason", "error"]
 
 
 def rows_to_csv(rows: list[dict], path: str | os.PathLike) -> Path:

@@ -1,0 +1,235 @@
+"""Archive-scale prediction (modeling.archive, `cxr-predict DIR --output F`): a real small archive made
+here (nested folders, JPEG/PNG/16-bit PNG, DICOM with and without an extension and with a patient's
+identifiers, a truncated file, a colour photo, files that are not films) through the real command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from synthetic import PATIENT, make_dicom, sixteen_bit, xray_like
+from tiny_models import save_tiny_classifier
+
+from modeling.archive import COLUMNS, ArchiveConfig, find_films, predict_archive, read_rows
+from modeling.predict import Predictor
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+FILMS = {  # relative path -> what its row must say (None: predicted)
+    "a/normal.png": None,
+    "a/deep/film.jpg": None,
+    "a/deep/sixteen.png": None,
+    "b/IM0001": None,  # a DICOM without an extension
+    "b/named.dcm": None,  # a DICOM whose header names the patient
+    "b/broken.jpeg": "truncated",
+    "c/photo.png": "not_a_chest_xray",
+}
+
+
+def make_archive(root: Path, n_extra: int = 0) -> Path:
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "c").mkdir()
+    xray_like(1, (80, 96)).save(root / "a" / "normal.png")
+    xray_like(2, (90, 90)).convert("RGB").save(root / "a" / "deep" / "film.jpg", quality=92)
+    sixteen_bit(xray_like(3, (70, 84))).save(root / "a" / "deep" / "sixteen.png")
+    pixels = (np.asarray(xray_like(4, (88, 100)), dtype=np.uint16) * 16)
+    (root / "b" / "IM0001").write_bytes(make_dicom(pixels, bits_stored=12))
+    (root / "b" / "named.dcm").write_bytes(make_dicom(pixels[:, ::-1].copy(), bits_stored=12, **PATIENT))
+    good = (root / "a" / "normal.png").read_bytes()
+    (root / "b" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+    rgb = np.zeros((80, 80, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = np.linspace(0, 255, 80)[None, :], np.linspace(255, 0, 80)[:, None]
+    Image.fromarray(rgb).save(root / "c" / "photo.png")
+    (root / "c" / "report.txt").write_text("not a film")
+    (root / "c" / ".hidden.png").write_bytes(good)
+    (root / ".cache").mkdir()
+    (root / ".cache" / "thumb.png").write_bytes(good)
+    if n_extra:
+        (root / "extra").mkdir()
+    for i in range(n_extra):
+        xray_like(100 + i, (64, 72)).save(root / "extra" / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_classifier(tmp_path_factory.mktemp("archive-model") / "m", image_size=32)
+
+
+def test_find_films_walks_folders_and_takes_dicom_without_an_extension(tmp_path):
+    root = make_archive(tmp_path / "arch")
+    keys = [s.key for s in find_films([root])]
+    assert keys == sorted(FILMS)  # stable order; no .txt, no hidden file or folder
+    single = find_films([root / "a" / "normal.png"])
+    assert [s.key for s in single] == [str(root / "a" / "normal.png")]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_film_gets_one_row_like_the_predictor_and_no_identifier_is_copied(tmp_path, model_dir, workers):
+    root = make_archive(tmp_path / "arch")
+    out = tmp_path / "results.parquet"
+    predictor = Predictor.from_pretrained(str(model_dir))
+    summary = predict_archive(ArchiveConfig(inputs=[str(root)], output=str(out), workers=workers, batch_size=3,
+                                            progress=False), predictor)
+    rows = {r["path"]: r for r in read_rows(out)}
+    assert set(rows) == set(FILMS) and summary.written == len(FILMS) == summary.predicted + summary.failed
+    assert list(read_rows(out)[0]) == COLUMNS
+    for key, reason in FILMS.items():
+        r = rows[key]
+        assert r["model_revision"] == predictor.revision and len(r["file_sha256"]) == 64
+        if reason:
+            assert r["reason"] == reason and r["error"] and r["p_pneumonia"] is None and r["decision"] == ""
+            continue
+        direct = predictor.predict_one(root / key)
+        assert r["reason"] == "" and r["p_pneumonia"] == pytest.approx(direct.pneumonia_probability, abs=1e-4)
+        assert r["label"] == direct.label and r["pneumonia"] == direct.pneumonia
+        assert r["decision"] in ("no_pneumonia", "uncertain", "pneumonia")
+        assert (r["width"], r["height"]) == direct.image_size and len(r["image_sha256"]) == 64
+    raw = out.read_bytes()
+    for value in PATIENT.values():  # DICOM headers are never copied
+        assert value.encode() not in raw and value.split("^")[0].encode() not in raw
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_the_three_formats_hold_the_same_rows(tmp_path, model_dir):
+    root = make_archive(tmp_path / "arch")
+    predictor = Predictor.from_pretrained(str(model_dir))
+    tables = {}
+    for suffix in (".parquet", ".csv", ".jsonl"):
+        out = tmp_path / f"r{suffix}"
+        predict_archive(ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, progress=False), predictor)
+        tables[suffix] = sorted(read_rows(out), key=lambda r: r["path"])
+    for suffix in (".csv", ".jsonl"):
+        for a, b in zip(tables[".parquet"], tables[suffix]):
+            assert {k: v for k, v in a.items() if v not in ("", None)} == pytest.approx(
+                {k: v for k, v in b.items() if v not in ("", None)})
+    with pytest.raises(ValueError, match="parquet"):
+        predict_archive(ArchiveConfig(inputs=[str(root)], output=str(tmp_path / "r.xlsx"), workers=0), predictor)
+
+
+def test_an_interrupted_run_leaves_a_valid_file_and_resume_does_only_the_rest(tmp_path, model_dir, monkeypatch):
+    import modeling.archive as archive
+
+    root = make_archive(tmp_path / "arch")
+    out = tmp_path / "results.parquet"
+    predictor = Predictor.from_pretrained(str(model_dir))
+    real = archive._rows_for_batch
+    batches = []
+
+    def stop_after_two(*a, **kw):
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        batches.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(archive, "_rows_for_batch", stop_after_two)
+    cfg = ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, batch_size=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        predict_archive(cfg, predictor)
+    first = read_rows(out)  # a readable table with the two finished batches
+    assert len(first) == 4 and not Path(str(out) + ".partial").exists()
+    monkeypatch.setattr(archive, "_rows_for_batch", real)
+    decoded = []
+    real_read = archive.read_film
+    monkeypatch.setattr(archive, "read_film", lambda data, **kw: decoded.append(1) or real_read(data, **kw))
+    summary = predict_archive(ArchiveConfig(**{**cfg.__dict__, "resume": True}), predictor)
+    rows = read_rows(out)
+    assert sorted(r["path"] for r in rows) == sorted(FILMS) and summary.skipped == 4
+    assert len(decoded) == len(FILMS) - 4  # only the rest is decoded again, each once
+    assert rows[:4] == first
+
+
+def test_no_paths_keeps_the_path_out_and_resumes_by_the_files_hash(tmp_path, model_dir):
+    root = make_archive(tmp_path / "arch")
+    out = tmp_path / "results.csv"
+    predictor = Predictor.from_pretrained(str(model_dir))
+    cfg = ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, paths=False, progress=False)
+    predict_archive(cfg, predictor)
+    rows = read_rows(out)
+    assert len(rows) == len(FILMS) and not any(r["path"] for r in rows)
+    assert "named.dcm" not in out.read_text() and "IM0001" not in out.read_text()
+    xray_like(9, (80, 80)).save(root / "a" / "new.png")
+    summary = predict_archive(ArchiveConfig(**{**cfg.__dict__, "resume": True}), predictor)
+    assert summary.skipped == len(FILMS) and summary.written == 1 and len(read_rows(out)) == len(FILMS) + 1
+
+
+def test_a_torn_last_line_of_a_killed_run_is_dropped_on_resume(tmp_path, model_dir):
+    root = make_archive(tmp_path / "arch")
+    out = tmp_path / "results.jsonl"
+    predictor = Predictor.from_pretrained(str(model_dir))
+    cfg = ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, progress=False)
+    predict_archive(cfg, predictor)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]) + lines[3][:25])  # what kill -9 mid-write leaves
+    predict_archive(ArchiveConfig(**{**cfg.__dict__, "resume": True}), predictor)
+    assert sorted(r["path"] for r in read_rows(out)) == sorted(FILMS)
+
+
+def test_the_cli_writes_the_table_and_ctrl_c_leaves_a_valid_file(tmp_path, model_dir):
+    root = make_archive(tmp_path / "arch", n_extra=200)
+    out = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "-m", "modeling", "predict", "--model", str(model_dir), str(root), "--output", str(out),
+           "--workers", "1", "--batch-size", "1", "--no-progress", "--precision", "float32"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err, err[-2000:]
+    kept = read_rows(out)
+    assert 5 <= len(kept) < len(FILMS) + 200
+    assert out.read_text().endswith("\n")  # every row whole
+    done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = read_rows(out)
+    assert summary["skipped"] == len(kept) and len(rows) == len(FILMS) + 200
+    assert len({r["path"] for r in rows}) == len(rows)
+
+
+def test_two_processes_split_the_files_and_merge_one_table(tmp_path, model_dir):
+    """What `accelerate launch` does on several GPUs or machines, on two CPU processes."""
+    root = make_archive(tmp_path / "arch", n_extra=5)
+    out = tmp_path / "results.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "modeling",
+         "predict", "--model", str(model_dir), str(root), "--output", str(out), "--workers", "0", "--no-progress"],
+        cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_rows(out)
+    assert sorted(r["path"] for r in rows) == sorted([*FILMS, *(f"extra/{i:04d}.png" for i in range(5))])
+    assert not list(tmp_path.glob("*.shard-*"))
+    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 2 and sum(s["written"] for s in summaries) == len(rows)
+
+
+def test_the_spaces_batch_rows_are_the_archives_rows(tmp_path, model_dir):
+    from space.service import CxrService
+    from space.store import FeedbackStore
+
+    root = make_archive(tmp_path / "arch")
+    predictor = Predictor.from_pretrained(str(model_dir))
+    out = tmp_path / "results.jsonl"
+    predict_archive(ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, progress=False), predictor)
+    ours = {r["path"]: r for r in read_rows(out)}
+    service = CxrService(predictor, FeedbackStore(tmp_path / "store"))
+    try:
+        keys = sorted(FILMS)
+        space_rows = service.batch([root / k for k in keys])
+    finally:
+        service.close()
+    for key, row in zip(keys, space_rows):
+        cols = ["label", "p_normal", "p_bacterial_pneumonia", "p_viral_pneumonia", "p_pneumonia", "decision", "reason"]
+        for col in cols + ([] if FILMS[key] else ["image_sha256"]):
+            assert (row.get(col) or None) == pytest.approx(ours[key][col] or None, abs=1e-4), (key, col)
