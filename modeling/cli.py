@@ -236,16 +236,23 @@ def calibrate_main(argv: list[str] | None = None) -> int:
 # ---- export -------------------------------------------------------------------------------------------
 
 def export_main(argv: list[str] | None = None) -> int:
-    """Write release weights (float16 on disk, float32 compute), checked on validation images."""
+    """Write release weights (float16 on disk, float32 compute), checked on validation images. With
+    --onnx: write onnx/ (model.onnx, model_quantized.onnx, browser.json) beside a released model's
+    weights instead (modeling.onnx_export), each variant checked against the PyTorch model."""
     from .export import WEIGHT_DTYPES, export_model
 
     ap = argparse.ArgumentParser(prog="cxr-export", description=export_main.__doc__)
-    add_flag(ap, "--model", required=True, help="calibrated save_pretrained folder (train.py output)")
-    add_flag(ap, "--output-dir", required=True)
+    add_flag(ap, "--model", required=True, help="calibrated save_pretrained folder (train.py output; with --onnx: "
+                                                 "the released folder, e.g. space/model)")
+    add_flag(ap, "--output-dir", default=None, help="where the release goes (with --onnx: default MODEL/onnx)")
     ap.add_argument("--weights-dtype", default="float16", choices=sorted(WEIGHT_DTYPES))
     add_flag(ap, "--dataset", old=("--check-dataset",), default=None,
              help="dataset whose --check-split images measure the rounding")
     ap.add_argument("--check-split", default="validation")
+    ap.add_argument("--check-images", default=None, help="with --onnx and no --dataset: a folder of films to check on")
+    ap.add_argument("--onnx", action="store_true", help="export ONNX variants for onnxruntime and the browser")
+    ap.add_argument("--variants", default="float32,int8", help="with --onnx: float32 plus any of int8, float16")
+    ap.add_argument("--report", default=None, help="with --onnx: also write the agreement summary to this JSON file")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     args = parse(ap, argv)
     images = None
@@ -255,6 +262,24 @@ def export_main(argv: list[str] | None = None) -> int:
         if args.check_split == "test":
             ap.error("check the export on validation: the official test split is for the one evaluation")
         images = require_split(load_cxr_dataset(args.dataset), args.check_split)["image"]
+    if args.onnx:
+        from .archive import find_films
+        from .image_io import load_image
+        from .onnx_export import export_onnx
+
+        if images is None:
+            if not args.check_images:
+                ap.error("--onnx needs films to check the variants on: --dataset D (its validation split) or --check-images DIR")
+            images = [load_image(s.path) for s in find_films([args.check_images])]
+        summary = export_onnx(args.model, check_images=list(images), variants=args.variants.split(","),
+                              output_dir=args.output_dir)
+        if args.report:
+            Path(args.report).write_text(json.dumps({**summary, "command": "cxr-export " + " ".join(argv or sys.argv[1:])},
+                                                    indent=2) + "\n")
+        print(json.dumps(summary, indent=2))
+        return 0
+    if not args.output_dir:
+        ap.error("the following arguments are required: --output-dir")
     print(json.dumps(export_model(args.model, args.output_dir, weights_dtype=args.weights_dtype,
                                   check_images=images, overwrite=args.overwrite), indent=2))
     return 0

@@ -133,6 +133,7 @@ def default_uncertain_high(threshold: float) -> float:
 
 
 PRECISIONS = ("float32", "bfloat16", "auto")
+BACKENDS = ("torch", "onnx")
 
 
 def bf16_fast() -> bool:
@@ -162,7 +163,8 @@ class Predictor:
     """A calibrated classifier with optional Grad-CAM. Build with :meth:`from_pretrained`."""
 
     def __init__(self, model, processor, *, model_id: str | None = None, revision: str | None = None,
-                 precision: str = "float32", gate: InputGate | None = None, scope: ScopeCheck | None = None) -> None:
+                 precision: str = "float32", gate: InputGate | None = None, scope: ScopeCheck | None = None,
+                 onnx_session=None) -> None:
         self.model = model.eval()
         self.gate = gate
         self.scope = scope
@@ -173,7 +175,11 @@ class Predictor:
         # Grad-CAM always runs on the float32 model.
         self.precision = resolve_precision(precision)
         self._fast = None
-        if self.precision == "bfloat16":
+        # backend="onnx": plain predictions run on an onnxruntime session of the exported graph
+        # (modeling.onnx_export; the same logits and head features); Grad-CAM keeps the torch model.
+        self._onnx = onnx_session
+        self.backend = "torch" if onnx_session is None else "onnx"
+        if self.precision == "bfloat16" and onnx_session is None:
             import copy
 
             self._fast = copy.deepcopy(self.model).to(torch.bfloat16).eval()
@@ -188,18 +194,33 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, model_id_or_dir: str, *, revision: str | None = None, precision: str = "float32",
-                        **kwargs) -> "Predictor":
+                        backend: str = "torch", onnx_variant: str = "float32", **kwargs) -> "Predictor":
         """Load model + image processor from a Hub id or a ``save_pretrained`` directory. Weights
         stored in fp16/bf16 are upcast to float32; ``precision`` is the compute precision
-        ("float32", "bfloat16" or "auto": bf16 where the CPU has it natively)."""
+        ("float32", "bfloat16" or "auto": bf16 where the CPU has it natively). ``backend="onnx"`` runs
+        plain predictions with onnxruntime on ``onnx/<variant file>`` saved beside the weights
+        (``cxr-export --onnx``; ``onnx_variant`` "float32", "int8" or "float16")."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         model = AutoModelForImageClassification.from_pretrained(
             model_id_or_dir, revision=revision, dtype=torch.float32, **kwargs)
         # backend="pil": the backend training used; with torchvision installed transformers would
         # otherwise pick its torchvision resize, which differs slightly (train/serve skew).
         processor = AutoImageProcessor.from_pretrained(model_id_or_dir, revision=revision, backend="pil")
+        sess = None
+        if backend == "onnx":
+            from .gate import file_beside
+            from .onnx_export import VARIANTS, session
+
+            graph = file_beside(str(model_id_or_dir), f"onnx/{VARIANTS[onnx_variant]}", revision)
+            if graph is None:
+                raise FileNotFoundError(f"{model_id_or_dir} has no onnx/{VARIANTS[onnx_variant]}: export it with "
+                                        f"cxr-export --model {model_id_or_dir} --onnx ...")
+            sess = session(graph, torch.get_num_threads())
         return cls(model, processor, model_id=str(model_id_or_dir),
                    revision=resolve_revision(str(model_id_or_dir), revision), precision=precision,
-                   gate=load_gate(str(model_id_or_dir), revision), scope=load_scope(str(model_id_or_dir), revision))
+                   gate=load_gate(str(model_id_or_dir), revision), scope=load_scope(str(model_id_or_dir), revision),
+                   onnx_session=sess)
 
     @property
     def threshold(self) -> float:
@@ -233,6 +254,9 @@ class Predictor:
         return self._forward_pixels(pixel_values(self.processor, images))
 
     def _forward_pixels(self, pv: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+        if self._onnx is not None:
+            logits, feats = self._onnx.run(["logits", "features"], {"pixel_values": pv.float().numpy()})
+            return torch.from_numpy(logits), (feats if self.reads_features else None)
         net = self._fast if self._fast is not None else self.model
         with torch.inference_mode(), _head_inputs(net, self.reads_features) as feats:
             logits = net(pixel_values=pv.to(next(net.parameters()).dtype)).logits.float()

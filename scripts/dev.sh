@@ -26,6 +26,30 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# The private page (/private/): ONNX Runtime Web from npm, and the bundled model's ONNX export
+# (generated, not committed: 70 MB of graphs per release would bloat the repository; the export is
+# deterministic from the committed weights and checked against them on the Space's examples).
+setup_private() {
+  if command -v npm >/dev/null 2>&1; then
+    if [ ! -f space/private/node_modules/.package-lock.json ] ||
+       ! cmp -s space/private/package-lock.json space/private/node_modules/.stamp-lock 2>/dev/null; then
+      echo "installing the private page's npm packages (onnxruntime-web)"
+      (cd space/private && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error) &&
+        cp space/private/package-lock.json space/private/node_modules/.stamp-lock
+    fi
+  else
+    echo "no npm: the private page (/private/) will say its runtime is missing"
+  fi
+  local want
+  want=$(cat space/model/model.safetensors space/model/config.json space/model/scope_check.npz \
+         modeling/onnx_export.py 2>/dev/null | sha256sum | cut -d' ' -f1)
+  if [ ! -f space/model/onnx/.source.sha256 ] || [ "$(cat space/model/onnx/.source.sha256)" != "$want" ]; then
+    echo "exporting the bundled model to ONNX for the private page (about a minute)"
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 .venv/bin/cxr-export --model space/model --onnx \
+      --check-images space/examples --variants float32,int8 >/dev/null && echo "$want" > space/model/onnx/.source.sha256
+  fi
+}
+
 ensure_chromium() {
   command -v chromium >/dev/null 2>&1 && return 0
   local sudo=""
@@ -43,9 +67,10 @@ ensure_chromium() {
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  setup) setup ;;
+  setup) setup; setup_private ;;
   space)
     setup
+    setup_private
     export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
     exec .venv/bin/python -m space.app "$@" ;;
   dataset)
@@ -56,6 +81,7 @@ case "$cmd" in
       --output-dir data/cxr-pneumonia "$@" ;;
   test)
     setup
+    setup_private
     ensure_chromium
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     exec .venv/bin/python -m pytest -m "" "$@" ;;  # all tests (plain `pytest` is the fast subset)

@@ -58,6 +58,7 @@ from modeling.labels import LABELS  # noqa: E402
 from modeling.predict import Predictor  # noqa: E402
 
 from .access import AccessDenied, AccessPolicy, request_token  # noqa: E402
+from .private_mode import routes as private_routes  # noqa: E402
 from .service import (LABEL_NAMES, MAX_UPLOAD_BYTES, CxrService, InputError, analytics,  # noqa: E402
                       heatmap_overlay, rows_to_csv)
 from .store import ROLES, FeedbackStore, StoreError  # noqa: E402
@@ -544,7 +545,9 @@ def main(argv: list[str] | None = None) -> None:
         enable_monitoring=False, state_session_capacity=500,
         # uploads are counted on their way out (space.files.ClaimUploads); static workers would answer
         # uploads in processes the middleware never sees
-        num_workers=0, app_kwargs={"middleware": [Middleware(ClaimUploads, files=files)]})
+        num_workers=0, app_kwargs={"middleware": [Middleware(ClaimUploads, files=files)],
+                                   # /private/: the model in the visitor's browser (space/private_mode.py)
+                                   "routes": private_routes(config.model_id, config.revision)})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".DS_Store", "data", "model")
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".DS_Store", "data", "model", "node_modules")
+# What the private page needs of the onnxruntime-web npm package (its dist/ is ~150 MB with every
+# backend; the page uses the WebAssembly one)
+ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs")
 LAUNCHER = '''"""Hugging Face Space entry point: the app is the ``space`` package beside this file."""
 
 from space.app import main
@@ -40,6 +43,13 @@ def stage(dest: Path, model_dir: Path | None) -> Path:
     for name in ("README.md", "requirements.txt"):
         (dest / "space" / name).unlink(missing_ok=True)
     shutil.copytree(ROOT / "modeling", dest / "modeling", ignore=IGNORE)
+    from .private_mode import ORT_DIST
+
+    if ORT_DIST.is_dir():
+        ort = dest / ORT_DIST.relative_to(ROOT)
+        ort.mkdir(parents=True)
+        for name in ORT_FILES:
+            shutil.copy2(ORT_DIST / name, ort / name)
     if model_dir is not None:
         if not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir} is not a saved model (no config.json)")

@@ -1,0 +1,263 @@
+"""ONNX export of a released model, for the browser (onnxruntime-web) and the server (onnxruntime).
+
+``cxr-export --model space/model --onnx`` writes, beside the weights, the layout transformers.js and
+Xenova's Hub repos use::
+
+    onnx/model.onnx             float32 compute; weights stored as float16 when they are float16-exact,
+                                as the released weights are (half the file, the same numbers)
+    onnx/model_quantized.onnx   int8 weights (onnxruntime dynamic quantization), ~1/4 of the size
+    onnx/browser.json           what the page needs besides the graph: labels, threshold, the image
+                                processor's numbers, the rule limits, the variants and their agreement
+
+The graph takes ``pixel_values`` (the saved image processor's output, any batch size) and returns three
+outputs from one forward pass:
+
+* ``logits``: calibrated (the temperature is folded into the head, as in the safetensors weights);
+* ``features``: the classification head's input, what the learned input gate and the scope check read;
+* ``patch_contributions`` (B, classes, h, w): the head's contribution to each class logit from each
+  patch token. DINOv2's head reads ``[CLS, mean(patch tokens)]`` through one linear layer, so class c's
+  logit is ``w_c . CLS + (1/N) sum_j w'_c . patch_j + b_c``: the patch term splits exactly into one
+  number per patch, a heatmap that needs no gradient (a browser runtime has none) and costs nothing.
+
+A variant ships only if it agrees with the PyTorch float32 model on the films it is checked on
+(:data:`TOLERANCES`): float32 max |dp| <= 1e-4; a smaller one <= 0.02 with <= 1% of labels changed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .labels import LABELS
+
+VARIANTS = {"float32": "model.onnx", "int8": "model_quantized.onnx", "float16": "model_fp16.onnx"}
+TOLERANCES = {"float32": (1e-4, 0.0), "int8": (0.02, 0.01), "float16": (0.02, 0.01)}
+OUTPUTS = ("logits", "features", "patch_contributions")
+OPSET = 18
+
+
+class HeadDecomposition(nn.Module):
+    """A DINOv2 classifier as logits + head input + per-patch head contributions (module docstring)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        if not hasattr(model, "dinov2"):
+            raise ValueError(f"the ONNX export with per-patch contributions supports DINOv2 classifiers; got "
+                             f"{type(model).__name__}")
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor):
+        seq = self.model.dinov2(pixel_values).last_hidden_state
+        cls, patches = seq[:, 0], seq[:, 1:]
+        features = torch.cat([cls, patches.mean(dim=1)], dim=1)
+        head = self.model.classifier
+        logits = head(features)
+        w_patch = head.weight[:, cls.shape[-1]:]  # (classes, D)
+        contrib = patches @ w_patch.t() / patches.shape[1]  # (B, N, classes)
+        b, n, k = contrib.shape
+        side = int(round(n ** 0.5))
+        return logits, features, contrib.permute(0, 2, 1).reshape(b, k, side, side)
+
+
+def export_graph(model, path: str | Path, image_size: int) -> Path:
+    """The float32 graph, batch dimension dynamic (torch.onnx's dynamo exporter)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(2, 3, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.onnx.export(HeadDecomposition(model.float().eval()).eval(), (example,), dynamo=True,
+                                input_names=["pixel_values"], output_names=list(OUTPUTS), opset_version=OPSET,
+                                dynamic_shapes={"pixel_values": {0: batch}}, optimize=True, verbose=False)
+    program.save(str(path), external_data=False)
+    return path
+
+
+def store_weights_float16(path: Path, min_elements: int = 1024) -> Path:
+    """Store the graph's large float32 weights as float16, each followed by a Cast back to float32:
+    compute stays float32 and the file halves. The released weights are float16-rounded already
+    (:mod:`modeling.export`), so nothing is lost: the graph reproduces the released model exactly.
+    Written by hand because onnx's and onnxruntime's float16 converters change the compute precision
+    too (that is the separate ``model_fp16.onnx`` variant)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    casts, keep = [], []
+    for init in g.initializer:
+        if init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= min_elements:
+            w = numpy_helper.to_array(init)
+            if not np.array_equal(w.astype(np.float16).astype(np.float32), w):
+                keep.append(init)  # not float16-exact: stays float32 (nothing rounded twice)
+                continue
+            half = numpy_helper.from_array(w.astype(np.float16), init.name + "__fp16")
+            keep.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                          name=init.name + "__to_fp32"))
+        else:
+            keep.append(init)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    nodes = casts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(m, str(path))
+    return path
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """int8 weights, activations quantized on the fly (onnxruntime's dynamic quantization: MatMul and
+    Gemm weights, which are nearly all of a ViT's bytes)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    return dst
+
+
+def to_float16(src: Path, dst: Path) -> Path:
+    """float16 weights and compute, inputs and outputs kept float32 (onnxruntime's converter)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+    return dst
+
+
+def session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, pv: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
+    parts: dict[str, list] = {k: [] for k in OUTPUTS}
+    for start in range(0, len(pv), batch_size):
+        for name, value in zip(OUTPUTS, sess.run(list(OUTPUTS), {"pixel_values": pv[start:start + batch_size]})):
+            parts[name].append(value)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Path], threads: int | None = None) -> dict:
+    """Each variant against the PyTorch float32 model on ``images``: max |dp|, label changes, and
+    whether it is within :data:`TOLERANCES`. Also checks the exported head decomposition: the patch
+    contributions add up to the patch term of the logits (a sanity check of the heatmap's meaning)."""
+    from .preprocessing import pixel_values
+
+    pv = torch.cat([pixel_values(processor, list(images[i:i + 32])) for i in range(0, len(images), 32)])
+    with torch.inference_mode():
+        ref = torch.cat([torch.softmax(model(pixel_values=pv[i:i + 32]).logits, -1)
+                         for i in range(0, len(pv), 32)]).numpy()
+    out = {}
+    for variant, path in paths.items():
+        got = run_session(session(path, threads), pv.numpy())
+        p = _softmax(got["logits"])
+        diff = float(np.abs(p - ref).max())
+        changes = int((p.argmax(1) != ref.argmax(1)).sum())
+        max_diff, max_changes = TOLERANCES[variant]
+        out[variant] = {"file": f"onnx/{path.name}", "bytes": path.stat().st_size, "n": len(images),
+                        "max_abs_probability_diff": diff, "label_changes": changes,
+                        "label_change_rate": changes / len(images),
+                        "within_tolerance": diff <= max_diff and changes / len(images) <= max_changes,
+                        "tolerance": {"max_abs_probability_diff": max_diff, "label_change_rate": max_changes}}
+        if variant == "float32":
+            head = model.classifier
+            d = got["features"].shape[1] // 2
+            patch_term = got["features"][:, d:] @ head.weight[:, d:].detach().numpy().T
+            out[variant]["patch_contributions_sum_error"] = float(
+                np.abs(got["patch_contributions"].sum((2, 3)) - patch_term).max())
+    return out
+
+
+def browser_config(model, processor, agreement: dict, scope=None) -> dict:
+    """What the page needs besides the graph (onnx/browser.json): one place for the threshold, the
+    triage band, the processor's numbers, the rule limits and the scope check (its linear score on the
+    graph's ``features`` output), so the page computes what ``/predict`` computes from pixels."""
+    from .calibration import Calibration
+    from .labels import DISPLAY_NAMES
+    from .predict import default_uncertain_high
+    from .quality import ASPECT_RANGE, MAX_COLOURFULNESS, MIN_SIDE, MIN_STD
+    from .scope import TRAINED_ON
+
+    cal = Calibration.from_config(model.config)
+    size = processor.size
+    scope_cfg = None
+    if scope is not None:  # score = (w_out - w_in) . features + (b_out - b_in), flagged above the limit
+        w, b = scope.head.weight, scope.head.bias
+        scope_cfg = {"direction": [float(v) for v in (w[1] - w[0])], "offset": float(b[1] - b[0]),
+                     "limit": float(scope.limit), "trained_on": TRAINED_ON}
+    return {
+        "labels": list(LABELS),
+        "display_names": {k: DISPLAY_NAMES[k] for k in LABELS},
+        "uncertain_high": float(default_uncertain_high(float(cal.pneumonia_threshold))),
+        "scope": scope_cfg,
+        "pneumonia_labels": [k for k in LABELS if k != "normal"],
+        "threshold": float(cal.pneumonia_threshold),
+        "temperature_in_weights": bool(cal.temperature_applied),
+        "input": {"height": int(size["height"]), "width": int(size["width"]), "resample": "bicubic",
+                  "rescale_factor": float(processor.rescale_factor), "image_mean": list(processor.image_mean),
+                  "image_std": list(processor.image_std), "grayscale_to_rgb": True},
+        "outputs": list(OUTPUTS),
+        "rules": {"min_side": MIN_SIDE, "aspect_range": list(ASPECT_RANGE), "min_std": MIN_STD,
+                  "max_colourfulness": MAX_COLOURFULNESS},
+        "variants": {k: {"file": v["file"], "bytes": v["bytes"], "shipped": v["within_tolerance"]}
+                     for k, v in agreement.items()},
+        "default_variant": next((k for k in ("int8", "float16", "float32")
+                                 if agreement.get(k, {}).get("within_tolerance")), "float32"),
+    }
+
+
+def export_onnx(model_dir: str | Path, *, check_images: Sequence, variants: Sequence[str] = ("float32", "int8"),
+                threads: int | None = None, output_dir: str | Path | None = None) -> dict:
+    """Write ``onnx/`` beside the weights of ``model_dir`` (or into ``output_dir``): the variants that
+    agree with the PyTorch model on ``check_images``, and ``browser.json``. A variant outside its
+    tolerance is not written (the summary says why). Returns the summary."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model_dir = Path(model_dir)
+    dst = Path(output_dir) if output_dir else model_dir / "onnx"
+    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or "float32" not in variants:
+        raise ValueError(f"variants must include float32 and be among {sorted(VARIANTS)}; got {list(variants)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = {"float32": export_graph(model, tmp / VARIANTS["float32"], int(processor.size["height"]))}
+        if "int8" in variants:  # from the float32 graph, before its weights are stored as float16
+            paths["int8"] = quantize_int8(paths["float32"], tmp / VARIANTS["int8"])
+        store_weights_float16(paths["float32"])
+        if "float16" in variants:
+            paths["float16"] = to_float16(paths["float32"], tmp / VARIANTS["float16"])
+        agreement = agreement_with_torch(model, processor, check_images, paths, threads)
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.mkdir(parents=True)
+        for variant, path in paths.items():
+            if agreement[variant]["within_tolerance"]:
+                shutil.copy2(path, dst / path.name)
+    from .scope import load_scope
+
+    config = browser_config(model, processor, agreement, load_scope(str(model_dir)))
+    (dst / "browser.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"output_dir": str(dst), "agreement": agreement, "default_variant": config["default_variant"]}

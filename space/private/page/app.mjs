@@ -1,0 +1,150 @@
+// The private page: the released model (onnx/ beside its weights, served at model/) runs in this
+// browser with ONNX Runtime Web (served at ort/ from the npm package the project's setup installs).
+// The film is read from the file input into memory and never sent anywhere: the page's only
+// requests are for its own files and the model (the server also sends a Content-Security-Policy
+// that allows nothing else). What /predict shows that pixels alone can answer is shown here: the
+// calibrated probabilities, the call at the stored threshold, the rule checks, the scope check and
+// a heatmap (the head's contribution per patch: forward-only, so no gradients are needed).
+import { decide, heat, overlay, pixelValues, problems, rgbaToGray, softmax } from "./pixels.mjs";
+
+const $ = (id) => document.getElementById(id);
+const state = { ready: false, variant: null, loadMs: null, runs: [] };
+window.cxrPrivate = state; // read by tests and benchmarks/private_page.py
+
+function percent(p) { return `${(100 * p).toFixed(1)}%`; }
+
+function table(el, labels, names, probs) {
+  el.replaceChildren(...labels.map((k, i) => {
+    const tr = document.createElement("tr");
+    const a = document.createElement("td"), b = document.createElement("td");
+    a.textContent = names[k];
+    b.textContent = percent(probs[i]);
+    tr.append(a, b);
+    return tr;
+  }));
+}
+
+async function decode(file) {
+  // imageOrientation "from-image": EXIF rotation applied, as the server's loader does; no colour
+  // management, as Pillow does none.
+  const bitmap = await createImageBitmap(file, { imageOrientation: "from-image", colorSpaceConversion: "none",
+                                                  premultiplyAlpha: "none" });
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(bitmap, 0, 0);
+  const { data } = ctx.getImageData(0, 0, bitmap.width, bitmap.height);
+  return { rgba: data, width: bitmap.width, height: bitmap.height };
+}
+
+async function analyse(cfg, session, file) {
+  const t0 = performance.now();
+  const { rgba, width, height } = await decode(file);
+  const gray = rgbaToGray(rgba, width, height);
+  const found = problems(gray, width, height, rgba, cfg.rules);
+  const result = $("result");
+  result.hidden = false;
+  $("probs").replaceChildren();
+  $("unreliable").hidden = true;
+  $("heat-figure").hidden = true;
+  if (found.length) {
+    $("verdict").textContent = `This does not look like a frontal chest X-ray: ${found.join("; ")}.`;
+    $("verdict").className = "refused";
+    result.dataset.decision = "refused";
+    delete result.dataset.probabilities;
+    $("status").textContent = "Done (nothing was sent).";
+    return;
+  }
+  const { height: H, width: W } = cfg.input;
+  const input = new ort.Tensor("float32", pixelValues(gray, width, height, cfg.input), [1, 3, H, W]);
+  const out = await session.run({ pixel_values: input });
+  const t1 = performance.now();
+  const probs = softmax(Array.from(out.logits.data));
+  const pPneumonia = 1 - probs[cfg.labels.indexOf("normal")];
+  const feats = out.features.data;
+  let scopeScore = null;
+  if (cfg.scope) {
+    scopeScore = cfg.scope.offset;
+    for (let i = 0; i < feats.length; i++) scopeScore += cfg.scope.direction[i] * feats[i];
+  }
+  const outOfScope = cfg.scope !== null && scopeScore > cfg.scope.limit;
+  const byLabel = Object.fromEntries(cfg.labels.map((k, i) => [k, probs[i]]));
+  result.dataset.probabilities = JSON.stringify(byLabel);
+  result.dataset.pneumoniaProbability = String(pPneumonia);
+  $("verdict").className = "";
+  if (outOfScope) {
+    result.dataset.decision = "out_of_scope";
+    result.dataset.label = "";
+    $("verdict").textContent = `This model is for ${cfg.scope.trained_on}, and this film looks outside that `
+      + `(an adult, or a film from another kind of hospital or device; scope score ${scopeScore.toFixed(1)}, `
+      + `limit ${cfg.scope.limit.toFixed(1)}). Its answer would not be reliable, so none is given.`;
+    table($("probs-unreliable"), cfg.labels, cfg.display_names, probs);
+    $("unreliable").hidden = false;
+  } else {
+    const top = probs.indexOf(Math.max(...probs));
+    const label = cfg.labels[top];
+    const decision = decide(pPneumonia, cfg.threshold, cfg.uncertain_high);
+    result.dataset.label = label;
+    result.dataset.decision = decision;
+    const words = { no_pneumonia: "No pneumonia detected", uncertain: "Uncertain, refer for review",
+                    pneumonia: "Pneumonia suspected, refer" };
+    $("verdict").textContent = `${words[decision]}: P(pneumonia) = ${percent(pPneumonia)} `
+      + `(triage threshold ${percent(cfg.threshold)}). Most likely: ${cfg.display_names[label]}.`;
+    table($("probs"), cfg.labels, cfg.display_names, probs);
+    const [, , h, w] = out.patch_contributions.dims;
+    const map = heat(out.patch_contributions.data, top, h, w);
+    const canvas = $("heatmap");
+    const shown = Math.min(1, 512 / Math.max(width, height)); // drawn at display size
+    const dw = Math.max(1, Math.round(width * shown)), dh = Math.max(1, Math.round(height * shown));
+    canvas.width = dw;
+    canvas.height = dh;
+    const ctx = canvas.getContext("2d");
+    const small = new OffscreenCanvas(dw, dh).getContext("2d", { willReadFrequently: true });
+    small.drawImage(await createImageBitmap(file, { imageOrientation: "from-image" }), 0, 0, dw, dh);
+    const grayShown = rgbaToGray(small.getImageData(0, 0, dw, dh).data, dw, dh);
+    ctx.putImageData(new ImageData(overlay(grayShown, dw, dh, map, h, w), dw, dh), 0, 0);
+    $("heat-caption").textContent = `What pushed the model towards ${cfg.display_names[label]}: each patch's `
+      + "contribution to that class through the classifier head (computed in this browser, no gradients).";
+    $("heat-figure").hidden = false;
+  }
+  const t2 = performance.now();
+  state.runs.push({ probabilitiesMs: t1 - t0, heatmapMs: t2 - t0 });
+  result.dataset.run = String(state.runs.length);
+  $("timing").textContent = `Answered in ${(t1 - t0).toFixed(0)} ms, heatmap after ${(t2 - t0).toFixed(0)} ms `
+    + `(${state.variant} model, in this browser).`;
+  $("status").textContent = "Done (nothing was sent).";
+}
+
+async function main() {
+  const t0 = performance.now();
+  const cfg = await (await fetch("model/browser.json")).json();
+  const asked = new URLSearchParams(location.search).get("variant");
+  const variant = asked && cfg.variants[asked]?.shipped ? asked : cfg.default_variant;
+  ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
+  // threads need cross-origin isolation (the server sends COOP/COEP for this page)
+  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+  const session = await ort.InferenceSession.create(`model/${cfg.variants[variant].file.replace(/^onnx\//, "")}`,
+    { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
+  state.variant = variant;
+  state.loadMs = performance.now() - t0;
+  state.threads = ort.env.wasm.numThreads;
+  state.ready = true;
+  $("status").textContent = `Model ready (${variant}, loaded in ${(state.loadMs / 1000).toFixed(1)} s). `
+    + "Choose a film: it stays on this device.";
+  const input = $("film");
+  input.disabled = false;
+  input.addEventListener("change", async () => {
+    if (!input.files.length) return;
+    $("status").textContent = "Analysing in this browser...";
+    try {
+      await analyse(cfg, session, input.files[0]);
+    } catch (err) {
+      $("status").textContent = `Cannot read this file here: ${err.message || err}. PNG and JPEG only.`;
+      $("result").dataset.decision = "error";
+    }
+  });
+}
+
+main().catch((err) => {
+  $("status").textContent = `The model could not be loaded: ${err.message || err}`;
+  state.error = String(err);
+});

@@ -1,0 +1,111 @@
+"""ONNX export (modeling.onnx_export, `cxr-export --onnx`) and the onnxruntime backend of the Predictor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from synthetic import xray_like
+from tiny_models import save_tiny_classifier
+
+pytest.importorskip("onnxruntime")
+
+from modeling.onnx_export import HeadDecomposition, export_onnx, run_session, session  # noqa: E402
+from modeling.predict import Predictor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model_dir = save_tiny_classifier(tmp_path_factory.mktemp("onnx") / "m", image_size=28)
+    summary = export_onnx(model_dir, check_images=[xray_like(i, (60, 50)) for i in range(6)],
+                          variants=("float32", "int8", "float16"))
+    return model_dir, summary
+
+
+def test_the_variants_agree_with_torch_and_land_in_the_transformers_js_layout(exported):
+    model_dir, summary = exported
+    onnx_dir = model_dir / "onnx"
+    assert {p.name for p in onnx_dir.iterdir()} == {"model.onnx", "model_quantized.onnx", "model_fp16.onnx",
+                                                   "browser.json"}
+    agree = summary["agreement"]
+    assert agree["float32"]["max_abs_probability_diff"] <= 1e-4 and agree["float32"]["within_tolerance"]
+    assert agree["int8"]["bytes"] < agree["float32"]["bytes"] / 2  # the smaller variant is smaller
+    assert agree["float32"]["patch_contributions_sum_error"] < 1e-5
+    cfg = json.loads((onnx_dir / "browser.json").read_text())
+    assert cfg["labels"] == ["normal", "bacterial_pneumonia", "viral_pneumonia"]
+    assert cfg["threshold"] == pytest.approx(0.4) and cfg["input"]["height"] == 28
+    assert cfg["default_variant"] == "int8" and cfg["variants"]["int8"]["shipped"]
+
+
+def test_a_variant_outside_its_tolerance_is_not_shipped(tmp_path, monkeypatch):
+    import modeling.onnx_export as ox
+
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=28)
+    monkeypatch.setitem(ox.TOLERANCES, "int8", (0.0, 0.0))  # nothing quantized is exact
+    summary = export_onnx(model_dir, check_images=[xray_like(i, (60, 50)) for i in range(4)])
+    assert not summary["agreement"]["int8"]["within_tolerance"]
+    assert not (model_dir / "onnx" / "model_quantized.onnx").exists() and (model_dir / "onnx" / "model.onnx").exists()
+    assert json.loads((model_dir / "onnx" / "browser.json").read_text())["default_variant"] == "float32"
+
+
+def test_patch_contributions_split_the_heads_patch_term_exactly(exported):
+    """The browser heatmap's meaning: per class, the patch contributions add up to the logit minus
+    the CLS term and the bias (the head is linear in [CLS, mean patch])."""
+    from transformers import AutoModelForImageClassification
+
+    model_dir, _ = exported
+    model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
+    pv = torch.randn(3, 3, 28, 28)
+    with torch.inference_mode():
+        logits, feats, contrib = HeadDecomposition(model)(pv)
+        torch.testing.assert_close(logits, model(pixel_values=pv).logits)
+        d = feats.shape[1] // 2
+        w, b = model.classifier.weight, model.classifier.bias
+        cls_term = feats[:, :d] @ w[:, :d].T
+        torch.testing.assert_close(contrib.sum((2, 3)), logits - cls_term - b, atol=1e-5, rtol=1e-4)
+    side = 28 // model.config.patch_size
+    assert contrib.shape == (3, 3, side, side)  # one value per patch and class
+    got = run_session(session(model_dir / "onnx" / "model.onnx"), pv.numpy())
+    np.testing.assert_allclose(got["patch_contributions"], contrib.numpy(), atol=1e-5)
+
+
+def test_the_onnx_backend_predicts_like_torch_with_the_same_gate_and_scope_features(exported, monkeypatch):
+    model_dir, _ = exported
+    films = [xray_like(10 + i, (64, 56)) for i in range(4)]
+    ref = Predictor.from_pretrained(str(model_dir)).predict(films)
+    fast = Predictor.from_pretrained(str(model_dir), backend="onnx")
+    calls = []
+    real_run = fast._onnx.run
+    monkeypatch.setattr(fast, "_onnx", type("S", (), {"run": lambda self, *a: calls.append(1) or real_run(*a)})())
+    got = fast.predict(films)
+    assert fast.backend == "onnx" and calls  # the session answered, not the torch model
+    for a, b in zip(ref, got):
+        assert b.probabilities == pytest.approx(a.probabilities, abs=1e-5) and b.label == a.label
+    heat = fast.predict_one(films[0], heatmap=True)  # Grad-CAM keeps the torch model
+    assert heat.heatmap.shape == (56, 64)
+    with pytest.raises(ValueError, match="backend"):
+        Predictor.from_pretrained(str(model_dir), backend="tensorrt")
+
+
+def test_the_onnx_backend_says_how_to_export_when_there_is_no_graph(tmp_path):
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=28)
+    with pytest.raises(FileNotFoundError, match="cxr-export"):
+        Predictor.from_pretrained(str(model_dir), backend="onnx")
+
+
+def test_cxr_export_onnx_checks_on_a_folder_and_writes_its_report(tmp_path):
+    from modeling.cli import export_main
+
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=28)
+    films = tmp_path / "films"
+    films.mkdir()
+    for i in range(3):
+        xray_like(i, (70, 70)).save(films / f"{i}.png")
+    report = tmp_path / "agreement.json"
+    assert export_main(["--model", str(model_dir), "--onnx", "--check-images", str(films), "--report", str(report)]) == 0
+    got = json.loads(report.read_text())
+    assert got["agreement"]["float32"]["n"] == 3 and "--onnx" in got["command"]
+    assert (model_dir / "onnx" / "model_quantized.onnx").exists()

@@ -1,0 +1,197 @@
+"""The private page (/private/): the model in the visitor's browser (issue: private mode).
+
+The pixel code is run in Node against Pillow (it must reproduce the server's preprocessing exactly);
+the page is driven in headless Chromium against a running Space: its answers match the server's,
+no request carries the film, and it works with every request outside its origin blocked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from synthetic import xray_like
+
+PIXELS = ROOT / "space" / "private" / "page" / "pixels.mjs"
+EXAMPLES = sorted((ROOT / "space" / "examples").glob("kermany_*.jpeg"))
+CHROMIUM = "/usr/bin/chromium"
+NODE = shutil.which("node")
+
+
+def run_node(tmp_path: Path, body: str) -> None:
+    script = tmp_path / "run.mjs"
+    script.write_text(f'import * as px from "{PIXELS.as_posix()}";\nimport fs from "fs";\n{body}\n')
+    subprocess.run([NODE, str(script)], check=True, timeout=120)
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+@pytest.mark.parametrize("size", [(300, 250), (224, 224), (1000, 1300), (150, 120), (90, 400)])
+def test_the_pages_resize_is_pillows_bicubic_to_the_last_grey_level(tmp_path, size):
+    img = xray_like(3, size)
+    (tmp_path / "in.bin").write_bytes(np.asarray(img).tobytes())
+    run_node(tmp_path, f"""const g = new Uint8Array(fs.readFileSync("{tmp_path}/in.bin"));
+fs.writeFileSync("{tmp_path}/out.bin", Buffer.from(px.resizeBicubic(g, {size[0]}, {size[1]}, 224, 224)));""")
+    got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.uint8).reshape(224, 224)
+    np.testing.assert_array_equal(got, np.asarray(img.resize((224, 224), Image.Resampling.BICUBIC)))
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_the_pages_gray_and_pixel_values_are_the_processors(tmp_path):
+    """RGB -> gray as Pillow's convert("L"), then the saved image processor's output (float32)."""
+    from modeling.predict import Predictor  # noqa: F401  (the processor as the Predictor loads it)
+    from modeling.preprocessing import pixel_values
+    from transformers import AutoImageProcessor
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((90, 120, 1), 255, np.uint8)], axis=2)
+    (tmp_path / "in.bin").write_bytes(rgba.tobytes())
+    processor = AutoImageProcessor.from_pretrained(ROOT / "space" / "model", backend="pil")
+    cfg = {"width": 224, "height": 224, "rescale_factor": processor.rescale_factor,
+           "image_mean": processor.image_mean, "image_std": processor.image_std}
+    run_node(tmp_path, f"""const rgba = new Uint8Array(fs.readFileSync("{tmp_path}/in.bin"));
+const g = px.rgbaToGray(rgba, 120, 90);
+fs.writeFileSync("{tmp_path}/gray.bin", Buffer.from(g));
+const pv = px.pixelValues(g, 120, 90, {json.dumps(cfg)});
+fs.writeFileSync("{tmp_path}/pv.bin", Buffer.from(pv.buffer));""")
+    gray = Image.fromarray(rgb).convert("L")
+    np.testing.assert_array_equal(np.frombuffer((tmp_path / "gray.bin").read_bytes(), np.uint8).reshape(90, 120),
+                                  np.asarray(gray))
+    ours = np.frombuffer((tmp_path / "pv.bin").read_bytes(), np.float32).reshape(1, 3, 224, 224)
+    np.testing.assert_allclose(ours, pixel_values(processor, [gray]).numpy(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# the page in Chromium, against the running Space on the released model
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def released_app(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api")
+    onnx = ROOT / "space" / "model" / "onnx"
+    if not (onnx / "browser.json").exists():
+        pytest.skip("space/model/onnx is missing: bash scripts/dev.sh setup exports it")
+    if not (ROOT / "space" / "private" / "node_modules" / "onnxruntime-web").is_dir():
+        pytest.skip("onnxruntime-web is not installed: bash scripts/dev.sh setup runs npm ci in space/private")
+    from test_space import start_app
+
+    running = start_app(ROOT / "space" / "model", tmp_path_factory.mktemp("private-app"),
+                        {"CXR_PRECISION": "float32", "OMP_NUM_THREADS": "2"})
+    yield running
+    running.proc.terminate()
+    running.proc.wait(timeout=60)
+
+
+def _browser(p):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from space_screenshot import CHROMIUM_ARGS
+
+    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def _choose(page, film: Path, run: int) -> dict:
+    page.locator("input[type=file]").set_input_files(str(film))
+    page.wait_for_function(f"() => document.querySelector('[data-testid=private-result]').dataset.run === '{run}'",
+                           timeout=120_000)
+    el = page.locator("[data-testid=private-result]")
+    return {"probabilities": json.loads(el.get_attribute("data-probabilities")), "label": el.get_attribute("data-label"),
+            "decision": el.get_attribute("data-decision")}
+
+
+def _server(app, film: Path) -> dict:
+    from gradio_client import Client, handle_file
+
+    return Client(app.url, verbose=False).predict(handle_file(str(film)), "predicted", api_name="/predict")
+
+
+def test_the_page_answers_the_examples_like_the_server_and_sends_no_film(released_app):
+    from playwright.sync_api import sync_playwright
+
+    served = {f.name: _server(released_app, f) for f in EXAMPLES}
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page()
+            requests = []
+            page.on("request", lambda r: requests.append((r.method, r.url, r.post_data_buffer)))
+            page.goto(released_app.url + "private/")
+            assert page.locator("input[type=file]").count() == 1
+            assert "never leaves this device" in page.locator("[data-testid=privacy]").inner_text()
+            page.wait_for_function("() => window.cxrPrivate && window.cxrPrivate.ready", timeout=120_000)
+            before = len(requests)
+            for run, film in enumerate(EXAMPLES, start=1):
+                got = _choose(page, film, run)
+                want = served[film.name]
+                assert got["probabilities"] == pytest.approx(want["probabilities"], abs=0.02), film.name
+                assert got["decision"] == want["decision"] and (got["label"] or None) == want["label"], film.name
+            after = requests[before:]
+            assert not any(body for _, _, body in after), after  # no request carries a body
+            assert all(url.startswith(released_app.url) for _, url, _ in requests)
+            assert page.locator("#heatmap").evaluate("c => c.width > 0 && c.height > 0")
+        finally:
+            browser.close()
+
+
+def test_the_page_works_with_everything_outside_its_origin_blocked(released_app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page()
+            blocked = []
+
+            def only_same_origin(route):
+                if route.request.url.startswith(released_app.url):
+                    route.continue_()
+                else:
+                    blocked.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_same_origin)
+            page.goto(released_app.url + "private/")
+            page.wait_for_function("() => window.cxrPrivate && window.cxrPrivate.ready", timeout=120_000)
+            got = _choose(page, EXAMPLES[0], 1)
+            assert set(got["probabilities"]) == {"normal", "bacterial_pneumonia", "viral_pneumonia"}
+        finally:
+            browser.close()
+
+
+def test_the_page_refuses_what_is_not_a_film_without_sending_it(released_app, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    rgb = np.zeros((200, 200, 3), np.uint8)
+    rgb[..., 0], rgb[..., 2] = np.linspace(0, 255, 200)[None, :], np.linspace(255, 0, 200)[:, None]
+    photo = tmp_path / "photo.png"
+    Image.fromarray(rgb).save(photo)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page()
+            page.goto(released_app.url + "private/")
+            page.wait_for_function("() => window.cxrPrivate && window.cxrPrivate.ready", timeout=120_000)
+            page.locator("input[type=file]").set_input_files(str(photo))
+            page.wait_for_function("() => document.querySelector('[data-testid=private-result]').dataset.decision",
+                                   timeout=60_000)
+            el = page.locator("[data-testid=private-result]")
+            assert el.get_attribute("data-decision") == "refused" and "colour image" in page.locator("#verdict").inner_text()
+        finally:
+            browser.close()
+
+
+def test_the_private_routes_send_the_isolation_and_content_policy_headers(released_app):
+    for path in ("private/", "private/app.mjs", "private/model/browser.json", "private/ort/ort.wasm.min.js"):
+        with urllib.request.urlopen(released_app.url + path, timeout=30) as r:
+            assert r.status == 200, path
+            assert "connect-src 'self'" in r.headers["Content-Security-Policy"], path
+            assert r.headers["Cross-Origin-Embedder-Policy"] == "require-corp", path
