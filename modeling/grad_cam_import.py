@@ -121,7 +121,7 @@ def _make_torchvision_standins() -> dict[str, types.ModuleType]:
     return {m.__name__: m for m in (tv, transforms, functional, ops)}
 
 
-def import_pytorch_grad_cam() -> types.ModuleType:
+def import_pytorch_grad_cam(*submodules: str) -> types.ModuleType:
     """Import and return ``pytorch_grad_cam``, lending it torchvision stand-ins only if needed.
 
     With torchvision genuinely not installed (not imported, and ``find_spec`` finds nothing), the
@@ -130,17 +130,23 @@ def import_pytorch_grad_cam() -> types.ModuleType:
     modules keep their own references to the stand-in objects, so its helpers keep working, while
     ``import torchvision``, ``find_spec("torchvision")`` and transformers'
     ``is_torchvision_available()`` keep saying "not installed" (so image processors stay on their
-    PIL backend). With a real torchvision installed, this is a plain import.
+    PIL backend). With a real torchvision installed, this is a plain import. ``submodules`` (e.g.
+    ``"metrics.road"``, which imports torchvision itself) are imported under the same stand-ins.
     """
     with _import_lock:
-        if "pytorch_grad_cam" in sys.modules:
+        names = ["pytorch_grad_cam", *(f"pytorch_grad_cam.{m}" for m in submodules)]
+        if all(n in sys.modules for n in names):
             return sys.modules["pytorch_grad_cam"]
         if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
-            return importlib.import_module("pytorch_grad_cam")
+            for n in names:
+                importlib.import_module(n)
+            return sys.modules["pytorch_grad_cam"]
         standins = _make_torchvision_standins()
         sys.modules.update(standins)
         try:
-            return importlib.import_module("pytorch_grad_cam")
+            for n in names:
+                importlib.import_module(n)
+            return sys.modules["pytorch_grad_cam"]
         finally:
             for name, mod in standins.items():
                 if sys.modules.get(name) is mod:
