@@ -54,49 +54,6 @@ def summarize(ms: list[float]) -> dict:
             "mean_ms": round(statistics.fmean(s), 2), "n": len(s)}
 
 
-def onnx_variants(predictor, pv: dict, threads: int) -> dict:
-    """ONNX Runtime rows: the same float32 weights exported with ``torch.onnx.export`` (dynamo) and
-    run by an InferenceSession with ``threads`` intra-op threads, on the forward pass alone and on the
-    whole path (decode + preprocessing + forward), to weigh against the bf16 torch path."""
-    import tempfile
-
-    import onnxruntime as ort
-    import torch
-
-    from modeling.image_io import load_image
-    from modeling.preprocessing import pixel_values
-
-    path = Path(tempfile.mkdtemp()) / "model.onnx"
-    example = next(iter(pv.values()))
-
-    class Logits(torch.nn.Module):  # ONNX wants tensors out, not a ModelOutput
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, pixel_values):
-            return self.m(pixel_values=pixel_values).logits
-
-    torch.onnx.export(Logits(predictor.model).eval(), (example,), str(path), dynamo=True,
-                      input_names=["pixel_values"], output_names=["logits"])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # ORT's worker threads spin after each run by default; interleaved with the torch variants that
-    # steals the cores from whichever variant runs next (it made the pipeline row ~40% slower).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-    def run(x):
-        return sess.run(["logits"], {"pixel_values": x.numpy()})[0]
-
-    return {
-        "onnx_forward_only_fp32": lambda f: run(pv[f]),
-        "onnx_decode_preprocess_forward_fp32": lambda f: run(pixel_values(predictor.processor, [load_image(f)])),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT / "space" / "model"))
@@ -107,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "latency.json"),
                     help="write the results as JSON here (the card reads this file); '-' prints only")
-    ap.add_argument("--onnx", action="store_true",
-                    help="also time ONNX Runtime (needs onnxruntime, onnx, onnxscript; not in requirements.txt)")
+    ap.add_argument("--no-onnx", action="store_true",
+                    help="skip the onnxruntime backend rows (they run when MODEL/onnx exists: cxr-export --onnx)")
     args = ap.parse_args(argv)
 
     import torch
@@ -140,8 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             return fp32.model(pixel_values=pv[f]).logits
 
     variants = {}
-    if args.onnx:
-        variants.update(onnx_variants(fp32, pv, args.threads))
+    onnx_dir = Path(args.model) / "onnx"
+    if not args.no_onnx and onnx_dir.is_dir():  # the Predictor's onnxruntime backend, each shipped variant
+        from modeling.onnx_export import VARIANTS
+
+        for variant, file in VARIANTS.items():
+            if (onnx_dir / file).exists():
+                p = Predictor.from_pretrained(args.model, backend="onnx", onnx_variant=variant)
+                variants[f"predictor_onnx_{variant}"] = p.predict_one
     variants = {
         "pipeline_fp32": lambda f: pipe(str(f), top_k=None),
         "predictor_fp32": lambda f: fp32.predict_one(f),
@@ -169,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     def probs(name: str, out) -> dict:
         if name.startswith("pipeline"):
             return {d["label"]: d["score"] for d in out}
-        if name.startswith(("forward", "onnx")):
+        if name.startswith("forward"):
             names = [fp32.model.config.id2label[i] for i in range(fp32.model.config.num_labels)]
             return dict(zip(names, torch.softmax(torch.as_tensor(out).float(), -1)[0].tolist()))
         return out.probabilities
@@ -193,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "torch": torch.__version__, "cpu": cpu_name(),
         "cpu_native_bf16": bf16_fast(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "date": time.strftime("%Y-%m-%d"),
-        **({"onnxruntime": __import__("onnxruntime").__version__} if args.onnx else {}),
+        **({"onnxruntime": __import__("onnxruntime").__version__} if any(k.startswith("predictor_onnx") for k in results)
+           else {}),
         "results": results,
     }
     print(f"{'variant':28s} {'median ms':>10s} {'p95 ms':>8s} {'x pipeline':>10s} {'max |dp|':>9s} {'labels !=':>9s}")

@@ -133,7 +133,7 @@ def default_uncertain_high(threshold: float) -> float:
 
 
 PRECISIONS = ("float32", "bfloat16", "auto")
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "auto")
 
 
 def bf16_fast() -> bool:
@@ -164,7 +164,7 @@ class Predictor:
 
     def __init__(self, model, processor, *, model_id: str | None = None, revision: str | None = None,
                  precision: str = "float32", gate: InputGate | None = None, scope: ScopeCheck | None = None,
-                 onnx_session=None) -> None:
+                 onnx_session=None, keep_torch_fast_path: bool = False) -> None:
         self.model = model.eval()
         self.gate = gate
         self.scope = scope
@@ -178,8 +178,8 @@ class Predictor:
         # backend="onnx": plain predictions run on an onnxruntime session of the exported graph
         # (modeling.onnx_export; the same logits and head features); Grad-CAM keeps the torch model.
         self._onnx = onnx_session
-        self.backend = "torch" if onnx_session is None else "onnx"
-        if self.precision == "bfloat16" and onnx_session is None:
+        self.backend = "torch" if onnx_session is None else ("auto" if keep_torch_fast_path else "onnx")
+        if self.precision == "bfloat16" and (onnx_session is None or keep_torch_fast_path):
             import copy
 
             self._fast = copy.deepcopy(self.model).to(torch.bfloat16).eval()
@@ -202,25 +202,51 @@ class Predictor:
         (``cxr-export --onnx``; ``onnx_variant`` "float32", "int8" or "float16")."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        # backend="auto": both fast paths are loaded; choose_backend() keeps the faster on this machine
         model = AutoModelForImageClassification.from_pretrained(
             model_id_or_dir, revision=revision, dtype=torch.float32, **kwargs)
         # backend="pil": the backend training used; with torchvision installed transformers would
         # otherwise pick its torchvision resize, which differs slightly (train/serve skew).
         processor = AutoImageProcessor.from_pretrained(model_id_or_dir, revision=revision, backend="pil")
         sess = None
-        if backend == "onnx":
+        if backend in ("onnx", "auto"):
             from .gate import file_beside
             from .onnx_export import VARIANTS, session
 
             graph = file_beside(str(model_id_or_dir), f"onnx/{VARIANTS[onnx_variant]}", revision)
-            if graph is None:
+            if graph is None and backend == "onnx":
                 raise FileNotFoundError(f"{model_id_or_dir} has no onnx/{VARIANTS[onnx_variant]}: export it with "
                                         f"cxr-export --model {model_id_or_dir} --onnx ...")
-            sess = session(graph, torch.get_num_threads())
+            sess = session(graph, torch.get_num_threads()) if graph is not None else None
         return cls(model, processor, model_id=str(model_id_or_dir),
                    revision=resolve_revision(str(model_id_or_dir), revision), precision=precision,
                    gate=load_gate(str(model_id_or_dir), revision), scope=load_scope(str(model_id_or_dir), revision),
-                   onnx_session=sess)
+                   onnx_session=sess, keep_torch_fast_path=backend == "auto" and sess is not None)
+
+    def choose_backend(self, image: Image.Image, repeats: int = 5) -> dict[str, float]:
+        """With ``backend="auto"``: time plain predictions of ``image`` with the torch fast path and
+        the onnxruntime session, keep the faster (median ms), free the other; returns the timings.
+        (Which is faster depends on the CPU: native bf16 favours torch, int8 VNNI onnxruntime.)"""
+        import time
+
+        if self.backend != "auto":
+            return {}
+        times = {}
+        for name in ("torch", "onnx"):
+            self.backend = name
+            self.predict_one(image)
+            ms = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.predict_one(image)
+                ms.append((time.perf_counter() - t0) * 1000)
+            times[name] = float(np.median(ms))
+        self.backend = min(times, key=times.get)
+        if self.backend == "torch":
+            self._onnx = None
+        else:
+            self._fast = None
+        return times
 
     @property
     def threshold(self) -> float:
@@ -254,7 +280,7 @@ class Predictor:
         return self._forward_pixels(pixel_values(self.processor, images))
 
     def _forward_pixels(self, pv: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
-        if self._onnx is not None:
+        if self._onnx is not None and self.backend != "torch":
             logits, feats = self._onnx.run(["logits", "features"], {"pixel_values": pv.float().numpy()})
             return torch.from_numpy(logits), (feats if self.reads_features else None)
         net = self._fast if self._fast is not None else self.model

@@ -11,6 +11,8 @@ Settings (environment variables):
 * ``CXR_DATA_DIR``: where the prediction/feedback database and de-identified images live
   (default ``data/`` beside this file; on a Space use persistent storage, ``/data``).
 * ``CXR_PRECISION``: ``auto`` (default: bfloat16 where the CPU has it natively), ``float32``, ``bfloat16``.
+* ``CXR_BACKEND``: ``auto`` (default: at start-up, time the torch fast path and onnxruntime on the model's
+  ``onnx/model.onnx`` and keep the faster), ``torch`` or ``onnx``; Grad-CAM always runs on torch.
 * ``CXR_UNCERTAIN_HIGH``: upper end of the "uncertain, refer" band (default: halfway from the
   model's threshold to 1, at least 0.5).
 * ``FEEDBACK_REPO`` + ``HF_TOKEN``: push the feedback export to this Hub dataset every
@@ -81,6 +83,7 @@ class AppConfig:
     revision: str | None
     data_dir: Path
     precision: str = "auto"
+    backend: str = "auto"
     uncertain_high: float | None = None
     feedback_repo: str | None = None
     sync_minutes: float = 10.0
@@ -103,6 +106,7 @@ class AppConfig:
             revision=env.get("MODEL_REVISION") or None,
             data_dir=Path(env.get("CXR_DATA_DIR") or default_data_dir()),
             precision=env.get("CXR_PRECISION", "auto"),
+            backend=env.get("CXR_BACKEND", "auto"),
             uncertain_high=float(high) if high else None,
             feedback_repo=env.get("FEEDBACK_REPO") or None,
             sync_minutes=float(env.get("FEEDBACK_SYNC_MINUTES", "10")),
@@ -485,7 +489,7 @@ def about_markdown(service: CxrService, config: AppConfig) -> str:
     cal = service.predictor.calibration
     return f"""
 **Model** `{service.predictor.model_id}` (revision `{service.predictor.revision}`), compute precision
-`{service.predictor.precision}`. Probabilities are temperature-calibrated on validation (T = {cal.temperature:.3f});
+`{service.predictor.precision}`, backend `{service.predictor.backend}`. Probabilities are temperature-calibrated on validation (T = {cal.temperature:.3f});
 the pneumonia call uses P(bacterial) + P(viral) >= {cal.pneumonia_threshold:.3f}, chosen on validation for a
 sensitivity of {cal.target_sensitivity}; from there up to {service.uncertain_high:.0%} the film is marked
 "uncertain, refer". The heatmap is Grad-CAM (pytorch-grad-cam) on the last transformer block.
@@ -502,7 +506,8 @@ are deleted once read. The history and the export are for the Space's administra
 
 
 def make_service(config: AppConfig) -> CxrService:
-    predictor = Predictor.from_pretrained(config.model_id, revision=config.revision, precision=config.precision)
+    predictor = Predictor.from_pretrained(config.model_id, revision=config.revision, precision=config.precision,
+                                          backend=config.backend)
     if Path(config.model_id).resolve() == (HERE / "model").resolve():
         predictor.model_id = "bundled:space/model"  # records and UI show a stable name, not a server path
     store = FeedbackStore(config.data_dir, staging_max_age_s=config.staging_days * 86400,

@@ -185,6 +185,9 @@ class CxrService:
         img = Image.fromarray((np.indices((256, 256)).sum(0) % 256).astype(np.uint8), "L")
         with self._lock.interactive():
             self.predictor.predict_one(img, heatmap=True)
+            # CXR_BACKEND=auto: keep whichever plain-prediction path is faster on this machine
+            if timings := self.predictor.choose_backend(img):
+                logger.info("backend %s chosen (median ms: %s)", self.predictor.backend, timings)
 
     # --- single image --------------------------------------------------------------------------
     def load(self, data: bytes) -> tuple[Image.Image, list[str]]:

@@ -109,3 +109,24 @@ def test_cxr_export_onnx_checks_on_a_folder_and_writes_its_report(tmp_path):
     got = json.loads(report.read_text())
     assert got["agreement"]["float32"]["n"] == 3 and "--onnx" in got["command"]
     assert (model_dir / "onnx" / "model_quantized.onnx").exists()
+
+
+def test_auto_backend_keeps_the_faster_path_and_frees_the_other(exported, monkeypatch):
+    import time as _time
+
+    model_dir, _ = exported
+    film = xray_like(30, (64, 56))
+    p = Predictor.from_pretrained(str(model_dir), backend="auto", precision="bfloat16")
+    assert p.backend == "auto" and p._onnx is not None and p._fast is not None
+    real_run = p._onnx.run
+    slow = type("S", (), {"run": lambda self, *a: (_time.sleep(0.05), real_run(*a))[1]})()
+    monkeypatch.setattr(p, "_onnx", slow)  # make onnxruntime the slow one here
+    times = p.choose_backend(film, repeats=2)
+    assert set(times) == {"torch", "onnx"} and times["onnx"] > times["torch"]
+    assert p.backend == "torch" and p._onnx is None and p._fast is not None
+    assert p.predict_one(film).label is not None
+    plain = Predictor.from_pretrained(str(model_dir), backend="auto")
+    assert plain.choose_backend(film, repeats=1) and plain.backend in ("torch", "onnx")
+    no_graph = Predictor.from_pretrained(str(save_tiny_classifier(model_dir.parent / "bare", image_size=28)),
+                                         backend="auto")
+    assert no_graph.backend == "torch" and no_graph.choose_backend(film) == {}
