@@ -261,6 +261,50 @@ def scope_text(scope: dict | None) -> str:
               "Space's own path:")
 
 
+def private_mode_text(results_dir: Path = RESULTS) -> str:
+    """The ONNX variants' agreement with PyTorch, the private page's times in Chromium and the
+    heatmaps' faithfulness (ROAD), from their benchmark files."""
+    out = []
+    onnx = _load(results_dir / "onnx_agreement.json")
+    if onnx:
+        rows = [[v, a["file"], f"{a['bytes'] / 2**20:.0f}", a["n"], f"{a['max_abs_probability_diff']:.1e}",
+                 f"{a['label_changes']} ({a['label_change_rate']:.1%})",
+                 f"<= {a['tolerance']['max_abs_probability_diff']:g}, <= {a['tolerance']['label_change_rate']:.0%}",
+                 "shipped" if a["within_tolerance"] else "not shipped"]
+                for v, a in onnx["agreement"].items()]
+        out += [f"`{onnx['command']}`: each ONNX variant against the PyTorch float32 model on the validation "
+                "films (the temperature is in the graph's weights; the threshold, the rule limits and the scope "
+                "check are in `onnx/browser.json`):", "",
+                markdown_table(["variant", "file", "MB", "films", "max abs prob. diff", "label changes", "tolerance",
+                                "outcome"], rows)]
+    page = _load(results_dir / "private_page.json")
+    if page:
+        t = page["targets"]
+        rows = [[v, r["megabytes"], r["wasm_threads"], r["cold_load_ms"]["median"], r["film_to_probabilities_ms"]["median"],
+                 r["film_to_heatmap_ms"]["median"]] for v, r in page["variants"].items()]
+        out += ["", f"The private page (`/private/`: the model in the visitor's browser) in {page['browser']}, served "
+                    f"locally, medians (`python benchmarks/private_page.py`; targets: cold load <= {t['cold_load_ms_smaller_variant']} "
+                    f"ms for the smaller variant, film -> probabilities <= {t['film_to_probabilities_ms']} ms, film -> "
+                    f"heatmap <= {t['film_to_heatmap_ms']} ms):", "",
+                markdown_table(["variant", "MB", "WASM threads", "cold load ms", "film -> probabilities ms",
+                                "film -> heatmap ms"], rows)]
+    faith = _load(results_dir / "heatmap_faithfulness.json")
+    if faith:
+        rows = [[r["method"], f"{r['road_morf']:.3f}", f"{r['road_lerf']:.3f}",
+                 f"{r['road_combined']:.3f} +- {r['road_combined_sem']:.3f}", f"{r['central_third_share']:.2f}",
+                 f"{r['bottom_fifth_share']:.2f}"] for r in faith["rows"]]
+        u = faith["rows"][0]["uniform_map_would_give"]
+        out += ["", f"Heatmap faithfulness on {faith['films']} validation films (`python benchmarks/heatmap_faithfulness.py`; "
+                    "pytorch-grad-cam's ROAD metrics, the predicted class's softmax score, removal percentiles "
+                    f"{', '.join(map(str, faith['percentiles']))}: MoRF lower is better, LeRF and combined higher). No lung masks "
+                    "are available here, so where the heat lies is given by two geometric proxies: the share of heat in the "
+                    f"central third of the width (spine, mediastinum; a uniform map gives {u['central_third_share']:.2f}) and in the "
+                    f"bottom fifth (mostly below the diaphragm; uniform {u['bottom_fifth_share']:.2f}).", "",
+                markdown_table(["method", "ROAD MoRF", "ROAD LeRF", "ROAD combined (+- s.e.)", "heat in central third",
+                                "heat in bottom fifth"], rows)]
+    return "\n".join(out) if out else "(run `cxr-export --onnx`, `python benchmarks/private_page.py` and `python benchmarks/heatmap_faithfulness.py`)"
+
+
 # ---- the card -----------------------------------------------------------------------------------------
 
 def preprocessing_text(model_dir: Path) -> str:
@@ -336,7 +380,7 @@ def values(model_dir: Path, latency_path: Path, plots_prefix: str) -> dict:
         scope_text=scope_text(scope), scope_table=scope_table(scope) if scope else "",
         fit_sensitivity=f"{cal['fit_sensitivity']:.4f}", fit_specificity=f"{cal['fit_specificity']:.4f}",
         latency_text=lat_hw, latency_table=latency_table(latency) if latency else "", precision_text=precision,
-        history_table=history_table(model_dir, runs),
+        history_table=history_table(model_dir, runs), private_mode=private_mode_text(),
     )
 
 
