@@ -362,13 +362,15 @@ def scope_main(argv: list[str] | None = None) -> int:
                          "split by patient into fit / validation / held-out; the held-out part is never read")
     ap.add_argument("--n-fit", type=int, default=1500, help="training films used (stratified)")
     ap.add_argument("--flag-rate", type=float, default=0.01, help="share of in-scope validation films flagged at the limit")
+    ap.add_argument("--battery", action="store_true", help="the limit flags at most --flag-rate of the validation films "
+                    "under every robustness battery condition too (tone, noise, geometry), not only plain")
     add_flag(ap, "--output", default=None, help="write the validation numbers here (JSON)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = parse(ap, argv)
     _threads(args.threads)
     check, report = fit_for_model(args.model, args.dataset, args.out_of_scope, n_fit=args.n_fit,
-                                  flag_rate=args.flag_rate, progress=not args.no_progress)
+                                  flag_rate=args.flag_rate, progress=not args.no_progress, battery=args.battery)
     check.save(Path(args.model) / SCOPE_FILE)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

@@ -95,25 +95,35 @@ class ScopeCheck:
 
 
 def fit_scope(in_fit: np.ndarray, out_fit: np.ndarray, in_val: np.ndarray, out_val: np.ndarray, *,
-              flag_rate: float = 0.01, Cs: tuple[float, ...] = (0.01, 0.1, 1.0), meta: dict | None = None
-              ) -> tuple[ScopeCheck, dict]:
-    """Fit on head features of in-scope and out-of-scope films; for each ``C`` the limit is the
-    ``1 - flag_rate`` quantile of ``in_val`` scores, and the ``C`` that flags the most of ``out_val``
-    at its limit is kept. Returns the check and, per C, the validation numbers."""
+              flag_rate: float = 0.01, Cs: tuple[float, ...] = (0.01, 0.1, 1.0), meta: dict | None = None,
+              in_val_conditions: dict[str, np.ndarray] | None = None) -> tuple[ScopeCheck, dict]:
+    """Fit on head features of in-scope and out-of-scope films; for each ``C`` the limit flags at most
+    ``flag_rate`` of the ``in_val`` films, and the ``C`` that flags the most of ``out_val`` at its limit
+    is kept. With ``in_val_conditions`` (the same validation films under the robustness battery's
+    conditions) the limit flags at most that share under every condition too: a pediatric film with
+    another tone or noise level is not "out of scope" for that alone (the lesson of v3's threshold).
+    Returns the check and, per C, the validation numbers."""
     x = np.concatenate([in_fit, out_fit])
     y = np.concatenate([np.zeros(len(in_fit), int), np.ones(len(out_fit), int)])
     best, tried = None, {}
     for C in Cs:
         check = ScopeCheck(head=fit_probe(x, y, C=C, balanced=True, n_classes=2), limit=float("inf"))
-        check.limit = limit_for(check.scores(in_val), flag_rate)
-        row = {"limit": check.limit, "in_scope_validation_flagged": float((check.scores(in_val) > check.limit).mean()),
+        limits = {"plain": limit_for(check.scores(in_val), flag_rate),
+                  **{name: limit_for(check.scores(f), flag_rate) for name, f in (in_val_conditions or {}).items()}}
+        by = max(limits, key=limits.get)
+        check.limit = limits[by]
+        row = {"limit": check.limit, "limit_set_by": by,
+               "in_scope_validation_flagged": float((check.scores(in_val) > check.limit).mean()),
                "out_of_scope_validation_flagged": float((check.scores(out_val) > check.limit).mean())}
+        if in_val_conditions:
+            row["in_scope_validation_flagged_worst_condition"] = max(
+                float((check.scores(f) > check.limit).mean()) for f in in_val_conditions.values())
         tried[f"C={C:g}"] = row
         if best is None or row["out_of_scope_validation_flagged"] > best[1]["out_of_scope_validation_flagged"]:
             best = (check, row, C)
     check, _, C = best
     check.meta = {**(meta or {}), "C": C, "flag_rate_target": flag_rate, "n_in_fit": int(len(in_fit)),
-                  "n_out_fit": int(len(out_fit))}
+                  "n_out_fit": int(len(out_fit)), "limit_conditions": ["plain", *(in_val_conditions or {})]}
     return check, tried
 
 
@@ -159,12 +169,14 @@ IN_SCOPE_SOURCES = ("kermany",)  # the pediatric source; Skytells' COVID-19 film
 
 def fit_for_model(model_dir: str, dataset: str, out_of_scope_dir: str, *, n_fit: int = 1500, seed: int = 0,
                   flag_rate: float = 0.01, progress: bool = True,
-                  in_scope_sources: tuple[str, ...] = IN_SCOPE_SOURCES) -> tuple[ScopeCheck, dict]:
+                  in_scope_sources: tuple[str, ...] = IN_SCOPE_SOURCES, battery: bool = False) -> tuple[ScopeCheck, dict]:
     """Fit the scope check of a saved model. In scope: ``n_fit`` training films (stratified), each
     plain and once through the v4 training augmentation; the limit from all validation films. Out of
     scope: the films under ``out_of_scope_dir`` split by patient; the fit part plain and augmented,
     the validation part to choose C; the held-out part is not even read (``benchmarks/scope.py``
-    measures it). Returns the check and the validation numbers."""
+    measures it). ``battery``: the limit also holds under each robustness battery condition applied
+    to the validation films (:func:`fit_scope`'s ``in_val_conditions``). Returns the check and the
+    validation numbers."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -192,12 +204,19 @@ def fit_for_model(model_dir: str, dataset: str, out_of_scope_dir: str, *, n_fit:
     train = stratified_subset(ds["train"], n_fit, seed)
     in_films = [to_grayscale(r["image"]) for r in tqdm(train, desc="scope: training films", disable=not progress)]
     in_fit = with_views(in_films)
-    in_val = feats([to_grayscale(r["image"]) for r in ds["validation"]])
+    val_films = [to_grayscale(r["image"]) for r in ds["validation"]]
+    in_val = feats(val_films)
+    conditions = None
+    if battery:
+        from .robustness import BATTERY, apply
+
+        conditions = {c.name: feats([apply(c.name, f) for f in val_films])
+                      for c in tqdm(BATTERY, desc="scope: validation under the battery", disable=not progress)}
     parts = patient_split(out_of_scope_films(out_of_scope_dir))
     out = {k: [load_image(str(p)) for p in parts[k]] for k in ("fit", "validation")}  # never the held-out part
     out_fit = with_views(out["fit"])
     out_val = feats(out["validation"])
-    check, tried = fit_scope(in_fit, out_fit, in_val, out_val, flag_rate=flag_rate, meta={
+    check, tried = fit_scope(in_fit, out_fit, in_val, out_val, flag_rate=flag_rate, in_val_conditions=conditions, meta={
         "model": shown_path(model_dir), "out_of_scope": shown_path(out_of_scope_dir), "n_fit": len(in_films),
         "in_scope_sources": list(in_scope_sources),
         "seed": seed, "precision": "bfloat16", "trained_on": TRAINED_ON,

@@ -35,6 +35,21 @@ def test_fit_scope_sets_its_limit_on_in_scope_validation_and_separates_what_it_c
     assert check.meta["n_in_fit"] == 300 and check.meta["C"] in (0.01, 1.0)
 
 
+def test_a_battery_limit_flags_at_most_the_share_under_every_condition_too():
+    """The limit can be fit on validation under the robustness battery (cxr-scope --battery): films of
+    another tone or noise level than the training hospital's must not be flagged more than plain ones."""
+    in_fit, out_fit = _blobs(300, seed=1), _blobs(300, shift=3.0, seed=2)
+    in_val, out_val = _blobs(400, seed=3), _blobs(200, shift=3.0, seed=4)
+    shifted = {"gamma_0.6": in_val + 0.6, "noise_12": in_val + np.random.default_rng(5).normal(0, 0.8, in_val.shape)}
+    plain, _ = fit_scope(in_fit, out_fit, in_val, out_val, flag_rate=0.01, Cs=(1.0,))
+    robust, tried = fit_scope(in_fit, out_fit, in_val, out_val, flag_rate=0.01, Cs=(1.0,), in_val_conditions=shifted)
+    assert robust.limit > plain.limit
+    for feats in [in_val, *shifted.values()]:
+        assert (robust.scores(feats) > robust.limit).mean() <= 0.01
+    assert (plain.scores(shifted["gamma_0.6"]) > plain.limit).mean() > 0.01  # what the plain limit would do
+    assert tried["C=1"]["limit_set_by"] in shifted and robust.meta["limit_conditions"] == ["plain", *shifted]
+
+
 def test_the_limit_flags_at_most_the_share_asked_for():
     """1% of 680 in-scope validation films is 6.8: at most 6 may be flagged (a plain quantile flagged 7)."""
     from modeling.scope import limit_for
