@@ -38,7 +38,7 @@ from PIL import Image
 
 from .dicom import _has_dicom_magic, identifying_tags
 from .image_base import ImageInfo, ImageLoadError
-from .image_io import IMAGE_EXTENSIONS, MAX_FILE_BYTES, load_image_with_info, pixel_sha256
+from .image_io import IMAGE_EXTENSIONS, MAX_FILE_BYTES, WORKING_SIDE, load_image_with_info, pixel_sha256
 from .labels import LABELS
 from .predict import Prediction, Predictor, decide, default_uncertain_high
 from .quality import symmetry_problems, xray_problems
@@ -72,7 +72,7 @@ class Film:
     burned_in_annotation: bool = False
 
 
-def read_film(data: bytes, *, max_side: int | None = 2048, name: str | None = None) -> Film:
+def read_film(data: bytes, *, max_side: int | None = WORKING_SIDE, name: str | None = None) -> Film:
     """Decode a file's bytes to the model's grayscale input (reduced to ``max_side``, bounding memory
     and time) and run the rule checks. Raises :class:`ImageLoadError` (with its reason code)."""
     gray, info = load_image_with_info(data, max_side=max_side, name=name)
@@ -156,16 +156,25 @@ def _is_film(path: Path) -> bool:
         return False
 
 
+def _text(path: str | os.PathLike) -> str:
+    """A path as text that any writer can store: a name that is not valid UTF-8 (an old Windows
+    share) keeps its bytes as backslash escapes instead of failing the run."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def find_films(inputs: Iterable[str | os.PathLike]) -> list[Source]:
     """Every film under the inputs, in a stable order: folders are walked (hidden files and folders
     skipped, symlinked folders not followed), files given directly are taken as they are (an
-    unreadable one then gets a row with its reason)."""
+    unreadable one then gets a row with its reason). A key is the path relative to its folder; with
+    several inputs it starts with the folder as given, so two folders' ``x/1.dcm`` stay apart."""
+    inputs = list(inputs)
     out: list[Source] = []
     for given in inputs:
         root = Path(given)
         if not root.is_dir():
-            out.append(Source(root, str(given)))
+            out.append(Source(root, _text(given)))
             continue
+        prefix = (_text(given).rstrip("/") + "/") if len(inputs) > 1 else ""
         found = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -173,7 +182,7 @@ def find_films(inputs: Iterable[str | os.PathLike]) -> list[Source]:
                 p = Path(dirpath) / name
                 if not name.startswith(".") and p.is_file() and _is_film(p):
                     found.append(p)
-        out += [Source(p, p.relative_to(root).as_posix()) for p in sorted(found)]
+        out += [Source(p, prefix + _text(p.relative_to(root).as_posix())) for p in sorted(found)]
     return out
 
 
@@ -184,7 +193,7 @@ class FilmDataset:
     the model's pixel values, or the reason it could not be (never raises for a bad file). Files whose
     hash is in ``done_hashes`` are skipped after hashing (``--resume`` with ``--no-paths``)."""
 
-    def __init__(self, sources: Sequence[Source], processor, *, max_side: int | None = 2048,
+    def __init__(self, sources: Sequence[Source], processor, *, max_side: int | None = WORKING_SIDE,
                  done_hashes: frozenset[str] = frozenset()) -> None:
         self.sources, self.processor, self.max_side, self.done_hashes = list(sources), processor, max_side, done_hashes
 
@@ -259,7 +268,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         text = text[:text.rfind("\n") + 1]
     if fmt == "jsonl":
@@ -298,11 +307,11 @@ class RowWriter:
                 self._write_table(self.previous)
         else:
             if resume and self.path.exists():  # drop a torn last line before appending
-                text = self.path.read_text()
+                text = self.path.read_text(encoding="utf-8")
                 if text and not text.endswith("\n"):
-                    self.path.write_text(text[:text.rfind("\n") + 1])
+                    self.path.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
             fresh = not (resume and self.path.exists() and self.path.stat().st_size > 0)
-            self._f = self.path.open("w" if fresh else "a", newline="")
+            self._f = self.path.open("w" if fresh else "a", newline="", encoding="utf-8")
             if self.format == "csv":
                 self._csv = csv.DictWriter(self._f, fieldnames=COLUMNS, extrasaction="ignore")
                 if fresh:
@@ -371,7 +380,7 @@ class ArchiveConfig:
     paths: bool = True  # False (--no-paths): the path column is left empty and the file hash is the key
     progress: bool | None = None  # None: a bar when stderr is a terminal
     precision: str = "auto"
-    max_side: int | None = 2048
+    max_side: int | None = WORKING_SIDE
 
 
 @dataclass
@@ -401,14 +410,20 @@ def _rows_for_batch(predictor: Predictor, items: list[dict], sources: Sequence[S
         for it, pred in zip(ready, preds):
             sha = it["image_sha256"]
             if pred.gate is not None and pred.gate.needs_correction:  # rare: decode again, put right, predict
-                film = read_film(sources[it["index"]].path.read_bytes(), max_side=cfg.max_side)
+                try:
+                    film = read_film(sources[it["index"]].path.read_bytes(), max_side=cfg.max_side)
+                except (ImageLoadError, OSError) as exc:  # changed or gone since the worker read it
+                    rows[it["index"]] = error_row(getattr(exc, "reason", "io_error"), f"cannot read the file again: {exc}")
+                    continue
                 gray, pred, _ = correct_and_repredict(predictor, film.gray, pred)
                 sha = pixel_sha256(gray)
+                rows[it["index"]] = {"width": gray.size[0], "height": gray.size[1]}  # a 90-degree turn swaps them
             if pred.gate is not None and pred.gate.out_of_distribution:
-                rows[it["index"]] = {**error_row("gate_refused", "does not look like a frontal chest X-ray: "
-                                                 + pred.gate.refusal()), "gate": "refused", "image_sha256": sha}
+                rows[it["index"]] = {**rows.get(it["index"], {}), **error_row(
+                    "gate_refused", "does not look like a frontal chest X-ray: " + pred.gate.refusal()),
+                    "gate": "refused", "image_sha256": sha}
                 continue
-            rows[it["index"]] = prediction_row(pred, decision_for(pred)[0], sha)
+            rows[it["index"]] = {**rows.get(it["index"], {}), **prediction_row(pred, decision_for(pred)[0], sha)}
     out = []
     for it in items:
         row = {**{k: it.get(k) for k in ("path", "file_sha256", "image_sha256", "width", "height",
@@ -449,6 +464,7 @@ def predict_archive(cfg: ArchiveConfig, predictor: Predictor | None = None) -> A
     if cfg.resume and state:  # what every process of an earlier run wrote, so no file is done twice
         for earlier in [final, *(shard_path(final, r, world) for r in range(world))]:
             done |= {r[key] for r in read_rows(earlier) if r.get(key)}
+        state.wait_for_everyone()  # every process has read the shards before any writer touches them
     sources = find_films(cfg.inputs)
     writer = RowWriter(target, resume=cfg.resume)
     summary = ArchiveSummary(output=str(final), found=len(sources), skipped=0, written=0, predicted=0, failed=0)

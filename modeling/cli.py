@@ -142,7 +142,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     archive.add_argument("--resume", action="store_true", help="skip the files whose rows are already in --output")
     archive.add_argument("--no-paths", action="store_true", help="leave the path column empty; the file hash is the key")
     archive.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not a terminal)")
-    archive.add_argument("--max-side", type=int, default=2048, help="films are reduced to this long side while decoding")
+    archive.add_argument("--max-side", type=int, default=None, help="films are reduced to this long side while decoding")
     archive.add_argument("--num-threads", type=int, default=None, help="torch threads for the forward pass")
     ap.add_argument("files", nargs="+", metavar="DIR_OR_FILE")
     args = parse(ap, argv)
@@ -186,10 +186,15 @@ def _archive(args: argparse.Namespace) -> int:
         print(f"cxr-predict: {exc}", file=sys.stderr)
         return 2
     _threads(args.num_threads)
+    import signal
+
+    # SIGTERM (SLURM's time limit, a Kubernetes stop, `timeout`) ends the run like Ctrl-C: the rows so
+    # far are kept in a valid file and --resume continues
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cfg = ArchiveConfig(inputs=args.files, output=args.output, model=args.model, revision=args.revision,
                         workers=args.workers, batch_size=args.batch_size, resume=args.resume, paths=not args.no_paths,
                         progress=False if args.no_progress else None, precision=args.precision or "auto",
-                        max_side=args.max_side)
+                        max_side=args.max_side or ArchiveConfig.max_side)
     try:
         summary = predict_archive(cfg)
     except KeyboardInterrupt as stop:
@@ -272,7 +277,7 @@ def export_main(argv: list[str] | None = None) -> int:
                 ap.error("--onnx needs films to check the variants on: --dataset D (its validation split) or --check-images DIR")
             images = [load_image(s.path) for s in find_films([args.check_images])]
         summary = export_onnx(args.model, check_images=list(images), variants=args.variants.split(","),
-                              output_dir=args.output_dir)
+                              output_dir=args.output_dir, overwrite=args.overwrite)
         if args.report:
             Path(args.report).write_text(json.dumps({**summary, "command": "cxr-export " + " ".join(argv or sys.argv[1:])},
                                                     indent=2) + "\n")

@@ -78,6 +78,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
+    "WORKING_SIDE",
     "REASONS",
     "ImageInfo",
     "ImageLoadError",
@@ -90,6 +91,10 @@ __all__ = [
 #: Largest accepted file, in bytes, checked before reading (from ``stat`` for paths).  Looked up at
 #: call time, so tests can monkeypatch it.
 MAX_FILE_BYTES: int = 512 * 1024 * 1024
+
+#: The working size of services (the Space, archive prediction, the private page): a film whose long
+#: side is larger is reduced to it while decoding, bounding memory and time; the model sees 224 px.
+WORKING_SIDE: int = 2048
 
 #: Lower-case suffixes that directory readers should pick up.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(

@@ -161,16 +161,21 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Path], threads: int | None = None) -> dict:
+def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Path], threads: int | None = None,
+                         scope=None) -> dict:
     """Each variant against the PyTorch float32 model on ``images``: max |dp|, label changes, and
     whether it is within :data:`TOLERANCES`. Also checks the exported head decomposition: the patch
-    contributions add up to the patch term of the logits (a sanity check of the heatmap's meaning)."""
+    contributions add up to the patch term of the logits (a sanity check of the heatmap's meaning).
+    With a scope check, also how many films change scope verdict against the torch float32 features
+    (the page computes the verdict from the graph's ``features``)."""
     from .preprocessing import pixel_values
 
     pv = torch.cat([pixel_values(processor, list(images[i:i + 32])) for i in range(0, len(images), 32)])
+    ref_graph = HeadDecomposition(model).eval()
     with torch.inference_mode():
-        ref = torch.cat([torch.softmax(model(pixel_values=pv[i:i + 32]).logits, -1)
-                         for i in range(0, len(pv), 32)]).numpy()
+        ref_out = [ref_graph(pv[i:i + 32]) for i in range(0, len(pv), 32)]
+    ref = torch.softmax(torch.cat([o[0] for o in ref_out]), -1).numpy()
+    ref_scope = None if scope is None else [v.out_of_scope for v in scope.verdicts(torch.cat([o[1] for o in ref_out]).numpy())]
     out = {}
     for variant, path in paths.items():
         got = run_session(session(path, threads), pv.numpy())
@@ -183,6 +188,9 @@ def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Pa
                         "label_change_rate": changes / len(images),
                         "within_tolerance": diff <= max_diff and changes / len(images) <= max_changes,
                         "tolerance": {"max_abs_probability_diff": max_diff, "label_change_rate": max_changes}}
+        if ref_scope is not None:
+            got_scope = [v.out_of_scope for v in scope.verdicts(got["features"])]
+            out[variant]["scope_verdict_changes"] = int(sum(a != b for a, b in zip(ref_scope, got_scope)))
         if variant == "float32":
             head = model.classifier
             d = got["features"].shape[1] // 2
@@ -197,6 +205,7 @@ def browser_config(model, processor, agreement: dict, scope=None) -> dict:
     triage band, the processor's numbers, the rule limits and the scope check (its linear score on the
     graph's ``features`` output), so the page computes what ``/predict`` computes from pixels."""
     from .calibration import Calibration
+    from .image_io import WORKING_SIDE
     from .labels import DISPLAY_NAMES
     from .predict import default_uncertain_high
     from .quality import ASPECT_RANGE, MAX_COLOURFULNESS, MIN_SIDE, MIN_STD
@@ -213,6 +222,7 @@ def browser_config(model, processor, agreement: dict, scope=None) -> dict:
         "labels": list(LABELS),
         "display_names": {k: DISPLAY_NAMES[k] for k in LABELS},
         "uncertain_high": float(default_uncertain_high(float(cal.pneumonia_threshold))),
+        "max_side": WORKING_SIDE,
         "scope": scope_cfg,
         "pneumonia_labels": [k for k in LABELS if k != "normal"],
         "threshold": float(cal.pneumonia_threshold),
@@ -231,16 +241,28 @@ def browser_config(model, processor, agreement: dict, scope=None) -> dict:
 
 
 def export_onnx(model_dir: str | Path, *, check_images: Sequence, variants: Sequence[str] = ("float32", "int8"),
-                threads: int | None = None, output_dir: str | Path | None = None) -> dict:
+                threads: int | None = None, output_dir: str | Path | None = None, overwrite: bool = False) -> dict:
     """Write ``onnx/`` beside the weights of ``model_dir`` (or into ``output_dir``): the variants that
-    agree with the PyTorch model on ``check_images``, and ``browser.json``. A variant outside its
-    tolerance is not written (the summary says why). Returns the summary."""
+    agree with the PyTorch model on ``check_images``, and ``browser.json``. A smaller variant outside
+    its tolerance is not written (the summary says why); a float32 graph outside its tolerance is an
+    error and leaves an earlier export as it was. The model's own ``onnx/`` is replaced; another
+    non-empty folder only with ``overwrite``, and never the model folder itself. Returns the summary."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .preprocessing import crop_fraction, is_letterbox
 
     model_dir = Path(model_dir)
     dst = Path(output_dir) if output_dir else model_dir / "onnx"
+    if dst.resolve() == model_dir.resolve() or (dst / "config.json").exists():
+        raise ValueError(f"{dst} holds a model: write the ONNX export into its own folder (default MODEL/onnx)")
+    if dst.exists() and any(dst.iterdir()) and dst.resolve() != (model_dir / "onnx").resolve() and not overwrite:
+        raise FileExistsError(f"{dst} is not empty (pass overwrite=True / --overwrite)")
     model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    if is_letterbox(processor) or crop_fraction(processor) < 1.0 or "height" not in processor.size:
+        # the page reproduces a plain resize to a square (pixels.mjs); a crop or a letterbox would need more
+        raise ValueError("the ONNX export serves models whose processor resizes the whole film to a square "
+                         "(no centre crop, no letterbox)")
     unknown = set(variants) - set(VARIANTS)
     if unknown or "float32" not in variants:
         raise ValueError(f"variants must include float32 and be among {sorted(VARIANTS)}; got {list(variants)}")
@@ -252,15 +274,21 @@ def export_onnx(model_dir: str | Path, *, check_images: Sequence, variants: Sequ
         store_weights_float16(paths["float32"])
         if "float16" in variants:
             paths["float16"] = to_float16(paths["float32"], tmp / VARIANTS["float16"])
-        agreement = agreement_with_torch(model, processor, check_images, paths, threads)
-        if dst.exists():
-            shutil.rmtree(dst)
-        dst.mkdir(parents=True)
+        from .scope import load_scope
+
+        scope = load_scope(str(model_dir))
+        agreement = agreement_with_torch(model, processor, check_images, paths, threads, scope)
+        if not agreement["float32"]["within_tolerance"]:
+            raise RuntimeError(f"the float32 graph disagrees with the PyTorch model: {agreement['float32']}")
+        staged = tmp / "onnx"
+        staged.mkdir()
         for variant, path in paths.items():
             if agreement[variant]["within_tolerance"]:
-                shutil.copy2(path, dst / path.name)
-    from .scope import load_scope
-
-    config = browser_config(model, processor, agreement, load_scope(str(model_dir)))
-    (dst / "browser.json").write_text(json.dumps(config, indent=2) + "\n")
+                shutil.copy2(path, staged / path.name)
+        config = browser_config(model, processor, agreement, scope)
+        (staged / "browser.json").write_text(json.dumps(config, indent=2) + "\n")
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staged, dst)
     return {"output_dir": str(dst), "agreement": agreement, "default_variant": config["default_variant"]}

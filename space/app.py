@@ -54,7 +54,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
-from modeling.image_io import IMAGE_EXTENSIONS  # noqa: E402
+from modeling.image_io import IMAGE_EXTENSIONS, WORKING_SIDE  # noqa: E402
 from modeling.archive import error_row  # noqa: E402
 from modeling.labels import LABELS  # noqa: E402
 from modeling.predict import Predictor  # noqa: E402
@@ -93,7 +93,7 @@ class AppConfig:
     staging_max_mb: float = 2048.0
     max_upload_mb: float = 256.0
     pending_uploads_mb: float = 2048.0
-    max_side: int = 2048
+    max_side: int = WORKING_SIDE
     max_batch_files: int = 200
     queue_size: int = 64
 
@@ -115,7 +115,7 @@ class AppConfig:
             staging_max_mb=float(env.get("CXR_STAGING_MAX_MB", "2048")),
             max_upload_mb=float(env.get("CXR_MAX_UPLOAD_MB", "256")),
             pending_uploads_mb=float(env.get("CXR_PENDING_UPLOADS_MB", "2048")),
-            max_side=int(env.get("CXR_MAX_SIDE", "2048")),
+            max_side=int(env.get("CXR_MAX_SIDE", str(WORKING_SIDE))),
             max_batch_files=int(env.get("CXR_MAX_BATCH_FILES", "200")),
             queue_size=int(env.get("CXR_QUEUE_SIZE", "64")),
         )

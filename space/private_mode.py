@@ -76,6 +76,7 @@ def routes(model_id: str, revision: str | None = None) -> list:
         out.append(Mount("/private/ort", app=WithHeaders(StaticFiles(directory=ORT_DIST))))
     folder = onnx_folder(model_id, revision)
     if folder is not None:
-        out.append(Mount("/private/model", app=WithHeaders(StaticFiles(directory=folder))))
+        # a Hub model's files are symlinks into the cache's blobs/: follow them
+        out.append(Mount("/private/model", app=WithHeaders(StaticFiles(directory=folder, follow_symlink=True))))
     out.append(Mount("/private", app=WithHeaders(StaticFiles(directory=PAGE, html=True))))
     return out

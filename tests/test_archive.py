@@ -233,3 +233,41 @@ def test_the_spaces_batch_rows_are_the_archives_rows(tmp_path, model_dir):
         cols = ["label", "p_normal", "p_bacterial_pneumonia", "p_viral_pneumonia", "p_pneumonia", "decision", "reason"]
         for col in cols + ([] if FILMS[key] else ["image_sha256"]):
             assert (row.get(col) or None) == pytest.approx(ours[key][col] or None, abs=1e-4), (key, col)
+
+
+def test_two_folders_with_the_same_inner_paths_keep_their_rows_apart(tmp_path, model_dir):
+    for name in ("site-a", "site-b"):
+        (tmp_path / name / "x").mkdir(parents=True)
+        xray_like(len(name), (70, 70)).save(tmp_path / name / "x" / "1.png")
+    keys = [s.key for s in find_films([tmp_path / "site-a", tmp_path / "site-b"])]
+    assert len(set(keys)) == 2 and all(k.endswith("x/1.png") for k in keys)
+
+
+def test_a_file_name_that_is_not_utf8_gets_its_row(tmp_path, model_dir):
+    root = tmp_path / "arch"
+    root.mkdir()
+    name = os.fsdecode(b"M\xfcller.png")  # Latin-1 from an old Windows share
+    xray_like(5, (70, 70)).save(root / name)
+    predictor = Predictor.from_pretrained(str(model_dir))
+    for suffix in (".parquet", ".csv"):
+        out = tmp_path / f"r{suffix}"
+        predict_archive(ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, progress=False), predictor)
+        [row] = read_rows(out)
+        assert row["path"] == "M\\xfcller.png" and row["reason"] == ""
+
+
+def test_sigterm_ends_a_run_like_ctrl_c(tmp_path, model_dir):
+    """SLURM's time limit, a Kubernetes stop or `timeout` send SIGTERM: the rows so far are kept (the
+    same path as Ctrl-C, whose Parquet case the in-process test covers) and --resume continues."""
+    root = make_archive(tmp_path / "arch", n_extra=200)
+    out = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "-m", "modeling", "predict", "--model", str(model_dir), str(root), "--output", str(out),
+           "--workers", "0", "--batch-size", "1", "--no-progress", "--precision", "float32"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
+        time.sleep(0.02)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err, err[-2000:]
+    assert 5 <= len(read_rows(out)) < len(FILMS) + 200 and out.read_text().endswith("\n")

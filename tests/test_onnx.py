@@ -130,3 +130,34 @@ def test_auto_backend_keeps_the_faster_path_and_frees_the_other(exported, monkey
     no_graph = Predictor.from_pretrained(str(save_tiny_classifier(model_dir.parent / "bare", image_size=28)),
                                          backend="auto")
     assert no_graph.backend == "torch" and no_graph.choose_backend(film) == {}
+
+
+def test_the_export_never_replaces_a_model_folder_and_keeps_a_good_export_on_failure(exported, tmp_path, monkeypatch):
+    import modeling.onnx_export as ox
+
+    model_dir, _ = exported
+    films = [xray_like(i, (60, 50)) for i in range(2)]
+    for bad in (model_dir, model_dir.parent):
+        if (bad / "config.json").exists() or bad == model_dir:
+            with pytest.raises(ValueError, match="holds a model"):
+                export_onnx(model_dir, check_images=films, output_dir=bad)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        export_onnx(model_dir, check_images=films, output_dir=other)
+    assert (other / "keep.txt").exists()
+    before = sorted(p.name for p in (model_dir / "onnx").iterdir())
+    monkeypatch.setitem(ox.TOLERANCES, "float32", (-1.0, 0.0))  # the float32 graph "disagrees"
+    with pytest.raises(RuntimeError, match="disagrees"):
+        export_onnx(model_dir, check_images=films)
+    assert sorted(p.name for p in (model_dir / "onnx").iterdir()) == before  # the earlier export is intact
+
+
+def test_a_centre_crop_model_is_refused_with_a_reason(tmp_path):
+    from modeling.preprocessing import PreprocessConfig, build_image_processor
+
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=28)
+    build_image_processor(PreprocessConfig(size=28, crop_pct=0.9)).save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="centre crop"):
+        export_onnx(model_dir, check_images=[xray_like(0, (60, 50))])

@@ -195,3 +195,54 @@ def test_the_private_routes_send_the_isolation_and_content_policy_headers(releas
             assert r.status == 200, path
             assert "connect-src 'self'" in r.headers["Content-Security-Policy"], path
             assert r.headers["Cross-Origin-Embedder-Policy"] == "require-corp", path
+
+
+def test_the_model_route_serves_files_that_are_symlinks_as_in_the_hub_cache(tmp_path, monkeypatch):
+    """A Hub model's files live in the cache as symlinks into blobs/; Starlette refuses links unless told."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    import space.private_mode as pm
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc" / "onnx"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    (blobs / "1").write_text(json.dumps({"variants": {"float32": {"file": "onnx/model.onnx", "shipped": True}}}))
+    (blobs / "2").write_bytes(b"graph")
+    (snap / "browser.json").symlink_to(blobs / "1")
+    (snap / "model.onnx").symlink_to(blobs / "2")
+    monkeypatch.setattr(pm, "onnx_folder", lambda model_id, revision=None: snap)
+    client = TestClient(Starlette(routes=pm.routes("org/model")))
+    r = client.get("/private/model/model.onnx")
+    assert r.status_code == 200 and r.content == b"graph"
+    assert "connect-src 'self'" in r.headers["content-security-policy"]
+    assert client.get("/private/").status_code == 200 and "never leaves this device" in client.get("/private/").text
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_the_pages_working_size_and_transparency_are_the_loaders(tmp_path):
+    """A film over the working size is reduced as modeling.image_io does (box beyond twice the size, else
+    Lanczos), and a transparent pixel is composited onto black first."""
+    from modeling.image_io import WORKING_SIDE, load_image
+
+    rng = np.random.default_rng(1)
+    for size in ((2600, 2100), (5000, 4200)):
+        img = xray_like(7, size)
+        (tmp_path / "in.bin").write_bytes(np.asarray(img).tobytes())
+        run_node(tmp_path, f"""const g = new Uint8Array(fs.readFileSync("{tmp_path}/in.bin"));
+const r = px.fitSide(g, {size[0]}, {size[1]}, {WORKING_SIDE});
+fs.writeFileSync("{tmp_path}/out.bin", Buffer.from(r.gray));
+fs.writeFileSync("{tmp_path}/size.json", JSON.stringify([r.width, r.height]));""")
+        png = tmp_path / "big.png"
+        img.save(png)
+        ref = load_image(png, max_side=WORKING_SIDE)
+        assert tuple(json.loads((tmp_path / "size.json").read_text())) == ref.size
+        got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.uint8).reshape(ref.size[1], ref.size[0])
+        np.testing.assert_array_equal(got, np.asarray(ref))
+    rgba = rng.integers(0, 256, (40, 50, 4), dtype=np.uint8)
+    (tmp_path / "in.bin").write_bytes(rgba.tobytes())
+    run_node(tmp_path, f"""const g = px.rgbaToGray(new Uint8Array(fs.readFileSync("{tmp_path}/in.bin")), 50, 40);
+fs.writeFileSync("{tmp_path}/out.bin", Buffer.from(g));""")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    np.testing.assert_array_equal(np.frombuffer((tmp_path / "out.bin").read_bytes(), np.uint8).reshape(40, 50),
+                                  np.asarray(load_image(tmp_path / "alpha.png")))

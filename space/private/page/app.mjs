@@ -5,7 +5,7 @@
 // that allows nothing else). What /predict shows that pixels alone can answer is shown here: the
 // calibrated probabilities, the call at the stored threshold, the rule checks, the scope check and
 // a heatmap (the head's contribution per patch: forward-only, so no gradients are needed).
-import { decide, heat, overlay, pixelValues, problems, rgbaToGray, softmax } from "./pixels.mjs";
+import { decide, fitSide, heat, overlay, pixelValues, problems, rgbaToGray, softmax } from "./pixels.mjs";
 
 const $ = (id) => document.getElementById(id);
 const state = { ready: false, variant: null, loadMs: null, runs: [] };
@@ -24,6 +24,14 @@ function table(el, labels, names, probs) {
   }));
 }
 
+// A 16-bit PNG is reduced to 8 bits by the browser (its high byte), while the server stretches the
+// stored range: the answers would differ, so such a file is sent to the main Space instead.
+async function pngBitDepth(file) {
+  const head = new Uint8Array(await file.slice(0, 26).arrayBuffer());
+  const png = [137, 80, 78, 71, 13, 10, 26, 10].every((v, i) => head[i] === v);
+  return png && head.length >= 25 ? head[24] : null;
+}
+
 async function decode(file) {
   // imageOrientation "from-image": EXIF rotation applied, as the server's loader does; no colour
   // management, as Pillow does none.
@@ -36,16 +44,32 @@ async function decode(file) {
   return { rgba: data, width: bitmap.width, height: bitmap.height };
 }
 
-async function analyse(cfg, session, file) {
-  const t0 = performance.now();
-  const { rgba, width, height } = await decode(file);
-  const gray = rgbaToGray(rgba, width, height);
-  const found = problems(gray, width, height, rgba, cfg.rules);
+function clearResult() {
   const result = $("result");
-  result.hidden = false;
+  result.hidden = true;
+  for (const key of ["probabilities", "pneumoniaProbability", "label", "decision"]) delete result.dataset[key];
+  $("verdict").textContent = "";
   $("probs").replaceChildren();
+  $("probs-unreliable").replaceChildren();
   $("unreliable").hidden = true;
   $("heat-figure").hidden = true;
+  $("timing").textContent = "";
+  return result;
+}
+
+async function analyse(cfg, session, file) {
+  const t0 = performance.now();
+  const result = clearResult();
+  if (await pngBitDepth(file) === 16) {
+    throw new Error("a 16-bit PNG is reduced to 8 bits differently by a browser than by the server; "
+      + "use the main Space for it");
+  }
+  const decoded = await decode(file);
+  const { rgba } = decoded;
+  const original = rgbaToGray(rgba, decoded.width, decoded.height);
+  const { gray, width, height } = fitSide(original, decoded.width, decoded.height, cfg.max_side);
+  const found = problems(gray, width, height, rgba, cfg.rules, decoded.width, decoded.height);
+  result.hidden = false;
   if (found.length) {
     $("verdict").textContent = `This does not look like a frontal chest X-ray: ${found.join("; ")}.`;
     $("verdict").className = "refused";
@@ -134,12 +158,18 @@ async function main() {
   input.disabled = false;
   input.addEventListener("change", async () => {
     if (!input.files.length) return;
+    input.disabled = true; // one film at a time: a result never shows beside another film's name
     $("status").textContent = "Analysing in this browser...";
     try {
       await analyse(cfg, session, input.files[0]);
     } catch (err) {
-      $("status").textContent = `Cannot read this file here: ${err.message || err}. PNG and JPEG only.`;
+      clearResult();
+      $("status").textContent = `Cannot read this file here: ${err.message || err}.`;
       $("result").dataset.decision = "error";
+      state.runs.push({ error: String(err) });
+      $("result").dataset.run = String(state.runs.length);
+    } finally {
+      input.disabled = false;
     }
   });
 }

@@ -7,11 +7,17 @@
 
 const PRECISION_BITS = 32 - 8 - 2; // Pillow's libImaging/Resample.c
 
-// Pillow's L24 (libImaging/Convert.c): ITU-R 601-2 luma in 16.16 fixed point, rounded.
+// Pillow's L24 (libImaging/Convert.c): ITU-R 601-2 luma in 16.16 fixed point, rounded. A pixel that
+// is not opaque is first composited onto black as the server's loader does (Image.paste with the
+// alpha as mask: libImaging's BLEND rounding).
 export function rgbaToGray(rgba, width, height) {
   const out = new Uint8Array(width * height);
+  const onBlack = (c, a) => { const t = c * a + 128; return (t + (t >> 8)) >> 8; };
   for (let i = 0, j = 0; i < out.length; i++, j += 4) {
-    out[i] = (rgba[j] * 19595 + rgba[j + 1] * 38470 + rgba[j + 2] * 7471 + 0x8000) >>> 16;
+    let r = rgba[j], g = rgba[j + 1], b = rgba[j + 2];
+    const a = rgba[j + 3];
+    if (a !== 255) { r = onBlack(r, a); g = onBlack(g, a); b = onBlack(b, a); }
+    out[i] = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >>> 16;
   }
   return out;
 }
@@ -24,11 +30,20 @@ function bicubic(x) {
   return 0;
 }
 
-// precompute_coeffs + normalize_coeffs_8bpc of libImaging/Resample.c (support 2 for bicubic).
-function coefficients(inSize, outSize) {
+function box(x) { return x > -0.5 && x <= 0.5 ? 1 : 0; }
+
+function sinc(x) { if (x === 0) return 1; x *= Math.PI; return Math.sin(x) / x; }
+
+function lanczos(x) { return x >= -3 && x < 3 ? sinc(x) * sinc(x / 3) : 0; }
+
+const FILTERS = { bicubic: [bicubic, 2], box: [box, 0.5], lanczos: [lanczos, 3] };
+
+// precompute_coeffs + normalize_coeffs_8bpc of libImaging/Resample.c.
+function coefficients(inSize, outSize, filter = "bicubic") {
+  const [kernel, filterSupport] = FILTERS[filter];
   const scale = inSize / outSize;
   const filterscale = Math.max(scale, 1);
-  const support = 2 * filterscale;
+  const support = filterSupport * filterscale;
   const ksize = Math.ceil(support) * 2 + 1;
   const bounds = new Int32Array(outSize * 2);
   const kk = new Int32Array(outSize * ksize);
@@ -43,7 +58,7 @@ function coefficients(inSize, outSize) {
     xmax -= xmin;
     let ww = 0;
     for (let x = 0; x < xmax; x++) {
-      const w = bicubic((x + xmin - center + 0.5) * ss);
+      const w = kernel((x + xmin - center + 0.5) * ss);
       k[x] = w;
       ww += w;
     }
@@ -63,12 +78,12 @@ function clip8(v) {
   return Math.floor(v / 2 ** PRECISION_BITS);
 }
 
-// Pillow's Image.resize(size, BICUBIC) of an "L" image: horizontal pass, then vertical.
-export function resizeBicubic(gray, width, height, outW, outH) {
+// Pillow's Image.resize(size, filter) of an "L" image: horizontal pass, then vertical.
+export function resize(gray, width, height, outW, outH, filter = "bicubic") {
   if (width === outW && height === outH) return Uint8Array.from(gray);
   let src = gray, w = width;
   if (outW !== width) {
-    const { bounds, kk, ksize } = coefficients(width, outW);
+    const { bounds, kk, ksize } = coefficients(width, outW, filter);
     const tmp = new Uint8Array(outW * height);
     for (let y = 0; y < height; y++) {
       for (let xx = 0; xx < outW; xx++) {
@@ -82,7 +97,7 @@ export function resizeBicubic(gray, width, height, outW, outH) {
     w = outW;
   }
   if (outH === height) return src;
-  const { bounds, kk, ksize } = coefficients(height, outH);
+  const { bounds, kk, ksize } = coefficients(height, outH, filter);
   const out = new Uint8Array(outW * outH);
   for (let yy = 0; yy < outH; yy++) {
     const ymin = bounds[yy * 2], ymax = bounds[yy * 2 + 1];
@@ -93,6 +108,22 @@ export function resizeBicubic(gray, width, height, outW, outH) {
     }
   }
   return out;
+}
+
+export function resizeBicubic(gray, width, height, outW, outH) {
+  return resize(gray, width, height, outW, outH, "bicubic");
+}
+
+// modeling/image_io.py _fit_side: a film whose long side is over maxSide is reduced to it (box
+// filter beyond twice that, else Lanczos), the server's working size. (A JPEG that large is reduced
+// by the server's decoder first, libjpeg's DCT scaling, which a browser cannot reproduce: such films
+// can differ slightly.)
+export function fitSide(gray, width, height, maxSide) {
+  if (!maxSide || Math.max(width, height) <= maxSide) return { gray, width, height };
+  const scale = maxSide / Math.max(width, height);
+  const w = Math.max(1, Math.round(width * scale)), h = Math.max(1, Math.round(height * scale));
+  const filter = Math.max(width, height) > 2 * maxSide ? "box" : "lanczos";
+  return { gray: resize(gray, width, height, w, h, filter), width: w, height: h };
 }
 
 // The gray film as the model's input tensor data (1, 3, H, W): gray replicated to RGB, then the
@@ -140,9 +171,9 @@ export function colourfulness(rgba, width, height) {
 }
 
 // The rule checks of modeling/quality.py xray_problems that pixels alone can answer.
-export function problems(gray, width, height, rgba, rules) {
+export function problems(gray, width, height, rgba, rules, rgbaWidth = width, rgbaHeight = height) {
   const out = [];
-  const c = colourfulness(rgba, width, height);
+  const c = colourfulness(rgba, rgbaWidth, rgbaHeight);
   if (c > rules.max_colourfulness) out.push(`a colour image (colourfulness ${c.toFixed(0)} > ${rules.max_colourfulness}); X-rays are gray`);
   if (Math.min(width, height) < rules.min_side) out.push(`too small (${width}x${height} px; at least ${rules.min_side} px on the shorter side)`);
   const ratio = width / height;
