@@ -69,6 +69,19 @@ def test_the_readme_space_block_is_rendered_from_the_measured_json() -> None:
     assert block == readme_space().strip(), "run python scripts/release_card.py"
 
 
+def test_the_archive_block_and_the_private_mode_section_are_rendered_from_the_measured_json() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from release_card import ARCHIVE_END, ARCHIVE_START, archive_table, private_mode_text
+
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    block = doc[doc.index(ARCHIVE_START) + len(ARCHIVE_START):doc.index(ARCHIVE_END)].strip()
+    assert block == archive_table().strip(), "run python scripts/release_card.py"
+    assert private_mode_text() in (ROOT / "model_card.md").read_text()
+    agreement = json.loads((ROOT / "benchmarks" / "results" / "onnx_agreement.json").read_text())
+    assert agreement["agreement"]["float32"]["n"] == 689  # measured on every validation film
+    assert agreement["agreement"]["float32"]["max_abs_probability_diff"] <= 1e-4
+
+
 def test_the_shipped_gate_refuses_photographs_and_screenshots(tmp_path) -> None:
     """The bundled model's rules and learned gate, through the Space's path, on grey photographs and
     screenshots with text (benchmarks/input_gate.py's negatives): each is refused, none predicted."""
