@@ -2,6 +2,7 @@
 
     cxr-deploy --repo ORG/cxr-pneumonia-triage                       # bundles space/model
     cxr-deploy --repo ORG/cxr-pneumonia-triage --model-id ORG/model   # model from the Hub
+    cxr-deploy --repo ORG/cxr-pneumonia-private --private-page        # the private page alone, a static Space
 
 The Space repo keeps the project's package layout: ``app.py`` at its root (what Spaces run) is a
 two-line launcher of ``space.app``; beside it the ``space/`` package (its modules, ``examples/`` and,
@@ -9,6 +10,12 @@ when bundled, ``model/``), the ``modeling/`` package, ``README.md`` (the Space's
 ``requirements.txt``. The same relative imports therefore work in the repository and on the Space.
 One commit; files of an earlier deployment that are no longer part of it are deleted in the same
 commit.
+
+``--private-page`` publishes the private page (``/private/`` of the Space: the model runs in the
+visitor's browser) as a static Space: the page's files at the root, ONNX Runtime Web's files under
+``ort/`` and the model's ``onnx/`` folder under ``model/``, the same relative layout the Space serves.
+Its Content-Security-Policy is in the page itself (a ``<meta>``: a static Space sets no such header);
+the cross-origin isolation headers (WebAssembly threads) are set by the Space's ``custom_headers``.
 """
 
 from __future__ import annotations
@@ -57,6 +64,64 @@ def stage(dest: Path, model_dir: Path | None) -> Path:
     return dest
 
 
+STATIC_README = """---
+title: Pediatric Chest X-ray Pneumonia Triage, private mode
+emoji: 🫁
+colorFrom: green
+colorTo: blue
+sdk: static
+app_file: index.html
+pinned: false
+license: apache-2.0
+short_description: The model runs in your browser; your film never leaves it
+custom_headers:
+  cross-origin-embedder-policy: require-corp
+  cross-origin-opener-policy: same-origin
+  cross-origin-resource-policy: same-origin
+tags:
+  - medical-imaging
+  - chest-x-ray
+  - onnx
+---
+
+The pediatric chest X-ray pneumonia triage model of cxr-pneumonia, run in your browser with ONNX Runtime
+Web: the film you choose is read and analysed on your device and never sent anywhere. Research and
+education only, not a medical device.
+"""
+
+
+def stage_private_page(dest: Path, model_dir: Path) -> Path:
+    """Lay out the static private-page Space in ``dest`` (see the module docstring)."""
+    from .private_mode import ORT_DIST, PAGE
+
+    onnx = Path(model_dir) / "onnx"
+    if not (onnx / "browser.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no onnx/ export: run cxr-export --model {model_dir} --onnx ...")
+    if not ORT_DIST.is_dir():
+        raise FileNotFoundError("onnxruntime-web is not installed: bash scripts/dev.sh setup (npm ci in space/private)")
+    shutil.copytree(PAGE, dest)
+    (dest / "README.md").write_text(STATIC_README)
+    (dest / "ort").mkdir()
+    for name in ORT_FILES:
+        shutil.copy2(ORT_DIST / name, dest / "ort" / name)
+    shutil.copytree(onnx, dest / "model", ignore=shutil.ignore_patterns(".*"))
+    return dest
+
+
+def deploy_private_page(repo_id: str, *, model_dir: str | Path = HERE / "model", token: str | None = None,
+                        private: bool = False) -> str:
+    """Create (if needed) and update the static private-page Space; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="space", space_sdk="static", private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = stage_private_page(Path(tmp) / "page", Path(model_dir))
+        info = api.upload_folder(repo_id=repo_id, repo_type="space", folder_path=folder, delete_patterns="*",
+                                 commit_message="Deploy the cxr-pneumonia private page (static)")
+    return str(info)
+
+
 def deploy(repo_id: str, *, model_dir: str | Path | None = HERE / "model", model_id: str | None = None,
            token: str | None = None, private: bool = False) -> str:
     """Create (if needed) and update the Space; returns the commit URL."""
@@ -86,9 +151,14 @@ def main(argv: list[str] | None = None) -> int:
              help="model folder to bundle (default space/model)")
     g.add_argument("--model-id", default=None, help="use this Hub model instead of bundling one")
     ap.add_argument("--private", action="store_true")
+    ap.add_argument("--private-page", action="store_true",
+                    help="publish the private page alone (the model in the visitor's browser) as a static Space")
     ap.add_argument("--token", default=None, help="write token (default: HF_TOKEN / the stored login)")
     args = parse(ap, argv)
-    url = deploy(args.repo, model_dir=args.model, model_id=args.model_id, token=args.token, private=args.private)
+    if args.private_page:
+        url = deploy_private_page(args.repo, model_dir=args.model, token=args.token, private=args.private)
+    else:
+        url = deploy(args.repo, model_dir=args.model, model_id=args.model_id, token=args.token, private=args.private)
     print(url)
     return 0
 

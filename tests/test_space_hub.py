@@ -89,3 +89,36 @@ print(json.dumps({{"files": files, "manifest": manifest, "sha": sha}}))
 """, env)
     assert f"feedback/images/{got['sha']}.png" in got["files"] and "feedback/manifest.csv" in got["files"]
     assert f"images/{got['sha']}.png,viral_pneumonia" in got["manifest"]
+
+
+def test_the_private_page_deploys_as_a_static_space(hub, tmp_path) -> None:
+    import pytest
+
+    from modeling.onnx_export import export_onnx
+    from space.private_mode import ORT_DIST
+    from synthetic import xray_like
+
+    if not ORT_DIST.is_dir():
+        pytest.skip("onnxruntime-web is not installed (bash scripts/dev.sh setup)")
+    server, env = hub
+    model = save_tiny_classifier(tmp_path / "model", image_size=28)
+    export_onnx(model, check_images=[xray_like(0, (60, 50))])
+    got = run_python_json(f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from huggingface_hub import HfApi, hf_hub_download
+from space.deploy import deploy_private_page
+api = HfApi()
+deploy_private_page("test-user/cxr-private", model_dir={str(model)!r})
+files = sorted(api.list_repo_files("test-user/cxr-private", repo_type="space"))
+readme = open(hf_hub_download("test-user/cxr-private", "README.md", repo_type="space")).read()
+page = open(hf_hub_download("test-user/cxr-private", "index.html", repo_type="space")).read()
+print(json.dumps({{"files": files, "sdk": api.repo_info("test-user/cxr-private", repo_type="space").sdk,
+                  "readme": readme, "page": page}}))
+""", env)
+    for f in ("index.html", "app.mjs", "pixels.mjs", "style.css", "ort/ort.wasm.min.js", "ort/ort-wasm-simd-threaded.wasm",
+              "model/browser.json", "model/model.onnx", "model/model_quantized.onnx", "README.md"):
+        assert f in got["files"], f
+    assert not any("node_modules" in f or f.endswith(".py") for f in got["files"])
+    assert got["sdk"] == "static" and "cross-origin-embedder-policy: require-corp" in got["readme"]
+    assert "connect-src 'self'" in got["page"]  # the page carries its own content policy
