@@ -1,7 +1,7 @@
 """How faithful each heatmap is, on validation films (a measurement, not a test).
 
-Methods: the server's Grad-CAM (its target layer: the last block's ``norm1``), Grad-CAM one block
-earlier (to check that choice), the private page's forward-only map (the head's contribution per
+Methods: Grad-CAM at the last block's ``norm1`` (the server's layer until v5) and one block earlier
+(the server's layer from v5: this measurement chose it), the private page's forward-only map (the head's contribution per
 patch token, :mod:`modeling.onnx_export`), and a smooth random map as the floor. Faithfulness is
 pytorch-grad-cam's own ROAD metrics (Rong et al. 2022): the predicted class's softmax score after
 removing (noisy linear imputation) the most relevant pixels first (MoRF, lower is better) or the least
@@ -62,8 +62,7 @@ def gradcam_maps(model, pv: torch.Tensor, classes: list[int], block: int) -> np.
     from modeling.gradcam import GradCam, _transformer_blocks
 
     cam = GradCam(model)
-    if block != -1:
-        cam._target_layers = [_transformer_blocks(model.dinov2)[block].norm1]
+    cam._target_layers = [_transformer_blocks(model.dinov2)[block].norm1]  # the layer asked for, whatever the default
     return cam.explain(pv, classes).maps
 
 
@@ -107,8 +106,9 @@ def main() -> int:
     with torch.inference_mode():
         classes = model(pixel_values=pv).logits.argmax(-1).tolist()
     methods = {
-        "Grad-CAM, last block norm1 (the server's)": lambda: gradcam_maps(model, pv, classes, -1),
-        "Grad-CAM, second-to-last block norm1": lambda: gradcam_maps(model, pv, classes, -2),
+        "Grad-CAM, last block norm1 (the server's layer until v5)": lambda: gradcam_maps(model, pv, classes, -1),
+        "Grad-CAM, second-to-last block norm1 (the server's layer from v5, chosen by this table)":
+            lambda: gradcam_maps(model, pv, classes, -2),
         "head contribution per patch (the private page's, forward-only)": lambda: head_maps(model, pv, classes),
         "smooth random map (floor)": lambda: smooth_random(rng, len(films), pv.shape[-1]),
     }
