@@ -381,6 +381,7 @@ class ArchiveConfig:
     progress: bool | None = None  # None: a bar when stderr is a terminal
     precision: str = "auto"
     max_side: int | None = WORKING_SIDE
+    threads: int | None = None  # torch threads of the forward pass; None: the cores the workers leave free
 
 
 @dataclass
@@ -444,7 +445,6 @@ def predict_archive(cfg: ArchiveConfig, predictor: Predictor | None = None) -> A
     """Run ``cfg`` (see the module docstring). Under ``accelerate launch`` / ``torchrun`` every
     process calls this; each writes its shard, the first merges them into ``cfg.output``."""
     import torch
-    from torch.utils.data import DataLoader
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     state = None
@@ -452,6 +452,21 @@ def predict_archive(cfg: ArchiveConfig, predictor: Predictor | None = None) -> A
         from accelerate import PartialState
 
         state = PartialState(cpu=not torch.cuda.is_available())
+    # Threads: decoding workers and the forward pass share the cores; more runnable threads than cores
+    # makes torch's spinning worker threads fight the decoders (measured: benchmarks/archive.py)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = cfg.threads or max(1, cores - cfg.workers)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(cfg, predictor, state, world)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: ArchiveConfig, predictor: Predictor | None, state, world: int) -> ArchiveSummary:
+    from torch.utils.data import DataLoader
+
     rank = state.process_index if state else 0
     predictor = predictor or Predictor.from_pretrained(cfg.model, revision=cfg.revision, precision=cfg.precision)
     revision = predictor.revision or "unknown"

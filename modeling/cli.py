@@ -143,7 +143,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     archive.add_argument("--no-paths", action="store_true", help="leave the path column empty; the file hash is the key")
     archive.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not a terminal)")
     archive.add_argument("--max-side", type=int, default=None, help="films are reduced to this long side while decoding")
-    archive.add_argument("--num-threads", type=int, default=None, help="torch threads for the forward pass")
+    archive.add_argument("--num-threads", type=int, default=None,
+                         help="torch threads for the forward pass (default: the cores the decoding workers leave free)")
     ap.add_argument("files", nargs="+", metavar="DIR_OR_FILE")
     args = parse(ap, argv)
     if args.output:
@@ -185,7 +186,6 @@ def _archive(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"cxr-predict: {exc}", file=sys.stderr)
         return 2
-    _threads(args.num_threads)
     import signal
 
     # SIGTERM (SLURM's time limit, a Kubernetes stop, `timeout`) ends the run like Ctrl-C: the rows so
@@ -194,7 +194,7 @@ def _archive(args: argparse.Namespace) -> int:
     cfg = ArchiveConfig(inputs=args.files, output=args.output, model=args.model, revision=args.revision,
                         workers=args.workers, batch_size=args.batch_size, resume=args.resume, paths=not args.no_paths,
                         progress=False if args.no_progress else None, precision=args.precision or "auto",
-                        max_side=args.max_side or ArchiveConfig.max_side)
+                        max_side=args.max_side or ArchiveConfig.max_side, threads=args.num_threads)
     try:
         summary = predict_archive(cfg)
     except KeyboardInterrupt as stop:
