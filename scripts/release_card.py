@@ -277,6 +277,13 @@ def private_mode_text(results_dir: Path = RESULTS) -> str:
                 "check are in `onnx/browser.json`):", "",
                 markdown_table(["variant", "file", "MB", "films", "max abs prob. diff", "label changes", "tolerance",
                                 "outcome"], rows)]
+        trials = _load(results_dir / "onnx_int8_trials.json")
+        if trials:
+            out += ["", "Other int8 quantizations tried on the same films (`python benchmarks/onnx_int8_trials.py`), none "
+                        "within tolerance: " + "; ".join(
+                            f"{k.replace('_', ' ')}: max abs prob. diff {t['max_abs_probability_diff']:.3f}, "
+                            f"{t['label_changes']} label change(s)" for k, t in trials.items())
+                    + ". The page therefore loads the float32 graph (float16-stored weights, 44 MB)."]
     page = _load(results_dir / "private_page.json")
     if page:
         t = page["targets"]

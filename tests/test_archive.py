@@ -175,21 +175,27 @@ def test_a_torn_last_line_of_a_killed_run_is_dropped_on_resume(tmp_path, model_d
     assert sorted(r["path"] for r in read_rows(out)) == sorted(FILMS)
 
 
-def test_the_cli_writes_the_table_and_ctrl_c_leaves_a_valid_file(tmp_path, model_dir):
+def _stop_mid_run(tmp_path, model_dir, workers: int, sig: int) -> tuple[list[str], Path, list[dict]]:
+    """Start `cxr-predict DIR --output F.jsonl` on a 207-film archive, send ``sig`` once 5 rows are
+    written, check it ended like Ctrl-C (exit 130, the --resume hint, every row whole); the kept rows."""
     root = make_archive(tmp_path / "arch", n_extra=200)
     out = tmp_path / "results.jsonl"
     cmd = [sys.executable, "-m", "modeling", "predict", "--model", str(model_dir), str(root), "--output", str(out),
-           "--workers", "1", "--batch-size", "1", "--no-progress", "--precision", "float32"]
+           "--workers", str(workers), "--batch-size", "1", "--no-progress", "--precision", "float32"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "--resume" in err, err[-2000:]
     kept = read_rows(out)
-    assert 5 <= len(kept) < len(FILMS) + 200
-    assert out.read_text().endswith("\n")  # every row whole
+    assert 5 <= len(kept) < len(FILMS) + 200 and out.read_text().endswith("\n")  # every row whole
+    return cmd, out, kept
+
+
+def test_the_cli_writes_the_table_and_ctrl_c_leaves_a_valid_file(tmp_path, model_dir):
+    cmd, out, kept = _stop_mid_run(tmp_path, model_dir, 1, signal.SIGINT)  # what Ctrl-C in a terminal sends
     done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -259,15 +265,4 @@ def test_a_file_name_that_is_not_utf8_gets_its_row(tmp_path, model_dir):
 def test_sigterm_ends_a_run_like_ctrl_c(tmp_path, model_dir):
     """SLURM's time limit, a Kubernetes stop or `timeout` send SIGTERM: the rows so far are kept (the
     same path as Ctrl-C, whose Parquet case the in-process test covers) and --resume continues."""
-    root = make_archive(tmp_path / "arch", n_extra=200)
-    out = tmp_path / "results.jsonl"
-    cmd = [sys.executable, "-m", "modeling", "predict", "--model", str(model_dir), str(root), "--output", str(out),
-           "--workers", "0", "--batch-size", "1", "--no-progress", "--precision", "float32"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
-        time.sleep(0.02)
-    proc.terminate()
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "--resume" in err, err[-2000:]
-    assert 5 <= len(read_rows(out)) < len(FILMS) + 200 and out.read_text().endswith("\n")
+    _stop_mid_run(tmp_path, model_dir, 0, signal.SIGTERM)
