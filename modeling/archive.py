@@ -40,7 +40,8 @@ from .dicom import _has_dicom_magic, identifying_tags
 from .image_base import ImageInfo, ImageLoadError
 from .image_io import IMAGE_EXTENSIONS, MAX_FILE_BYTES, WORKING_SIDE, load_image_with_info, pixel_sha256
 from .labels import LABELS
-from .predict import Prediction, Predictor, decide, default_uncertain_high
+from .decision import decide, default_uncertain_high
+from .predict import Prediction, Predictor
 from .quality import symmetry_problems, xray_problems
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}

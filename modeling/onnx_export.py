@@ -207,7 +207,7 @@ def browser_config(model, processor, agreement: dict, scope=None) -> dict:
     from .calibration import Calibration
     from .image_io import WORKING_SIDE
     from .labels import DISPLAY_NAMES
-    from .predict import default_uncertain_high
+    from .decision import default_uncertain_high
     from .quality import ASPECT_RANGE, MAX_COLOURFULNESS, MIN_SIDE, MIN_STD
     from .scope import TRAINED_ON
 

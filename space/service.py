@@ -27,7 +27,8 @@ from PIL import Image
 from modeling.archive import correct_and_repredict, decision_for, error_row, prediction_row, read_film
 from modeling.image_io import ImageLoadError, pixel_sha256
 from modeling.labels import DISPLAY_NAMES, LABELS
-from modeling.predict import Prediction, Predictor, decide, default_uncertain_high  # noqa: F401 (re-exported)
+from modeling.decision import decide, default_uncertain_high  # noqa: F401 (re-exported)
+from modeling.predict import Prediction, Predictor
 
 from .store import FeedbackStore, PredictionRecord, StoreError
 

@@ -98,12 +98,12 @@ def service(model_dir, tmp_path):
 
 
 def test_decide_three_way_band() -> None:
-    from modeling.predict import decide
+    from modeling.decision import decide
 
     assert decide(0.10, 0.3, 0.5)[0] == "no_pneumonia"
     assert decide(0.30, 0.3, 0.5)[0] == "uncertain"  # at the threshold: flagged (>=), as the model card counts it
     assert decide(0.49, 0.3, 0.5)[0] == "uncertain"
-    from modeling.predict import default_uncertain_high
+    from modeling.decision import default_uncertain_high
 
     assert default_uncertain_high(0.3) == pytest.approx(0.65) and default_uncertain_high(0.0) == 0.5
     assert default_uncertain_high(0.6) == pytest.approx(0.8)  # a threshold above 0.5 still leaves a band
