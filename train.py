@@ -53,6 +53,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from modeling.augment import AugmentConfig, augment
 from modeling.calibration import softmax
+from modeling.distill import TeacherError, distillation_loss, load_teachers
 from modeling.data import groups_of, load_cxr_dataset, require_split, stratified_subset
 from modeling.image_io import to_grayscale
 from modeling.labels import LABELS
@@ -115,6 +116,13 @@ class TrainConfig:
     focal_gamma: float = field(default=2.0, metadata={"help": "focal loss gamma"})
     label_smoothing: float = field(default=0.0)
     mixup_alpha: float = field(default=0.0, metadata={"help": "MixUp Beta(alpha, alpha); 0 = off"})
+    teachers: list[str] = field(default_factory=list, metadata={
+        "nargs": "+", "help": "our (calibrated) models, directories or Hub ids, whose probabilities averaged on the "
+        "same augmented view the student also learns (knowledge distillation, modeling/distill.py)"})
+    distill_alpha: float = field(default=0.5, metadata={"help": "with --teachers: loss = (1 - a) x the hard-label "
+                                 "loss + a x the distillation loss"})
+    distill_temperature: float = field(default=2.0, metadata={"help": "with --teachers: the softmax temperature "
+                                       "tau of teachers and student in the distillation loss (Hinton et al.)"})
     # optimisation
     epochs: int = field(default=10)
     batch_size: int = field(default=32, metadata={"help": "per device"})
@@ -376,6 +384,7 @@ class Run:
     n_train: int
     weights: torch.Tensor | None
     ema: Any = None
+    teachers: Any = None
 
     @property
     def progress(self) -> bool:
@@ -426,6 +435,14 @@ def prepare_run(cfg: TrainConfig) -> Run:
     model = build_model(cfg.base_model, revision=cfg.base_model_revision, drop_path_rate=cfg.drop_path_rate,
                         keep_calibrated_head=cfg.keep_calibrated_head)
     check_input_size(model, cfg.image_size)
+    teachers = None
+    if cfg.teachers:
+        if not 0.0 <= cfg.distill_alpha <= 1.0:
+            raise TrainError(f"--distill-alpha must be in [0, 1], got {cfg.distill_alpha}")
+        try:
+            teachers = load_teachers(cfg.teachers, processor, cfg.distill_temperature)
+        except TeacherError as e:
+            raise TrainError(str(e)) from None
 
     workers = cfg.num_workers if cfg.num_workers is not None else (
         min(8, max(1, (os.cpu_count() or 1) // accelerator.num_processes)) if accelerator.device.type != "cpu" else 0)
@@ -453,10 +470,12 @@ def prepare_run(cfg: TrainConfig) -> Run:
         optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_updates) * accelerator.num_processes,
         num_training_steps=total_updates * accelerator.num_processes)
     scheduler = accelerator.prepare(scheduler)
+    if teachers is not None:
+        teachers.to(accelerator.device)
     return Run(cfg=cfg, out=Path(cfg.output_dir), accelerator=accelerator, precision=precision, pcfg=pcfg,
                processor=processor, model=model, optimizer=optimizer, scheduler=scheduler, train_ds=train_ds,
                train_dl=train_dl, val_dl=val_dl, val_split=val_split, test_split=test_split, test_subset=test_subset,
-               n_train=len(train_split), weights=weights, ema=ema)
+               n_train=len(train_split), weights=weights, ema=ema, teachers=teachers)
 
 
 def restore(run: Run) -> tuple[dict, dict | None]:
@@ -518,7 +537,7 @@ def train_epoch(run: Run, epoch: int, state: dict) -> dict:
     run.train_ds.epoch = epoch
     run.train_dl.set_epoch(epoch)
     model.train()
-    t0, seen, loss_sum, n_batches = time.perf_counter(), 0, 0.0, 0
+    t0, seen, loss_sum, n_batches, distill_sum = time.perf_counter(), 0, 0.0, 0, 0.0
     bar = tqdm(run.train_dl, desc=f"epoch {epoch}/{cfg.epochs}",
                disable=not run.progress or not accelerator.is_local_main_process)
     for pv, y in bar:
@@ -532,7 +551,12 @@ def train_epoch(run: Run, epoch: int, state: dict) -> dict:
                 target = lam * onehot + (1 - lam) * onehot[perm]
             with accelerator.autocast():
                 logits = model(pixel_values=pv).logits
+                taught = run.teachers.probs(pv) if run.teachers is not None else None
             loss = loss_fn(logits, target, cfg, run.weights)
+            if taught is not None:
+                distill = distillation_loss(logits, taught, cfg.distill_temperature)
+                distill_sum += distill.item()
+                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -548,8 +572,11 @@ def train_epoch(run: Run, epoch: int, state: dict) -> dict:
         n_batches += 1
         bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
     seconds = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(n_batches, 1), "backbone_frozen": frozen,
-            "train_images_per_second": round(seen / seconds, 3), "train_seconds": round(seconds, 1)}
+    record = {"train_loss": loss_sum / max(n_batches, 1), "backbone_frozen": frozen,
+              "train_images_per_second": round(seen / seconds, 3), "train_seconds": round(seconds, 1)}
+    if run.teachers is not None:
+        record["distill_loss"] = distill_sum / max(n_batches, 1)
+    return record
 
 
 def validate_epoch(run: Run, epoch: int, state: dict) -> tuple[dict, bool]:
@@ -625,7 +652,7 @@ def train(cfg: TrainConfig) -> dict:
     result = {}
     accelerator, out = run.accelerator, run.out
     processor, val_split, test_split, test_subset = run.processor, run.val_split, run.test_split, run.test_subset
-    run.model = run.optimizer = run.scheduler = run.train_dl = run.val_dl = run.ema = None  # free the training copies
+    run.model = run.optimizer = run.scheduler = run.train_dl = run.val_dl = run.ema = run.teachers = None  # free the training copies
     accelerator.free_memory()
     if accelerator.is_main_process:
         result = finish(cfg, out, processor, val_split, test_split, state, stopped_early, run.progress,

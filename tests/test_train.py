@@ -407,3 +407,75 @@ def test_train_api_raises_a_value_error_and_the_cli_exits_2(data, tmp_path):
                                                                "--image-size", "48")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "train.py: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_distillation_loss_is_hintons_kl_scaled_by_tau_squared():
+    import torch.nn.functional as F
+
+    from modeling.distill import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(8, 3), torch.softmax(torch.randn(8, 3), dim=-1)
+    ref = F.kl_div(F.log_softmax(student / 2, dim=-1), teacher, reduction="batchmean") * 4
+    assert distillation_loss(student, teacher, 2.0).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert distillation_loss(student, torch.softmax(student / 2, dim=-1), 2.0).item() == pytest.approx(0, abs=1e-6)
+
+
+def _viral_teacher(path: Path) -> Path:
+    """A calibrated tiny classifier that calls every film viral, whatever it shows."""
+    from transformers import AutoModelForImageClassification
+
+    from tiny_models import save_tiny_classifier
+
+    save_tiny_classifier(path, temperature=1.0)
+    model = AutoModelForImageClassification.from_pretrained(path)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 0.0, 8.0]))
+    model.save_pretrained(path)
+    return path
+
+
+def _share_called(out: Path, dataset: Path, label: int) -> float:
+    from datasets import load_from_disk
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from modeling.preprocessing import pixel_values
+
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    processor = AutoImageProcessor.from_pretrained(out)
+    images = [im.convert("L") for im in load_from_disk(str(dataset))["validation"]["image"]]
+    with torch.no_grad():
+        calls = model(pixel_values=pixel_values(processor, images)).logits.argmax(-1)
+    return float((calls == label).float().mean())
+
+
+def test_a_student_learns_what_its_teachers_say(data, tmp_path):
+    """--teachers: the student also learns the teachers' averaged probabilities on the same augmented
+    view (knowledge distillation). A teacher that calls everything viral, at --distill-alpha 1, makes a
+    student that calls (nearly) everything viral; without the teacher the same run does not."""
+    teacher = _viral_teacher(tmp_path / "teacher")
+    taught, plain = tmp_path / "taught", tmp_path / "plain"
+    extra = ("--epochs", "2", "--no-test", "--early-stopping-patience", "0")
+    run_train(*common(data["dataset"], data["dinov2"], taught, *extra, "--teachers", str(teacher),
+                      "--distill-alpha", "1", "--distill-temperature", "1"))
+    run_train(*common(data["dataset"], data["dinov2"], plain, *extra))
+    assert _share_called(taught, data["dataset"], 2) >= 0.9
+    assert _share_called(plain, data["dataset"], 2) < 0.9
+    info = json.loads((taught / "training_config.json").read_text())
+    assert info["config"]["teachers"] == [str(teacher)] and info["config"]["distill_alpha"] == 1.0
+    assert all("distill_loss" in r for r in log(taught)) and not any("distill_loss" in r for r in log(plain))
+
+
+def test_teachers_that_see_other_pixels_or_labels_are_refused_before_training(data, tmp_path):
+    from tiny_models import save_tiny_classifier
+
+    wide = save_tiny_classifier(tmp_path / "wide", image_size=48)
+    for teacher, reason in ((wide, "sees other pixels"), (data["dinov2"], "labels")):
+        out = tmp_path / f"out-{teacher.name}"
+        proc = subprocess.run([sys.executable, "train.py", *common(data["dataset"], data["dinov2"], out,
+                                                                   "--teachers", str(teacher))],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 2 and reason in proc.stderr, proc.stderr[-2000:]
+        assert not (out / "checkpoints").exists()
