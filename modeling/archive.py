@@ -86,16 +86,17 @@ def read_film(data: bytes, *, max_side: int | None = WORKING_SIDE, name: str | N
                 burned_in_annotation=burned)
 
 
-def correct_and_repredict(predictor: Predictor, gray: Image.Image, pred: Prediction
+def correct_and_repredict(predictor: Predictor, gray: Image.Image, pred: Prediction, **predict_kwargs
                           ) -> tuple[Image.Image, Prediction, list[str]]:
     """A film the input gate found turned or inverted is put right and predicted again (the Space and
-    the archive alike); the distance reported is the corrected film's, the turn and inversion what was
-    found. Returns the film as predicted, its prediction and the notes saying what was done."""
+    the archive alike; ``predict_kwargs``, e.g. ``heatmap=True``, go to that prediction); the distance
+    reported is the corrected film's, the turn and inversion what was found. Returns the film as
+    predicted, its prediction and the notes saying what was done."""
     if pred.gate is None or not pred.gate.needs_correction:
         return gray, pred, []
     found = pred.gate
     gray = found.correct(gray)
-    again = predictor.predict_one(gray)
+    again = predictor.predict_one(gray, **predict_kwargs)
     again.gate = dataclasses.replace(again.gate, rotation=found.rotation, rotation_probability=found.rotation_probability,
                                      inverted=found.inverted, inverted_probability=found.inverted_probability)
     return gray, again, found.notes()

@@ -200,7 +200,8 @@ class ClassifierLogits(nn.Module):
         kwargs = {}
         if self.family == "vit" and self.last_input_hw != _pair(self.model.config.image_size):
             kwargs["interpolate_pos_encoding"] = True
-        return self.model(pixel_values=pixel_values, **kwargs).logits
+        # float32 logits whatever the model's dtype: pytorch-grad-cam reads them with numpy (no bf16)
+        return self.model(pixel_values=pixel_values, **kwargs).logits.float()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,7 +258,10 @@ class GradCam:
         self.num_labels = int(model.config.num_labels)
         self._wrapper = ClassifierLogits(model)
         self._target_layers = target_layers(model)
-        self._reshape = reshape_transform(model, self._wrapper.input_hw)
+        grid = reshape_transform(model, self._wrapper.input_hw)
+        # Activations and gradients go to numpy inside pytorch-grad-cam: made float32 here, so a
+        # bfloat16 model (the Predictor's fast copy) explains in one pass of its own precision.
+        self._reshape = (lambda t: grid(t).float()) if grid is not None else (lambda t: t.float())
 
     def _check(self, pixel_values: torch.Tensor, target_classes) -> list[int] | None:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import logging
 import lzma
 import os
@@ -223,24 +224,23 @@ class CxrService:
             raise InputError(f"Unknown heatmap class {target_class!r}; choose one of {', '.join(LABELS)}.")
         t0 = time.perf_counter()
         with (self._lock.background() if channel == "batch" else self._lock.interactive()):
-            # The learned gate (modeling.gate) and the scope check (modeling.scope) read the plain
-            # (fast-path) pass, the precision they were fit in, so the UI, the API and batches decide
-            # alike; the heatmap is computed once, on the film as it is finally predicted, and not at
-            # all for a film outside the model's scope (it would explain an answer not given).
-            checked = self.predictor.reads_features
-            pred = self.predictor.predict_one(gray, heatmap=heatmap and not checked, target_class=target_class)
+            # One pass: the learned gate (modeling.gate) and the scope check (modeling.scope) read the
+            # head features of the very pass that Grad-CAM makes (in the predictor's compute precision,
+            # the one they were fit in), so the UI, the API and batches decide alike. A film turned
+            # upright is predicted (and explained) again; a film outside the model's scope gets no
+            # heatmap (it would explain an answer not given).
+            pred = self.predictor.predict_one(gray, heatmap=heatmap, target_class=target_class)
             if pred.gate is not None:
-                gray, pred, corrected = correct_and_repredict(self.predictor, gray, pred)  # a turned film put right
+                gray, pred, corrected = correct_and_repredict(self.predictor, gray, pred, heatmap=heatmap,
+                                                              target_class=target_class)
                 notes += corrected
                 if pred.gate.out_of_distribution:
                     raise InputError("This does not look like a frontal chest X-ray: " + pred.gate.refusal() + ".",
                                      "gate_refused")
                 if caution := pred.gate.caution():
                     notes.append(caution)
-            if heatmap and checked and not pred.out_of_scope:
-                first = pred
-                pred = self.predictor.predict_one(gray, heatmap=True, target_class=target_class).with_checks(
-                    first.gate, first.scope)
+            if pred.out_of_scope:
+                pred = dataclasses.replace(pred, heatmap=None, heatmap_class=None)
         latency = (time.perf_counter() - t0) * 1000
         decision, verdict = decision_for(pred, self.uncertain_high)
         sha = pixel_sha256(gray)

@@ -167,26 +167,31 @@ def test_fit_for_model_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     assert InputGate.load(tmp_path / "m" / GATE_FILE).meta["model"] == "m"
 
 
-def test_the_gate_costs_no_extra_forward_pass_and_decides_on_the_plain_pass(tmp_path):
-    """A prediction without a heatmap is one forward pass, gate included; in the Space a heatmap request is
-    the plain pass (where the gate decides, in the precision it was fit in) plus the Grad-CAM pass."""
+def test_the_gate_costs_no_extra_forward_pass_even_with_a_heatmap(tmp_path):
+    """A prediction is one forward pass, gate included; in the Space a heatmap request is one pass too
+    (issue 21: it was the plain pass plus a float32 Grad-CAM pass): Grad-CAM runs in the compute
+    precision, so the gate reads the very features of a plain pass, and the probabilities are the same."""
     from modeling.predict import Predictor
     from space.service import CxrService
     from space.store import FeedbackStore
 
     model_dir = save_tiny_classifier(tmp_path / "m", image_size=32)
     _gate_for(model_dir).save(model_dir / GATE_FILE)
-    p = Predictor.from_pretrained(str(model_dir))
-    calls = []
-    p.model.register_forward_hook(lambda *a: calls.append(1))
-    assert p.predict_one(xray_like(2, (64, 64))).gate is not None and len(calls) == 1
-    service = CxrService(p, FeedbackStore(tmp_path / "data"))
-    calls.clear()
-    service.analyze(jpeg_bytes(xray_like(3, (128, 128))), heatmap=False)
-    assert len(calls) == 1
-    calls.clear()
-    a = service.analyze(jpeg_bytes(xray_like(4, (128, 128))), heatmap=True)
-    assert len(calls) == 2 and a.prediction.heatmap is not None and a.prediction.gate is not None
+    for precision in ("float32", "bfloat16"):
+        p = Predictor.from_pretrained(str(model_dir), precision=precision)
+        calls = []
+        for net in {id(p.model): p.model, id(p._cam_net): p._cam_net}.values():
+            net.register_forward_hook(lambda *a: calls.append(1))
+        assert p.predict_one(xray_like(2, (64, 64))).gate is not None and len(calls) == 1
+        service = CxrService(p, FeedbackStore(tmp_path / f"data-{precision}"))
+        calls.clear()
+        plain = service.analyze(jpeg_bytes(xray_like(3, (128, 128))), heatmap=False)
+        assert len(calls) == 1
+        calls.clear()
+        a = service.analyze(jpeg_bytes(xray_like(3, (128, 128))), heatmap=True)
+        assert len(calls) == 1 and a.prediction.heatmap is not None and a.prediction.gate is not None
+        assert a.prediction.probabilities == plain.prediction.probabilities
+        assert a.prediction.gate.distance == plain.prediction.gate.distance
 
 
 def test_the_gate_field_reports_the_turn_that_was_corrected(tmp_path):

@@ -419,13 +419,18 @@ def test_predictor_bfloat16_precision_close_to_float32(tiny_bases, tmp_path) -> 
     bf16 = Predictor.from_pretrained(str(model_dir), precision="bfloat16")
     assert fp32.precision == "float32" and bf16.precision == "bfloat16"
     assert next(bf16._fast.parameters()).dtype == torch.bfloat16
-    assert next(bf16.model.parameters()).dtype == torch.float32  # Grad-CAM keeps float32
+    assert next(bf16.model.parameters()).dtype == torch.float32  # the float32 model stays, for float32 callers
     images = [xray_like(s, (64, 64)) for s in range(6)]
     a = np.array([[p.probabilities[k] for k in LABELS] for p in fp32.predict(images)])
     b = np.array([[p.probabilities[k] for k in LABELS] for p in bf16.predict(images)])
     assert 0 < np.abs(a - b).max() < 0.02  # different arithmetic, same answer within the stated tolerance
-    heat = bf16.predict_one(images[0], heatmap=True)
-    assert heat.probabilities == pytest.approx(fp32.predict_one(images[0], heatmap=True).probabilities, abs=1e-6)
+    # Grad-CAM runs in the compute precision (issue 21): one pass gives the heatmap and the very
+    # probabilities of a plain prediction, and the map is the float32 map within bf16 arithmetic
+    for im in images[:3]:
+        heat, plain, heat32 = (bf16.predict_one(im, heatmap=True), bf16.predict_one(im),
+                               fp32.predict_one(im, heatmap=True))
+        assert heat.probabilities == plain.probabilities
+        assert np.corrcoef(heat.heatmap.ravel(), heat32.heatmap.ravel())[0, 1] > 0.98
     assert resolve_precision("auto") in PRECISIONS
     with pytest.raises(ValueError, match="precision"):
         Predictor.from_pretrained(str(model_dir), precision="float16")

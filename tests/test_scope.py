@@ -139,7 +139,7 @@ def test_the_service_records_an_out_of_scope_answer_without_a_heatmap(tmp_path):
     service.predictor.model.register_forward_hook(lambda *a: calls.append(1))
     a = service.analyze(jpeg_bytes(xray_like(3, (128, 128))), heatmap=True)
     assert a.decision == "out_of_scope" and "children aged 1-5" in a.verdict
-    assert a.prediction.heatmap is None and len(calls) == 1  # no Grad-CAM pass for an answer not given
+    assert a.prediction.heatmap is None and len(calls) == 1  # one pass; no map for an answer not given
     d = a.to_dict()
     assert d["label"] is None and d["decision"] == "out_of_scope" and d["scope"]["out_of_scope"]
     rows = service.store.predictions_frame()
@@ -219,8 +219,9 @@ def test_cxr_scope_fits_saves_and_never_reads_the_held_out_patients(tmp_path):
 
 
 def test_the_heatmap_pass_answers_by_the_plain_passs_verdict():
-    """The Space decides on its plain pass and draws the heatmap in a second (float32) pass, whose own
-    scope verdict can differ near the limit: the label and the call follow the verdict kept."""
+    """A prediction given another pass's verdicts (Prediction.with_checks: a caller that decides on one
+    pass and draws the heatmap in another, whose own scope verdict can differ near the limit): the label
+    and the call follow the verdict kept."""
     from modeling.predict import Prediction
     from modeling.scope import ScopeVerdict
 
