@@ -1,4 +1,5 @@
-"""CPU latency of one-image prediction: our Predictor (float32, bfloat16), Predictor + Grad-CAM, and
+"""CPU latency of one-image prediction: our Predictor (float32, bfloat16, bfloat16 compiled with
+TorchInductor), Predictor + Grad-CAM (float32, and bfloat16 as the Space runs it), and
 plain ``transformers.pipeline("image-classification")`` on the same model, same files, same run.
 
     python benchmarks/latency.py --model space/model --threads 2 --output benchmarks/results/latency.json
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     files = list_images(Path(args.images), args.n_images)
     fp32 = Predictor.from_pretrained(args.model, precision="float32")
     bf16 = Predictor(fp32.model, fp32.processor, precision="bfloat16")  # a bf16 copy of the same weights
+    compiled = Predictor(fp32.model, fp32.processor, precision="bfloat16")
+    compilation = compiled.compile()  # Predictor.compile: TorchInductor, weights frozen (the Space's CXR_COMPILE)
+    print(f"compilation: {compilation}")
     pipe = pipeline("image-classification",
                     model=AutoModelForImageClassification.from_pretrained(args.model),
                     image_processor=AutoImageProcessor.from_pretrained(args.model, backend="pil"),
@@ -109,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_fp32": lambda f: pipe(str(f), top_k=None),
         "predictor_fp32": lambda f: fp32.predict_one(f),
         "predictor_bf16": lambda f: bf16.predict_one(f),
+        **({"predictor_bf16_compiled": lambda f: compiled.predict_one(f)} if compilation["compiled"] else {}),
         "predictor_fp32_gradcam": lambda f: fp32.predict_one(f, heatmap=True),
+        "predictor_bf16_gradcam": lambda f: bf16.predict_one(f, heatmap=True),
         "forward_only_fp32": lambda f: forward(f, False),
         "forward_only_bf16": lambda f: forward(f, True),
         **variants,
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(files), "repeats": args.repeats, "image_folder": shown_path(args.images),
         "threads": args.threads, "torch": torch.__version__, "cpu": cpu_name(),
         "cpu_native_bf16": bf16_fast(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d"), "compilation": compilation,
         **({"onnxruntime": __import__("onnxruntime").__version__} if any(k.startswith("predictor_onnx") for k in results)
            else {}),
         "results": results,

@@ -181,12 +181,16 @@ class CxrService:
         self.flush()
         return self.store.staged_image(sha256)
 
-    def warmup(self) -> None:
+    def warmup(self, compile: bool = False) -> None:
         """One unrecorded prediction with Grad-CAM, so the first user does not pay for lazy imports
-        and first-call allocations (~1 s on 2 cores)."""
+        and first-call allocations (~1 s on 2 cores); with ``compile``, the plain-prediction network is
+        compiled first (:meth:`Predictor.compile`: tens of seconds, once)."""
         img = Image.fromarray((np.indices((256, 256)).sum(0) % 256).astype(np.uint8), "L")
         with self._lock.interactive():
             self.predictor.predict_one(img, heatmap=True)
+            if compile:
+                info = self.predictor.compile(img)
+                (logger.info if info["compiled"] else logger.warning)("compilation: %s", info)
             # CXR_BACKEND=auto: keep whichever plain-prediction path is faster on this machine
             if timings := self.predictor.choose_backend(img):
                 logger.info("backend %s chosen (median ms: %s)", self.predictor.backend, timings)

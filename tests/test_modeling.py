@@ -607,3 +607,44 @@ def test_a_released_model_can_be_continued_with_its_head_and_the_temperature_div
     assert not hasattr(model.config, "cxr_calibration")
     torch.testing.assert_close(classifier_head(model).weight, classifier_head(old).weight * 3.0)
     torch.testing.assert_close(classifier_head(model).bias, classifier_head(old).bias * 3.0)
+
+
+@pytest.mark.slow
+def test_a_compiled_predictor_answers_as_the_eager_one(tiny_bases, tmp_path) -> None:
+    """Predictor.compile(): single-film plain predictions run on a TorchInductor-compiled copy (the
+    faster server path, issue 18), with the same probabilities within bf16 arithmetic and the head
+    features the gate reads; batches of several films and Grad-CAM keep the eager network."""
+    from modeling.gate import GATE_FILE
+    from test_gate import _gate_for
+
+    model_dir = _saved_model(tmp_path, tiny_bases["dinov2"], temperature=1.3)
+    _gate_for(model_dir).save(model_dir / GATE_FILE)
+    p = Predictor.from_pretrained(str(model_dir), precision="bfloat16")
+    images = [xray_like(s, (64, 64)) for s in range(3)]
+    eager = p.predict(images, batch_size=1)
+    info = p.compile()
+    assert info["compiled"] is True and info["max_abs_prob_diff"] <= 0.02, info
+    calls = []
+    p._fast.register_forward_hook(lambda *a: calls.append(1))
+    compiled = p.predict(images, batch_size=1)
+    assert calls == []  # the compiled copy answered
+    for a, b in zip(eager, compiled):
+        assert b.probabilities == pytest.approx(a.probabilities, abs=0.02)
+        assert b.gate is not None and b.gate.distance == pytest.approx(a.gate.distance, rel=0.05)
+    p.predict(images[:2], batch_size=2)
+    p.predict_one(images[0], heatmap=True)
+    assert len(calls) == 2  # a batch of two and Grad-CAM: the eager network
+
+
+def test_a_predictor_whose_compilation_fails_keeps_answering(tiny_bases, tmp_path, monkeypatch) -> None:
+    model_dir = _saved_model(tmp_path, tiny_bases["dinov2"], temperature=1.3)
+    p = Predictor.from_pretrained(str(model_dir), precision="bfloat16")
+    before = p.predict_one(xray_like(1, (64, 64)))
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    info = p.compile()
+    assert info["compiled"] is False and "no C++ compiler" in info["reason"]
+    assert p.predict_one(xray_like(1, (64, 64))).probabilities == before.probabilities

@@ -274,7 +274,7 @@ def start_app(model_dir: Path, root: Path, extra_env: dict | None = None) -> Run
     port = _free_port()
     data_dir, temp_dir = root / "data", root / "gradio-tmp"
     temp_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MODEL_ID": str(model_dir), "CXR_DATA_DIR": str(data_dir), "CXR_PRECISION": "float32",
+    env = {**os.environ, "MODEL_ID": str(model_dir), "CXR_DATA_DIR": str(data_dir), "CXR_PRECISION": "float32", "CXR_COMPILE": "0",
            "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_TEMP_DIR": str(temp_dir),
            "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "CXR_ADMIN_TOKEN": ADMIN_TOKEN,
            "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", **(extra_env or {})}

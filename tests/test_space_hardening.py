@@ -450,6 +450,29 @@ def test_the_apps_settings_reach_what_they_configure(tmp_path, monkeypatch):
     assert AccessPolicy.from_env().admins == frozenset({"dr-lee", "mo"})
     monkeypatch.setenv("CXR_UNCERTAIN_HIGH", "0.1")  # below the threshold: the band starts at the threshold
     assert make_service(AppConfig.from_env()).uncertain_high == 0.3
+    assert cfg.compile is True  # CXR_COMPILE: on unless switched off
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("CXR_COMPILE", off)
+        assert AppConfig.from_env().compile is False
+
+
+def test_the_warmup_compiles_when_asked_and_the_service_still_answers(tmp_path, monkeypatch):
+    """service.warmup(compile=True) (CXR_COMPILE=1 at start-up) compiles the plain path; a compiler that
+    fails leaves the service answering on the eager network."""
+    import torch
+
+    from space.app import AppConfig, make_service
+
+    model = save_tiny_classifier(tmp_path / "m", image_size=32)
+    cfg = AppConfig(model_id=str(model), revision=None, data_dir=tmp_path / "data", precision="float32")
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(OSError("no cc")))
+    service = make_service(cfg)
+    service.warmup(compile=True)
+    assert calls == [1] and service.predictor._compiled is None
+    assert service.analyze(xray_bytes(3), heatmap=False).prediction.label
+    service.warmup(compile=False)
+    assert calls == [1]
 
 
 def test_pixels_are_staged_after_the_answer_and_feedback_waits_for_them(model_dir, tmp_path):
