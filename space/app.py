@@ -187,6 +187,34 @@ OUT_OF_SCOPE_TITLE = "Outside what this model knows: no answer"
 LOCKED = "Administrators only: the history and the export show what clinicians stored."
 
 
+class OutputFile(gr.File):
+    """A file output answered by its URL on the Space's own output route (``space.files.OUTPUT_ROUTE``)
+    rather than by its path on the server: ``gr.File`` would answer with the absolute path, in ``path``
+    and inside its ``url``. Its value is :func:`served`'s dict; the browser draws it as a ``gr.File``."""
+
+    def get_block_name(self) -> str:
+        return "file"
+
+    def postprocess(self, value):
+        if isinstance(value, dict) and "url" in value:
+            from gradio.data_classes import FileData
+
+            # an http URL: Gradio passes it on as it is (path = url), copying nothing into its cache
+            return FileData(path=value["url"], url=value["url"], orig_name=value["name"], size=value["size"])
+        return super().postprocess(value)
+
+
+def served(files: TempFiles, request: gr.Request, path: str | os.PathLike) -> dict:
+    """An :class:`OutputFile` value: the output's absolute URL (behind the Space's proxy too, from its
+    forwarded host and protocol, as Gradio finds its own root), its name and size."""
+    from gradio import route_utils
+
+    req = request.request
+    root = route_utils.get_root_url(req, req.url.path, None)
+    p = Path(path)
+    return {"url": root + files.output_route(p), "name": p.name, "size": p.stat().st_size}
+
+
 def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = None,
               access: AccessPolicy | None = None) -> gr.Blocks:
     """The Blocks app around a :class:`CxrService` (tests build it with a tiny model)."""
@@ -290,7 +318,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
             raise gr.Error(str(exc)) from None
         return {"feedback_id": fid, "prediction_id": prediction_id, "label": label}
 
-    def batch(uploads, progress=gr.Progress()):
+    def batch(uploads, request: gr.Request, progress=gr.Progress()):
         paths = [f if isinstance(f, str) else f.name for f in (uploads or [])]
         if not paths:
             raise gr.Error("Upload one or more X-rays or a .zip of them.")
@@ -302,9 +330,9 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
                  for i, (p, why) in enumerate(((p, w) for p, w in problems.items() if w), start=1)]
         out = rows_to_csv(rows, files.scratch("batch") / "predictions.csv")
         cols = ["#", "file", "label", "p_pneumonia", "decision", "error"]
-        return pd.DataFrame(rows).reindex(columns=cols).fillna(""), str(out)
+        return pd.DataFrame(rows).reindex(columns=cols).fillna(""), served(files, request, out)
 
-    def export_zip():
+    def export_zip(request: gr.Request):
         """The feedback as a manifest folder, zipped in a scratch folder (the unzipped copy is removed)."""
         scratch = files.scratch("export", serve_once=True)  # its URL works once, not until the sweep
         staging = scratch / "manifest"
@@ -317,16 +345,16 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
         import shutil
 
         shutil.rmtree(staging, ignore_errors=True)
-        return str(zpath), summary
+        return served(files, request, zpath), summary
 
-    def ui_export(token, profile: gr.OAuthProfile | None = None):
+    def ui_export(token, request: gr.Request, profile: gr.OAuthProfile | None = None):
         admin(token, profile)
-        return export_zip()
+        return export_zip(request)
 
     def api_export(request: gr.Request):
         """Administrators: the clinician feedback as a manifest zip (send the X-CXR-Admin-Token header)."""
         admin(request_token(request), None)
-        return export_zip()
+        return export_zip(request)
 
     def history(token, profile: gr.OAuthProfile | None = None):
         if not access.is_admin(token=token, username=getattr(profile, "username", None)):
@@ -386,7 +414,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
             b_files = gr.File(label="X-rays or .zip", file_count="multiple", type="filepath", elem_id="batch-files")
             b_run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
             b_table = gr.Dataframe(label="Results", interactive=False, elem_id="batch-table")
-            b_csv = gr.File(label="CSV", elem_id="batch-csv")
+            b_csv = OutputFile(label="CSV", elem_id="batch-csv")
 
         with gr.Tab("History", id="history"):
             gr.Markdown("For administrators: what was predicted, what clinicians said, and the export of their "
@@ -405,7 +433,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
             h_recent = gr.Dataframe(label="Latest feedback", elem_id="history-recent")
             with gr.Row():
                 h_export = gr.Button("Export feedback as a dataset manifest", elem_id="export")
-                h_zip = gr.File(label="manifest.csv + images (for dataset_scripts)")
+                h_zip = OutputFile(label="manifest.csv + images (for dataset_scripts)")
                 h_export_info = gr.JSON(label="Export summary")
 
         with gr.Tab("About", id="about"):
@@ -423,7 +451,7 @@ def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = 
             api_note = gr.Textbox()
             api_consent = gr.Checkbox(value=False)
             api_fb_out = gr.JSON()
-            api_zip = gr.File()
+            api_zip = OutputFile()
             api_export_info = gr.JSON()
             api_btn = gr.Button()
             api_fb_btn = gr.Button()

@@ -20,8 +20,9 @@ uploads that are never analysed and files past a batch limit never reach a handl
   path used again without a new upload (the same file analysed twice from one page);
 * outputs that Gradio would serve from its cache to anyone with the URL are not files at all where
   possible (the heatmap is inline PNG data); the batch CSV and the export archive are written into
-  :meth:`TempFiles.scratch` folders inside the private temp folder (so Gradio serves them without
-  copying them elsewhere) and expire with everything else;
+  :meth:`TempFiles.scratch` folders inside the private temp folder and expire with everything else;
+  answers name them by a URL of the Space's own route (:data:`OUTPUT_ROUTE`, served by the
+  middleware below), not by their server path, which Gradio's file route would put in the answer;
 * a sweeper thread (:meth:`TempFiles.start_sweeper`) deletes everything in the folder older than
   ``max_age_s`` (default 10 minutes), and empty folders: the backstop for every path no handler saw.
   Bundled examples (recognised by a predicate) are kept: Gradio reuses its copy of them.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -74,6 +76,11 @@ class NotAnUpload(ValueError):
 SCRATCH = "cxr-scratch"
 RELEASED_PREFIX = ".released-"
 ONCE_PREFIX = "once-"
+# The Space's own route for output files (the batch CSV, the export archive): answers name a file by
+# this URL alone, not by its path on the server, which Gradio's file route would put in the answer.
+OUTPUT_ROUTE = "/cxr-output/"
+_OUTPUT_FOLDER = re.compile(rf"^(?:{ONCE_PREFIX})?[a-z]+-[0-9a-f]{{32}}$")
+_OUTPUT_IN_PATH = re.compile(r"(?:^|/)cxr-output/([^/]+)/([^/]+)$")
 
 
 class TempFiles:
@@ -237,6 +244,27 @@ class TempFiles:
         d.mkdir(parents=True)
         return d
 
+    def output_route(self, path: str | os.PathLike) -> str:
+        """The URL path (:data:`OUTPUT_ROUTE`) of a file in a scratch folder: ``/cxr-output/<folder>/<name>``."""
+        from urllib.parse import quote
+
+        rel = Path(os.path.abspath(path)).relative_to(self.root / SCRATCH)
+        if len(rel.parts) != 2 or not _OUTPUT_FOLDER.match(rel.parts[0]):
+            raise ValueError(f"not an output file of a scratch folder: {path}")
+        return OUTPUT_ROUTE + quote(rel.parts[0]) + "/" + quote(rel.parts[1])
+
+    def output_file(self, folder: str, name: str) -> Path | None:
+        """The regular file an output URL names, or None: only a file directly inside a scratch folder
+        (no link, no other folder, nothing outside), whatever the URL tries."""
+        if not _OUTPUT_FOLDER.match(folder) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            return None
+        p = self.root / SCRATCH / folder / name
+        try:
+            st = p.lstat()
+        except OSError:
+            return None
+        return p if stat.S_ISREG(st.st_mode) else None
+
     def serve_once_path(self, path: str) -> str | None:
         """The absolute path when ``path`` is a file in a serve-once scratch folder, else None."""
         p = Path(os.path.abspath(path))
@@ -316,9 +344,16 @@ class ClaimUploads:
         self.app, self.files = app, files
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD") and "/file=" in scope["path"]:
-            await self._serve(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):
+            # an output URL, as a browser follows it, or as gradio_client asks for it (file=<the URL>)
+            path = scope["path"]
+            target = path.split("/file=", 1)[1] if "/file=" in path else path
+            if (path.startswith(OUTPUT_ROUTE) or "/file=" in path) and (m := _OUTPUT_IN_PATH.search(target)):
+                await self._serve_output(m.group(1), m.group(2), scope, receive, send)
+                return
+            if "/file=" in path:
+                await self._serve(scope, receive, send)
+                return
         if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].endswith("/upload"):
             await self.app(scope, receive, send)
             return
@@ -368,6 +403,34 @@ class ClaimUploads:
                 Path(once).unlink(missing_ok=True)
 
         await self.app(scope, receive, send_then_delete)
+
+
+    async def _serve_output(self, folder: str, name: str, scope, receive, send) -> None:
+        """An output file by its URL; one of a serve-once folder (the export archive) is deleted once
+        sent whole."""
+        from urllib.parse import unquote
+
+        from starlette.responses import FileResponse
+
+        p = self.files.output_file(unquote(folder), unquote(name))
+        if p is None:
+            await _json_error(send, 404, "No such output (outputs expire; an export can be downloaded once).")
+            return
+        once = p.parent.name.startswith(ONCE_PREFIX)
+        if once:  # the whole file, once: a Range request would get a part (206) and leave the file behind
+            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"range"]}
+        status = 0
+
+        async def send_then_delete(message) -> None:
+            nonlocal status
+            await send(message)
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif (once and scope.get("method") == "GET" and message["type"] == "http.response.body"
+                  and not message.get("more_body") and status == 200):
+                p.unlink(missing_ok=True)
+
+        await FileResponse(p, filename=p.name)(scope, receive, send_then_delete)
 
 
 async def _json_error(send, status: int, message: str) -> None:

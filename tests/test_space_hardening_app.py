@@ -448,3 +448,33 @@ def test_the_export_url_works_once_and_uploads_past_the_pending_budget_are_refus
         assert not phi_offenders(running)
     finally:
         running.stop()
+
+
+def test_output_files_are_answered_by_url_without_a_server_path(app, tmp_path):
+    """Issue 21: the answers of /batch and /export carried the absolute server path of their file (in
+    `path` and inside the `url`). They now carry a URL of the Space's own output route and nothing of
+    the server's folders; gradio_client and a browser still download the file, and the export's URL
+    still works once."""
+    import json
+
+    from gradio_client import handle_file
+
+    film = {"path": upload_only(app, _write(tmp_path, "ok.jpg", xray_bytes(5))), "meta": {"_type": "gradio.FileData"}}
+    kind, out = raw_call(app, "batch", [[film]])
+    assert kind == "complete", out
+    kind, exported = raw_call(app, "export", [], headers={"X-CXR-Admin-Token": ADMIN_TOKEN})
+    assert kind == "complete", exported
+    for answer in (out[1], exported[0]):
+        text = json.dumps(answer)
+        assert str(app.temp_dir) not in text and "scratch" not in text and "file=" not in text, text
+        assert answer["url"].startswith(app.url) and answer["path"] == answer["url"]
+    csv = httpx.get(out[1]["url"], timeout=30)
+    assert csv.status_code == 200 and b"p_pneumonia" in csv.content  # what a browser does with the link
+    first = httpx.get(exported[0]["url"], timeout=30)
+    assert first.status_code == 200 and first.content[:2] == b"PK"
+    assert httpx.get(exported[0]["url"], timeout=30).status_code == 404  # once
+    _table, local_csv = app.client().predict([handle_file(_write(tmp_path, "ok2.jpg", xray_bytes(6)))],
+                                             api_name="/batch")
+    assert "p_pneumonia" in Path(local_csv).read_text()  # gradio_client downloads it as before
+    assert httpx.get(app.url + "cxr-output/../../etc/passwd", timeout=30).status_code == 404
+    assert httpx.get(app.url + "cxr-output/batch-0/x.csv", timeout=30).status_code == 404
