@@ -5,12 +5,16 @@
 Two measurements on the same machine, in the same run:
 
 * **stages**, in process, on the Space's normal example: decode (the project's loader), the rules
-  (``modeling.quality``), the plain pass (bf16: prediction, input gate, scope check), Grad-CAM (float32),
-  hashing the pixels, staging the PNG, the store's write, and the overlay the answer carries; beside
-  them, ``CxrService.analyze`` whole and the Predictor's own predict + Grad-CAM
-  (``predict_one(heatmap=True)``, float32: the reference the target is set against);
+  (``modeling.quality``), the plain pass (bf16: prediction, input gate, scope check), Grad-CAM in bf16
+  (the Space's one pass since issue 21: it gives the prediction, the checks and the map) and, for
+  comparison, in float32 (the Space's second pass before), hashing the pixels, staging the PNG (after the
+  answer), the store's write, and the overlay the answer carries; beside them, ``CxrService.analyze``
+  whole and the Predictor's own predict + Grad-CAM (``predict_one(heatmap=True)``, in the Space's
+  precision: the reference the target is set against; float32 too);
 * **round trip**: ``gradio_client`` against the Space started here (``space.app``, the same model), the
-  client's wall time per ``/predict`` call and the ``latency_ms`` the Space reports.
+  client's wall time per ``/predict`` call and the ``latency_ms`` the Space reports; and the same call
+  refused at once (an unknown heatmap class: upload, queue and answer, no model work), which is what
+  Gradio's transport costs on this machine whatever the model does.
 
 Medians of ``--repeats`` calls after warm-up. Writes ``benchmarks/results/space_latency.json``; the
 README's latency line comes from it. Run it on a quiet machine.
@@ -74,14 +78,17 @@ def stages(model: str, repeats: int) -> dict:
             "decode": median_ms(lambda: load_image_with_info(data, max_side=2048), repeats),
             "rules": median_ms(lambda: (xray_problems(gray, info, data), symmetry_problems(gray)), repeats),
             "plain_pass_bf16": median_ms(lambda: fast.predict_one(gray), repeats),
+            "gradcam_bf16_one_pass": median_ms(lambda: fast.predict_one(gray, heatmap=True), repeats),
             "gradcam_float32": median_ms(lambda: ref.predict_one(gray, heatmap=True), repeats),
             "hash": median_ms(lambda: pixel_sha256(gray), repeats),
             "staging_png": median_ms(stage_png, repeats),
             "store_write": median_ms(lambda: store.record_prediction(rec), repeats),
             "overlay_png_1024": median_ms(lambda: overlay_png(gray, heat.heatmap, 0.4), repeats),
             "service_analyze_whole": median_ms(lambda: service.analyze(data, channel="api"), repeats),
+            "predictor_predict_gradcam": median_ms(lambda: fast.predict_one(data, heatmap=True), repeats),
             "predictor_predict_gradcam_float32": median_ms(lambda: ref.predict_one(data, heatmap=True), repeats),
         }
+        out["precision"] = fast.precision
     return out
 
 
@@ -113,18 +120,26 @@ def round_trip(model: str, repeats: int, threads: int) -> dict:
                     if time.time() > deadline:
                         raise
                     time.sleep(1)
-            wall, server = [], []
+            wall, server, refused = [], [], []
             for i in range(repeats + 2):
                 t0 = time.perf_counter()
                 r = client.predict(handle_file(str(EXAMPLE)), "predicted", api_name="/predict")
                 if i >= 2:  # warm-up calls
                     wall.append((time.perf_counter() - t0) * 1000)
                     server.append(r["latency_ms"])
+                t0 = time.perf_counter()
+                try:
+                    client.predict(handle_file(str(EXAMPLE)), "no-such-class", api_name="/predict")
+                except Exception:  # noqa: BLE001 - the refusal is the point: transport only
+                    pass
+                if i >= 2:
+                    refused.append((time.perf_counter() - t0) * 1000)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     return {"client_round_trip_ms": round(statistics.median(wall), 1),
-            "server_latency_ms": round(statistics.median(server), 1)}
+            "server_latency_ms": round(statistics.median(server), 1),
+            "refused_call_round_trip_ms": round(statistics.median(refused), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     s = stages(args.model, args.repeats)
     rt = round_trip(args.model, args.repeats, args.threads)
-    ref = s["predictor_predict_gradcam_float32"]
+    ref = s["predictor_predict_gradcam"]
     out = {"model": shown_path(args.model), "model_revision": resolve_revision(args.model), "threads": args.threads,
            "repeats": args.repeats, "example": EXAMPLE.name, "stages_ms": s, **rt,
            "round_trip_over_predictor": round(rt["client_round_trip_ms"] / ref, 2),

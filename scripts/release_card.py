@@ -459,6 +459,30 @@ def readme_space(results_dir: Path = RESULTS) -> str:
                     "(`python benchmarks/input_gate.py`: the rules and the learned gate, through the Space's own path):",
                 "", markdown_table(["images", "n", "accepted", "of which with a caution note",
                                                  "turned upright / inverted back", "refused"], rows)]
+    lat = _load(results_dir / "space_latency.json")
+    if lat:
+        st = lat["stages_ms"]
+        names = {"decode": "decode", "rules": "rules (modeling.quality)", "plain_pass_bf16": "plain pass (bf16)",
+                 "gradcam_bf16_one_pass": "Grad-CAM pass, bf16 (the Space's one pass: prediction, checks, map)",
+                 "gradcam_float32": "Grad-CAM pass, float32 (the Space's second pass before issue 21)",
+                 "hash": "hash of the pixels", "staging_png": "staging PNG (after the answer)",
+                 "store_write": "store write", "overlay_png_1024": "overlay PNG",
+                 "service_analyze_whole": "CxrService.analyze, whole",
+                 "predictor_predict_gradcam": f"Predictor predict + Grad-CAM ({st.get('precision', 'bf16')})",
+                 "predictor_predict_gradcam_float32": "Predictor predict + Grad-CAM (float32)"}
+        rows = [[names.get(k, k), v] for k, v in st.items() if isinstance(v, (int, float))]
+        rt = [["client round trip (gradio_client, /predict)", lat["client_round_trip_ms"]],
+              ["latency the Space reports", lat["server_latency_ms"]]]
+        if "refused_call_round_trip_ms" in lat:
+            rt.append(["the same call refused before any model work (Gradio's transport)",
+                       lat["refused_call_round_trip_ms"]])
+        t = lat["targets"]
+        out += ["", f"One Space request, stage by stage (`python benchmarks/space_latency.py`; {lat['threads']} threads, "
+                    f"median of {lat['repeats']}, the normal example):", "",
+                markdown_table(["stage", "median ms"], rows + rt), "",
+                f"Round trip over the Predictor's own predict + Grad-CAM: {lat['round_trip_over_predictor']}x "
+                f"(target <= {t['round_trip_over_predictor']}x); client round trip {lat['client_round_trip_ms']} ms "
+                f"(target <= {t['client_round_trip_ms']} ms)."]
     scope = _load(results_dir / "scope.json")
     if scope:
         out += ["", "The scope check (is this film like the pediatric films the model knows?) on adult films and "
