@@ -81,7 +81,7 @@ def targets_table(test: dict, latency: dict | None, runs: dict | None = None, mo
         v = latency["results"][key]["median_ms"]
         rows.append([name, f"<= {target:g}", f"{v:.1f} (float32: {latency['results']['predictor_fp32']['median_ms']:.1f})",
                      "yes" if v <= target else f"no (by {v - target:.1f})", "not published"])
-        g = latency["results"].get("predictor_fp32_gradcam")
+        g = latency["results"].get("predictor_bf16_gradcam") or latency["results"].get("predictor_fp32_gradcam")
         if g:
             rows.append(["CPU latency, predict + Grad-CAM (median ms)", "-", f"{g['median_ms']:.1f}", "-", "not published"])
     return markdown_table(["metric", "target", "ours, official test (95% CI)", "met", "kiselyovd (anchor)"], rows)
@@ -350,8 +350,20 @@ def values(model_dir: Path, latency_path: Path, plots_prefix: str) -> dict:
                      f"(`python benchmarks/precision_agreement.py`): max absolute probability difference "
                      f"{agree['max_abs_prob_diff']:.3f} (99th percentile {agree['p99_abs_prob_diff']:.3f}), "
                      f"{agree['label_changes']} label change(s), {agree['pneumonia_call_changes']} changed pneumonia "
-                     "call(s). The Space and `Predictor(precision=\"auto\")` use bf16 for predictions without a "
-                     "heatmap on CPUs with native bf16; Grad-CAM and every number on this card are float32.")
+                     "call(s). The Space and `Predictor(precision=\"auto\")` use bf16 on CPUs with native bf16, "
+                     "Grad-CAM included (one pass gives the prediction, the input checks and the map); every number "
+                     "on this card is float32.")
+        c = agree.get("bfloat16_compiled", {})
+        if c.get("n"):
+            precision += (f" Compiled (`Predictor.compile()`, TorchInductor, the Space's `CXR_COMPILE`), against float32: "
+                          f"max {c['max_abs_prob_diff']:.3f}, {c['label_changes']} label change(s), "
+                          f"{c['pneumonia_call_changes']} changed call(s).")
+        g = agree.get("gradcam_bfloat16_vs_float32")
+        if g:
+            precision += (f" Grad-CAM maps in bf16 against float32 on {g['films']} {agree['split']} films: Pearson "
+                          f"correlation median {g['pearson_median']:.4f} (lowest {g['pearson_min']:.4f}); the hottest "
+                          f"20% of pixels overlap {g['hottest_20pct_iou_median']:.2f} (IoU; lowest "
+                          f"{g['hottest_20pct_iou_min']:.2f}).")
     stage_rows = [[r["name"], f"{r['image_size']} px", f"{r['epochs_run']} (best {r['best_epoch']})",
                    r.get("selection", "validation macro-F1"), f"{r['wall_seconds'] / 60:.0f} min", f"`{r['command']}`"]
                   for r in runs["runs"]]
