@@ -384,6 +384,7 @@ class ArchiveConfig:
     precision: str = "auto"
     max_side: int | None = WORKING_SIDE
     threads: int | None = None  # torch threads of the forward pass; None: the cores the workers leave free
+    compile: bool = False  # --compile: Predictor.compile() first (tens of seconds); serves --batch-size 1
 
 
 @dataclass
@@ -471,6 +472,13 @@ def _run(cfg: ArchiveConfig, predictor: Predictor | None, state, world: int) -> 
 
     rank = state.process_index if state else 0
     predictor = predictor or Predictor.from_pretrained(cfg.model, revision=cfg.revision, precision=cfg.precision)
+    if cfg.compile:
+        info = predictor.compile()
+        if not info["compiled"]:
+            print(f"cxr-predict: not compiled ({info['reason']}); the eager network predicts", file=sys.stderr)
+        elif cfg.batch_size != 1:
+            print("cxr-predict: --compile serves single films; with --batch-size above 1 the eager network predicts",
+                  file=sys.stderr)
     revision = predictor.revision or "unknown"
     key = "path" if cfg.paths else "file_sha256"
 

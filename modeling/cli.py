@@ -143,6 +143,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     archive.add_argument("--no-paths", action="store_true", help="leave the path column empty; the file hash is the key")
     archive.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not a terminal)")
     archive.add_argument("--max-side", type=int, default=None, help="films are reduced to this long side while decoding")
+    archive.add_argument("--compile", action="store_true",
+                         help="compile the forward pass first (TorchInductor; tens of seconds; with --batch-size 1)")
     archive.add_argument("--num-threads", type=int, default=None,
                          help="torch threads for the forward pass (default: the cores the decoding workers leave free)")
     ap.add_argument("files", nargs="+", metavar="DIR_OR_FILE")
@@ -194,7 +196,8 @@ def _archive(args: argparse.Namespace) -> int:
     cfg = ArchiveConfig(inputs=args.files, output=args.output, model=args.model, revision=args.revision,
                         workers=args.workers, batch_size=args.batch_size, resume=args.resume, paths=not args.no_paths,
                         progress=False if args.no_progress else None, precision=args.precision or "auto",
-                        max_side=args.max_side or ArchiveConfig.max_side, threads=args.num_threads)
+                        max_side=args.max_side or ArchiveConfig.max_side, threads=args.num_threads,
+                        compile=args.compile)
     try:
         summary = predict_archive(cfg)
     except KeyboardInterrupt as stop:

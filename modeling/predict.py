@@ -252,6 +252,9 @@ class Predictor:
         t0 = time.perf_counter()
         try:
             net = copy.deepcopy(self._fast if self._fast is not None else self.model).eval()
+            for m in net.modules():  # a deep copy takes the original's hooks along: the copy keeps only its tap
+                m._forward_hooks.clear()
+                m._forward_pre_hooks.clear()
             # registered before compiling, so the graph keeps it: the head's input, for the gate and scope
             classifier_head(net).register_forward_pre_hook(lambda _m, args: self._tap.__setitem__("features", args[0]))
             compiled = torch.compile(net, options={"freezing": True})

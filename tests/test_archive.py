@@ -270,3 +270,26 @@ def test_sigterm_ends_a_run_like_ctrl_c(tmp_path, model_dir):
     """SLURM's time limit, a Kubernetes stop or `timeout` send SIGTERM: the rows so far are kept (the
     same path as Ctrl-C, whose Parquet case the in-process test covers) and --resume continues."""
     _stop_mid_run(tmp_path, model_dir, 0, signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_compile_predicts_single_films_on_the_compiled_copy_with_the_same_rows(tmp_path, model_dir, capsys):
+    """--compile (ArchiveConfig.compile): with --batch-size 1 the forward pass runs on the compiled copy
+    (Predictor.compile), the rows within bf16 arithmetic of the eager run's; the run says it compiled."""
+    root = make_archive(tmp_path / "arch")
+    eager_out, compiled_out = tmp_path / "eager.jsonl", tmp_path / "compiled.jsonl"
+    common = dict(inputs=[str(root)], workers=0, progress=False, batch_size=1, precision="bfloat16",
+                  model=str(model_dir))
+    predict_archive(ArchiveConfig(output=str(eager_out), **common))
+    predictor = Predictor.from_pretrained(str(model_dir), precision="bfloat16")
+    calls = []
+    predictor._fast.register_forward_hook(lambda *a: calls.append(1))
+    predict_archive(ArchiveConfig(output=str(compiled_out), compile=True, **common), predictor)
+    # one eager pass: compile()'s reference for its agreement check; every film went to the compiled copy
+    assert predictor._compiled is not None and len(calls) == 1
+    eager = {r["path"]: r for r in read_rows(eager_out)}
+    for r in read_rows(compiled_out):
+        e = eager[r["path"]]
+        assert r["label"] == e["label"] and r["error"] == e["error"]
+        if r["p_pneumonia"] not in ("", None):
+            assert r["p_pneumonia"] == pytest.approx(e["p_pneumonia"], abs=0.02)
