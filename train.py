@@ -293,13 +293,22 @@ def prepare_output_dir(cfg: "TrainConfig", out: Path) -> None:
 def _same_setting(a, b) -> bool:
     if a == b:
         return True
+    if isinstance(a, list) and isinstance(b, list):  # --teachers: the same folders written another way
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
     if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
         return Path(a).resolve() == Path(b).resolve()  # the same local dataset/base written another way
     return False
 
 
 def check_resume_config(cfg: "TrainConfig", saved: dict) -> None:
-    """Refuse to resume with other training settings (fields a checkpoint predates are not compared)."""
+    """Refuse to resume with other training settings. A field the checkpoint predates counts as its
+    default then (the run was trained without it): resuming an older run with, say, ``--teachers``
+    would change training mid-run."""
+    import dataclasses
+
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(TrainConfig)}
+    saved = {**{k: v for k, v in defaults.items() if v is not dataclasses.MISSING}, **saved}
     diff = {k: (saved[k], v) for k, v in asdict(cfg).items()
             if k not in RESUME_MAY_CHANGE and k in saved and not _same_setting(saved[k], v)}
     if diff:

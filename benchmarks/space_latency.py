@@ -13,8 +13,8 @@ Two measurements on the same machine, in the same run:
   precision: the reference the target is set against; float32 too);
 * **round trip**: ``gradio_client`` against the Space started here (``space.app``, the same model), the
   client's wall time per ``/predict`` call and the ``latency_ms`` the Space reports; and the same call
-  refused at once (an unknown heatmap class: upload, queue and answer, no model work), which is what
-  Gradio's transport costs on this machine whatever the model does.
+  refused before any model work (an unknown heatmap class: upload, queue, the file read, decoded and
+  checked, the error answered): Gradio's transport plus a decode, whatever the model does.
 
 Medians of ``--repeats`` calls after warm-up. Writes ``benchmarks/results/space_latency.json``; the
 README's latency line comes from it. Run it on a quiet machine.

@@ -72,7 +72,8 @@ def load_teachers(paths: list[str], student_processor, tau: float) -> Teachers:
         names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         if names != list(LABELS):
             raise TeacherError(f"teacher {path}: labels {names}, the student's are {list(LABELS)}")
-        got = pixel_values(AutoImageProcessor.from_pretrained(path), [probe])
+        # backend="pil", as training and the Predictor load processors (torchvision resizes differently)
+        got = pixel_values(AutoImageProcessor.from_pretrained(path, backend="pil"), [probe])
         if got.shape != want.shape or float((got - want).abs().max()) > 1e-4:
             raise TeacherError(f"teacher {path} sees other pixels than the student (its processor: input "
                                f"{tuple(got.shape[-2:])}, the student's {tuple(want.shape[-2:])}, or another "

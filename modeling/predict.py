@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -109,6 +111,8 @@ def resolve_revision(model_id_or_dir: str, revision: str | None = None) -> str:
     return config_path.parent.name  # .../snapshots/<commit>/config.json
 
 
+logger = logging.getLogger(__name__)
+
 PRECISIONS = ("float32", "bfloat16", "auto")
 BACKENDS = ("torch", "onnx", "auto")
 
@@ -151,7 +155,7 @@ class Predictor:
         # every weight on every call outside one long-lived autocast region, which costs ~20 ms here.
         # Grad-CAM runs on the same copy: one pass gives the heatmap and exactly the probabilities
         # of a plain prediction, in half the time of a float32 Grad-CAM; its map agrees with the
-        # float32 map (benchmarks/space_latency.py measures both on validation films).
+        # float32 map (benchmarks/precision_agreement.py compares the maps on validation films).
         self.precision = resolve_precision(precision)
         self._fast = None
         # backend="onnx": plain predictions run on an onnxruntime session of the exported graph
@@ -172,6 +176,7 @@ class Predictor:
         self._cam = None
         self._compiled = None  # compile(): an Inductor-compiled copy for single-film plain passes
         self._tap: dict[str, torch.Tensor] = {}
+        self._compiled_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model_id_or_dir: str, *, revision: str | None = None, precision: str = "float32",
@@ -226,14 +231,14 @@ class Predictor:
         if self.backend == "torch":
             self._onnx = None
         else:
-            self._fast = None
+            self._fast = self._compiled = None
         return times
 
     def compile(self, example: Image.Image | None = None) -> dict[str, Any]:
         """Compile the plain-prediction network with TorchInductor, its weights frozen into the graph
         (``torch.compile(..., options={"freezing": True})``): on this project's CPU a bf16 pass of
         DINOv2-small takes about a quarter less time (``benchmarks/latency.py``). Used for single-film
-        plain predictions (the Space's API and batch rows, one film at a time); batches of several
+        plain predictions (in the Space: batch rows and API calls without a heatmap); batches of several
         films and Grad-CAM keep the eager network, so no other input shape triggers a recompilation.
 
         Compiling takes tens of seconds (one call at start-up, as the Space's warm-up does) and needs
@@ -248,10 +253,12 @@ class Predictor:
         img = example if example is not None else Image.fromarray(
             (np.indices((256, 256)).sum(0) % 256).astype(np.uint8), "L")
         pv = pixel_values(self.processor, [_as_gray(img)])
-        eager_logits, _ = self._forward_pixels(pv)
+        eager_net = self._fast if self._fast is not None else self.model
+        with torch.inference_mode(), _head_inputs(eager_net, True) as eager_feats:  # the reference: eager torch
+            eager_logits = eager_net(pixel_values=pv.to(eager_net.dtype)).logits.float()
         t0 = time.perf_counter()
         try:
-            net = copy.deepcopy(self._fast if self._fast is not None else self.model).eval()
+            net = copy.deepcopy(eager_net).eval()
             for m in net.modules():  # a deep copy takes the original's hooks along: the copy keeps only its tap
                 m._forward_hooks.clear()
                 m._forward_pre_hooks.clear()
@@ -259,14 +266,23 @@ class Predictor:
             classifier_head(net).register_forward_pre_hook(lambda _m, args: self._tap.__setitem__("features", args[0]))
             compiled = torch.compile(net, options={"freezing": True})
             with torch.inference_mode():
-                logits = compiled(pixel_values=pv.to(next(net.parameters()).dtype)).logits.float()
+                logits = compiled(pixel_values=pv.to(net.dtype)).logits.float()
         except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported op...: eager keeps serving
             return {"compiled": False, "reason": f"{type(exc).__name__}: {exc}"[:500]}
+        feats = self._tap.pop("features", None)
         diff = float((torch.softmax(logits, -1) - torch.softmax(eager_logits, -1)).abs().max())
         if not diff <= 0.02:
             return {"compiled": False, "reason": f"answers differ from the eager pass by {diff:.4f}"}
+        # the input gate and the scope check read these features: without them, or with others, they
+        # would fall silent or decide otherwise, so such a compilation is not used
+        ref = eager_feats[0].float()
+        feat_err = (float("inf") if feats is None or feats.shape != ref.shape
+                    else float((feats.float() - ref).norm() / ref.norm().clamp_min(1e-12)))
+        if not feat_err <= 0.02:
+            return {"compiled": False, "reason": f"the head features the checks read differ (relative {feat_err:.4f})"}
         self._compiled = compiled
-        return {"compiled": True, "seconds": round(time.perf_counter() - t0, 1), "max_abs_prob_diff": diff}
+        return {"compiled": True, "seconds": round(time.perf_counter() - t0, 1), "max_abs_prob_diff": diff,
+                "features_relative_diff": feat_err}
 
     @property
     def threshold(self) -> float:
@@ -310,10 +326,17 @@ class Predictor:
             logits, feats = self._onnx.run(["logits", "features"], {"pixel_values": pv.float().numpy()})
             return torch.from_numpy(logits), (feats if self.reads_features else None)
         if self._compiled is not None and pv.shape[0] == 1 and self.backend != "onnx":
-            with torch.inference_mode():
-                logits = self._compiled(pixel_values=pv.to(self._cam_net.dtype)).logits.float()
-                feats = self._tap.pop("features", None)
-            return logits, (feats.float().numpy() if self.reads_features and feats is not None else None)
+            try:
+                # one call at a time: the tap is this predictor's, and a compiled pass uses every thread anyway
+                with self._compiled_lock, torch.inference_mode():
+                    logits = self._compiled(pixel_values=pv.to(self._cam_net.dtype)).logits.float()
+                    feats = self._tap.pop("features", None)
+                if feats is not None or not self.reads_features:
+                    return logits, (feats.float().numpy() if self.reads_features else None)
+                raise RuntimeError("the compiled pass gave no head features")
+            except Exception:  # noqa: BLE001 - the eager network answers, and from now on
+                logger.warning("compiled pass failed; the eager network answers from now on", exc_info=True)
+                self._compiled = None
         net = self._fast if self._fast is not None else self.model
         with torch.inference_mode(), _head_inputs(net, self.reads_features) as feats:
             logits = net(pixel_values=pv.to(next(net.parameters()).dtype)).logits.float()

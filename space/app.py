@@ -14,7 +14,8 @@ Settings (environment variables):
 * ``CXR_BACKEND``: ``auto`` (default: at start-up, time the torch fast path and onnxruntime on the model's
   ``onnx/model.onnx`` and keep the faster), ``torch`` or ``onnx``; Grad-CAM always runs on torch.
 * ``CXR_COMPILE``: ``1`` (default) compiles the plain-prediction network with TorchInductor at start-up
-  (tens of seconds; a quarter faster per film on CPU; kept eager if it fails); ``0`` skips it.
+  (tens of seconds; then a plain prediction, as batch rows make, takes about a quarter less time on CPU;
+  kept eager if it fails or disagrees); ``0`` skips it.
 * ``CXR_UNCERTAIN_HIGH``: upper end of the "uncertain, refer" band (default: halfway from the
   model's threshold to 1, at least 0.5).
 * ``FEEDBACK_REPO`` + ``HF_TOKEN``: push the feedback export to this Hub dataset every
@@ -62,6 +63,7 @@ from modeling.labels import LABELS  # noqa: E402
 from modeling.predict import Predictor  # noqa: E402
 
 from .access import AccessDenied, AccessPolicy, request_token  # noqa: E402
+from .output_file import OutputFile, served  # noqa: E402
 from .private_mode import routes as private_routes  # noqa: E402
 from .service import (LABEL_NAMES, MAX_UPLOAD_BYTES, CxrService, InputError, analytics,  # noqa: E402
                       heatmap_overlay, rows_to_csv)
@@ -185,34 +187,6 @@ def display_copies(image, heatmap, max_side: int = 768) -> dict:
 
 OUT_OF_SCOPE_TITLE = "Outside what this model knows: no answer"
 LOCKED = "Administrators only: the history and the export show what clinicians stored."
-
-
-class OutputFile(gr.File):
-    """A file output answered by its URL on the Space's own output route (``space.files.OUTPUT_ROUTE``)
-    rather than by its path on the server: ``gr.File`` would answer with the absolute path, in ``path``
-    and inside its ``url``. Its value is :func:`served`'s dict; the browser draws it as a ``gr.File``."""
-
-    def get_block_name(self) -> str:
-        return "file"
-
-    def postprocess(self, value):
-        if isinstance(value, dict) and "url" in value:
-            from gradio.data_classes import FileData
-
-            # an http URL: Gradio passes it on as it is (path = url), copying nothing into its cache
-            return FileData(path=value["url"], url=value["url"], orig_name=value["name"], size=value["size"])
-        return super().postprocess(value)
-
-
-def served(files: TempFiles, request: gr.Request, path: str | os.PathLike) -> dict:
-    """An :class:`OutputFile` value: the output's absolute URL (behind the Space's proxy too, from its
-    forwarded host and protocol, as Gradio finds its own root), its name and size."""
-    from gradio import route_utils
-
-    req = request.request
-    root = route_utils.get_root_url(req, req.url.path, None)
-    p = Path(path)
-    return {"url": root + files.output_route(p), "name": p.name, "size": p.stat().st_size}
 
 
 def build_app(service: CxrService, config: AppConfig, files: TempFiles | None = None,

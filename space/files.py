@@ -346,9 +346,11 @@ class ClaimUploads:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):
             # an output URL, as a browser follows it, or as gradio_client asks for it (file=<the URL>)
-            path = scope["path"]
-            target = path.split("/file=", 1)[1] if "/file=" in path else path
-            if (path.startswith(OUTPUT_ROUTE) or "/file=" in path) and (m := _OUTPUT_IN_PATH.search(target)):
+            path = scope["path"]  # already percent-decoded by the server
+            root = scope.get("root_path") or ""
+            own = path[len(root):] if root and path.startswith(root) else path
+            target = path.split("/file=", 1)[1] if "/file=" in path else own
+            if (own.startswith(OUTPUT_ROUTE) or "/file=" in path) and (m := _OUTPUT_IN_PATH.search(target)):
                 await self._serve_output(m.group(1), m.group(2), scope, receive, send)
                 return
             if "/file=" in path:
@@ -406,31 +408,30 @@ class ClaimUploads:
 
 
     async def _serve_output(self, folder: str, name: str, scope, receive, send) -> None:
-        """An output file by its URL; one of a serve-once folder (the export archive) is deleted once
-        sent whole."""
-        from urllib.parse import unquote
-
+        """An output file by its URL; one of a serve-once folder (the export archive) is taken (renamed
+        atomically, so a second request finds nothing) before it is sent, and deleted after."""
         from starlette.responses import FileResponse
 
-        p = self.files.output_file(unquote(folder), unquote(name))
+        p = self.files.output_file(folder, name)
+        once = p is not None and p.parent.name.startswith(ONCE_PREFIX) and scope.get("method") == "GET"
+        if once:
+            taken = p.with_name(f".sending-{uuid.uuid4().hex}")
+            try:
+                os.rename(p, taken)  # one request wins; the others get 404
+            except OSError:
+                p = None
+            else:
+                p = taken
+                # the whole file, once: a Range request would get a part (206) and lose the rest
+                scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"range"]}
         if p is None:
             await _json_error(send, 404, "No such output (outputs expire; an export can be downloaded once).")
             return
-        once = p.parent.name.startswith(ONCE_PREFIX)
-        if once:  # the whole file, once: a Range request would get a part (206) and leave the file behind
-            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"range"]}
-        status = 0
-
-        async def send_then_delete(message) -> None:
-            nonlocal status
-            await send(message)
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif (once and scope.get("method") == "GET" and message["type"] == "http.response.body"
-                  and not message.get("more_body") and status == 200):
+        try:
+            await FileResponse(p, filename=name, headers={"Cache-Control": "no-store"})(scope, receive, send)
+        finally:
+            if once:
                 p.unlink(missing_ok=True)
-
-        await FileResponse(p, filename=p.name)(scope, receive, send_then_delete)
 
 
 async def _json_error(send, status: int, message: str) -> None:

@@ -230,7 +230,8 @@ class CxrService:
         with (self._lock.background() if channel == "batch" else self._lock.interactive()):
             # One pass: the learned gate (modeling.gate) and the scope check (modeling.scope) read the
             # head features of the very pass that Grad-CAM makes (in the predictor's compute precision,
-            # the one they were fit in), so the UI, the API and batches decide alike. A film turned
+            # the one they were fit in). Without a heatmap (batch rows, API calls asking for none) the
+            # pass may be the compiled copy's (Predictor.compile), within bf16 arithmetic of it. A film turned
             # upright is predicted (and explained) again; a film outside the model's scope gets no
             # heatmap (it would explain an answer not given).
             pred = self.predictor.predict_one(gray, heatmap=heatmap, target_class=target_class)

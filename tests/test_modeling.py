@@ -648,3 +648,9 @@ def test_a_predictor_whose_compilation_fails_keeps_answering(tiny_bases, tmp_pat
     info = p.compile()
     assert info["compiled"] is False and "no C++ compiler" in info["reason"]
     assert p.predict_one(xray_like(1, (64, 64))).probabilities == before.probabilities
+
+    def fails_later(**kw):
+        raise RuntimeError("a guard the compiled graph did not foresee")
+
+    p._compiled = fails_later  # a compiled pass that fails at serving time: the eager network answers
+    assert p.predict_one(xray_like(1, (64, 64))).probabilities == before.probabilities and p._compiled is None

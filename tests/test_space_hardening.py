@@ -492,3 +492,62 @@ def test_pixels_are_staged_after_the_answer_and_feedback_waits_for_them(model_di
     finally:
         gate.set()
         service.close()
+
+
+def test_the_output_route_serves_only_a_regular_file_directly_in_an_output_folder(tmp_path):
+    """TempFiles.output_file: the output URL names one file of a scratch folder; a climb out, a link, a
+    nested folder, a made-up folder or an upload is nothing (the route answers 404); HEAD leaves a
+    serve-once file in place, and of two GETs only one gets it."""
+    import asyncio
+    import os
+
+    from space.files import ClaimUploads, TempFiles
+
+    files = TempFiles(tmp_path / "tmp")
+    out = files.scratch("batch")
+    (out / "predictions.csv").write_text("a,b\n")
+    (out / "sub").mkdir()
+    (out / "sub" / "x.csv").write_text("x")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    os.symlink(secret, out / "link.csv")
+    route = files.output_route(out / "predictions.csv")
+    folder, name = route.rsplit("/", 2)[-2:]
+    assert files.output_file(folder, name) == out / "predictions.csv"
+    for f, n in ((folder, "link.csv"), (folder, "sub"), (folder, ".."), ("..", "secret.txt"),
+                 (folder, "../../secret.txt"), ("batch-" + "0" * 32, "predictions.csv"), ("cxr-scratch", folder)):
+        assert files.output_file(f, n) is None, (f, n)
+    with pytest.raises(ValueError):
+        files.output_route(secret)
+
+    once = files.scratch("export", serve_once=True)
+    (once / "feedback.zip").write_bytes(b"PK" + b"0" * 100)
+    app = ClaimUploads(None, files)
+
+    async def get(method: str, path: str) -> tuple[int, bytes]:
+        sent, body, asked = {}, bytearray(), []
+
+        async def receive():  # the request's (empty) body, then nothing until the response is done
+            if asked:
+                await asyncio.Event().wait()
+            asked.append(1)
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            else:
+                body.extend(message.get("body", b""))
+
+        await app({"type": "http", "method": method, "path": path, "headers": [], "query_string": b"",
+                   "root_path": ""}, receive, send)
+        return sent["status"], bytes(body)
+
+    url = files.output_route(once / "feedback.zip")
+    assert asyncio.run(get("HEAD", url))[0] == 200 and (once / "feedback.zip").exists()
+    async def two():
+        return await asyncio.gather(get("GET", url), get("GET", url))
+
+    statuses = sorted(status for status, _ in asyncio.run(two()))
+    assert statuses == [200, 404] and not list(once.iterdir())
+    assert asyncio.run(get("GET", "/cxr-output/../secret.txt"))[0] == 404

@@ -479,3 +479,22 @@ def test_teachers_that_see_other_pixels_or_labels_are_refused_before_training(da
                               env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 2 and reason in proc.stderr, proc.stderr[-2000:]
         assert not (out / "checkpoints").exists()
+
+
+def test_resuming_an_older_run_with_a_setting_it_predates_is_refused(tmp_path, monkeypatch):
+    """A checkpoint written before a field existed was trained with that field's default: resuming it
+    with --teachers would start distilling mid-run. The teachers' folders may be written another way."""
+    from dataclasses import asdict
+
+    import train
+
+    cfg = train.TrainConfig(dataset="d", base_model="b", output_dir="o")
+    older = {k: v for k, v in asdict(cfg).items() if k not in ("teachers", "distill_alpha")}
+    train.check_resume_config(cfg, older)  # nothing new: fine
+    with pytest.raises(train.TrainError, match="teachers"):
+        train.check_resume_config(train.TrainConfig(dataset="d", base_model="b", output_dir="o", teachers=["t"]), older)
+    (tmp_path / "t").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = asdict(train.TrainConfig(dataset="d", base_model="b", output_dir="o", teachers=["t"]))
+    train.check_resume_config(train.TrainConfig(dataset="d", base_model="b", output_dir="o",
+                                                teachers=[str(tmp_path / "t")]), saved)
