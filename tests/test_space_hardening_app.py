@@ -459,8 +459,9 @@ def test_output_files_are_answered_by_url_without_a_server_path(app, tmp_path):
 
     from gradio_client import handle_file
 
-    film = {"path": upload_only(app, _write(tmp_path, "ok.jpg", xray_bytes(5))), "meta": {"_type": "gradio.FileData"}}
-    kind, out = raw_call(app, "batch", [[film]])
+    films = [{"path": upload_only(app, _write(tmp_path, name, data)), "meta": {"_type": "gradio.FileData"}}
+             for name, data in (("ok.jpg", xray_bytes(5)), (PHI_FILE_NAME, phi_dicom()))]
+    kind, out = raw_call(app, "batch", [films])
     assert kind == "complete", out
     kind, exported = raw_call(app, "export", [], headers={"X-CXR-Admin-Token": ADMIN_TOKEN})
     assert kind == "complete", exported
@@ -478,3 +479,4 @@ def test_output_files_are_answered_by_url_without_a_server_path(app, tmp_path):
     assert "p_pneumonia" in Path(local_csv).read_text()  # gradio_client downloads it as before
     assert httpx.get(app.url + "cxr-output/../../etc/passwd", timeout=30).status_code == 404
     assert httpx.get(app.url + "cxr-output/batch-0/x.csv", timeout=30).status_code == 404
+    assert not phi_offenders(app)  # served outputs and released uploads: nothing of the patient on disk
