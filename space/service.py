@@ -29,6 +29,7 @@ from modeling.archive import correct_and_repredict, decision_for, error_row, pre
 from modeling.image_io import ImageLoadError, pixel_sha256
 from modeling.labels import DISPLAY_NAMES, LABELS
 from modeling.decision import decide, default_uncertain_high  # noqa: F401 (re-exported)
+from modeling.model_thread import ModelThread
 from modeling.predict import Prediction, Predictor
 
 from .store import FeedbackStore, PredictionRecord, StoreError
@@ -146,8 +147,13 @@ class CxrService:
     the Gradio queue limits concurrency too, this also covers direct Python use)."""
 
     def __init__(self, predictor: Predictor, store: FeedbackStore, *, uncertain_high: float | None = None,
-                 max_side: int | None = 2048, max_batch_files: int | None = None) -> None:
+                 max_side: int | None = 2048, max_batch_files: int | None = None,
+                 model_thread: ModelThread | None = None) -> None:
         self.predictor = predictor
+        # Every model call runs on this one thread, whichever request thread asks: Gradio's pool of
+        # handler threads would otherwise start an OpenMP team each and slow every pass by ~1.7x
+        # (modeling.model_thread). make_service loads the model on it as well.
+        self.model_thread = model_thread or ModelThread()
         self.store = store
         self.max_side = max_side  # working size: larger films are reduced while decoding (memory, time)
         self.max_batch_files = max_batch_files
@@ -169,8 +175,9 @@ class CxrService:
         self._writer.submit(run)
 
     def close(self) -> None:
-        """Finish the queued store writes and stop the writer thread."""
+        """Finish the queued store writes and stop the writer and model threads."""
         self._writer.shutdown(wait=True)
+        self.model_thread.close()
 
     def flush(self) -> None:
         """Wait for the store writes queued so far (staged pixels) to land."""
@@ -186,7 +193,7 @@ class CxrService:
         and first-call allocations (~1 s on 2 cores); with ``compile``, the plain-prediction network is
         compiled first (:meth:`Predictor.compile`: tens of seconds, once)."""
         img = Image.fromarray((np.indices((256, 256)).sum(0) % 256).astype(np.uint8), "L")
-        with self._lock.interactive():
+        def run() -> None:
             self.predictor.predict_one(img, heatmap=True)
             if compile:
                 info = self.predictor.compile(img)
@@ -194,6 +201,9 @@ class CxrService:
             # CXR_BACKEND=auto: keep whichever plain-prediction path is faster on this machine
             if timings := self.predictor.choose_backend(img):
                 logger.info("backend %s chosen (median ms: %s)", self.predictor.backend, timings)
+
+        with self._lock.interactive():
+            self.model_thread.call(run)
 
     # --- single image --------------------------------------------------------------------------
     def load(self, data: bytes) -> tuple[Image.Image, list[str]]:
@@ -234,11 +244,9 @@ class CxrService:
             # pass may be the compiled copy's (Predictor.compile), within bf16 arithmetic of it. A film turned
             # upright is predicted (and explained) again; a film outside the model's scope gets no
             # heatmap (it would explain an answer not given).
-            pred = self.predictor.predict_one(gray, heatmap=heatmap, target_class=target_class)
+            gray, pred, corrected = self.model_thread.call(self._predict, gray, heatmap, target_class)
+            notes += corrected
             if pred.gate is not None:
-                gray, pred, corrected = correct_and_repredict(self.predictor, gray, pred, heatmap=heatmap,
-                                                              target_class=target_class)
-                notes += corrected
                 if pred.gate.out_of_distribution:
                     raise InputError("This does not look like a frontal chest X-ray: " + pred.gate.refusal() + ".",
                                      "gate_refused")
@@ -264,12 +272,19 @@ class CxrService:
         return Analysis(prediction=pred, prediction_id=pid, decision=decision, verdict=verdict, latency_ms=latency,
                         image_sha256=sha, notes=notes, image=gray)
 
+    def _predict(self, gray: Image.Image, heatmap: bool, target_class: str | None
+                 ) -> tuple[Image.Image, Prediction, list[str]]:
+        """The model's part of :meth:`analyze` (run on the model thread): the pass, and a film the gate
+        finds turned or inverted put upright and predicted again."""
+        pred = self.predictor.predict_one(gray, heatmap=heatmap, target_class=target_class)
+        return correct_and_repredict(self.predictor, gray, pred, heatmap=heatmap, target_class=target_class)
+
     def heatmap(self, image: Image.Image, target_class: str | None) -> Prediction:
         """Grad-CAM for another class on an already-analysed image (not recorded again)."""
         if target_class in (None, "", "predicted"):
             target_class = None
         with self._lock.interactive():
-            return self.predictor.predict_one(image, heatmap=True, target_class=target_class)
+            return self.model_thread.call(self.predictor.predict_one, image, heatmap=True, target_class=target_class)
 
     # --- feedback ------------------------------------------------------------------------------
     def feedback(self, prediction_id: str, label: str, role: str = "not specified", note: str = "",

@@ -238,6 +238,55 @@ def test_zip_limits(service, tmp_path, monkeypatch) -> None:
 # the real app on a free port
 # --------------------------------------------------------------------------------------------------
 
+def test_every_model_call_runs_on_the_service_model_thread(service, tmp_path) -> None:
+    """Gradio runs handlers on a pool of threads; each thread calling the model starts its own OpenMP
+    team and every pass gets slower (modeling.model_thread says why). Warm-up, analyses from several
+    threads, another heatmap class and batch rows all reach the predictor from one thread: the
+    service's model thread, not the caller's."""
+    seen: list[int] = []
+    real = service.predictor.predict
+
+    def spy(*args, **kwargs):
+        seen.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    service.predictor.predict = spy  # an instance attribute: predict_one and the checks call it
+    service.warmup()
+    with ThreadPoolExecutor(3) as callers:
+        analyses = list(callers.map(lambda s: service.analyze(xray_bytes(s), channel="api"), range(4)))
+    service.heatmap(analyses[0].image, "viral_pneumonia")
+    files = [tmp_path / f"b{i}.jpg" for i in range(2)]
+    for i, f in enumerate(files):
+        f.write_bytes(xray_bytes(10 + i))
+    assert all("label" in row for row in service.batch(files))
+    assert len(seen) >= 8
+    assert set(seen) == {service.model_thread.ident}
+    assert threading.get_ident() not in seen
+
+
+def test_make_service_loads_the_model_on_its_model_thread(model_dir, tmp_path, monkeypatch) -> None:
+    """Loading runs parallel tensor copies, which start the loading thread's OpenMP team: it happens
+    on the model thread too, so the served process has one team."""
+    from space.app import AppConfig, make_service
+
+    loaded_on: list[int] = []
+    real = Predictor.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded_on.append(threading.get_ident())
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "from_pretrained", classmethod(spy))
+    monkeypatch.setenv("MODEL_ID", str(model_dir))
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "data"))
+    service = make_service(AppConfig.from_env())
+    try:
+        assert loaded_on == [service.model_thread.ident]
+        assert loaded_on[0] != threading.get_ident()
+    finally:
+        service.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
