@@ -49,6 +49,7 @@ def median_ms(fn, repeats: int) -> float:
 
 def stages(model: str, repeats: int) -> dict:
     from modeling.image_io import load_image_with_info, pixel_sha256
+    from modeling.model_thread import ModelThread
     from modeling.predict import Predictor
     from modeling.quality import symmetry_problems, xray_problems
     from space.app import overlay_png
@@ -56,15 +57,21 @@ def stages(model: str, repeats: int) -> dict:
     from space.store import FeedbackStore, PredictionRecord
 
     data = EXAMPLE.read_bytes()
-    fast = Predictor.from_pretrained(model, precision="auto")
-    ref = Predictor.from_pretrained(model, precision="float32")
+    # Loaded and run on one thread, the service's model thread, as in the Space (modeling.model_thread:
+    # a second thread calling the model would slow every pass measured here)
+    model_thread = ModelThread()
+    fast = model_thread.call(Predictor.from_pretrained, model, precision="auto")
+    ref = model_thread.call(Predictor.from_pretrained, model, precision="float32")
     gray, info = load_image_with_info(data, max_side=2048)
-    heat = ref.predict_one(gray, heatmap=True)
+    heat = model_thread.call(ref.predict_one, gray, heatmap=True)
     with tempfile.TemporaryDirectory() as tmp:
         store = FeedbackStore(Path(tmp) / "store")
-        service = CxrService(fast, FeedbackStore(Path(tmp) / "service"))
+        service = CxrService(fast, FeedbackStore(Path(tmp) / "service"), model_thread=model_thread)
         sha = pixel_sha256(gray)
         n = [0]
+
+        def on_model(fn):  # timed on the model thread itself
+            return model_thread.call(median_ms, fn, repeats)
 
         def stage_png():
             n[0] += 1
@@ -77,18 +84,19 @@ def stages(model: str, repeats: int) -> dict:
         out = {
             "decode": median_ms(lambda: load_image_with_info(data, max_side=2048), repeats),
             "rules": median_ms(lambda: (xray_problems(gray, info, data), symmetry_problems(gray)), repeats),
-            "plain_pass_bf16": median_ms(lambda: fast.predict_one(gray), repeats),
-            "gradcam_bf16_one_pass": median_ms(lambda: fast.predict_one(gray, heatmap=True), repeats),
-            "gradcam_float32": median_ms(lambda: ref.predict_one(gray, heatmap=True), repeats),
+            "plain_pass_bf16": on_model(lambda: fast.predict_one(gray)),
+            "gradcam_bf16_one_pass": on_model(lambda: fast.predict_one(gray, heatmap=True)),
+            "gradcam_float32": on_model(lambda: ref.predict_one(gray, heatmap=True)),
             "hash": median_ms(lambda: pixel_sha256(gray), repeats),
             "staging_png": median_ms(stage_png, repeats),
             "store_write": median_ms(lambda: store.record_prediction(rec), repeats),
             "overlay_png_1024": median_ms(lambda: overlay_png(gray, heat.heatmap, 0.4), repeats),
             "service_analyze_whole": median_ms(lambda: service.analyze(data, channel="api"), repeats),
-            "predictor_predict_gradcam": median_ms(lambda: fast.predict_one(data, heatmap=True), repeats),
-            "predictor_predict_gradcam_float32": median_ms(lambda: ref.predict_one(data, heatmap=True), repeats),
+            "predictor_predict_gradcam": on_model(lambda: fast.predict_one(data, heatmap=True)),
+            "predictor_predict_gradcam_float32": on_model(lambda: ref.predict_one(data, heatmap=True)),
         }
         out["precision"] = fast.precision
+        service.close()  # its model thread too
     return out
 
 
