@@ -14,7 +14,9 @@ Two measurements on the same machine, in the same run:
 * **round trip**: ``gradio_client`` against the Space started here (``space.app``, the same model), the
   client's wall time per ``/predict`` call and the ``latency_ms`` the Space reports; and the same call
   refused before any model work (an unknown heatmap class: upload, queue, the file read, decoded and
-  checked, the error answered): Gradio's transport plus a decode, whatever the model does.
+  checked, the error answered): Gradio's transport plus a decode, whatever the model does; the
+  client's time from the call to its queue join returning (its upload and join), and what building
+  one ``httpx.Client`` costs (gradio_client builds two per call).
 
 Medians of ``--repeats`` calls after warm-up. Writes ``benchmarks/results/space_latency.json``; the
 README's latency line comes from it. Run it on a quiet machine.
@@ -128,13 +130,25 @@ def round_trip(model: str, repeats: int, threads: int) -> dict:
                     if time.time() > deadline:
                         raise
                     time.sleep(1)
-            wall, server, refused = [], [], []
+            # when the client's join of the queue returns (after its upload): what the client spends
+            # before the server starts on the call (a tap on gradio_client's own method, nothing changed)
+            joined = {}
+            send_data = client.send_data
+
+            def timed_send_data(*a, **k):
+                out = send_data(*a, **k)
+                joined["t"] = time.perf_counter()
+                return out
+
+            client.send_data = timed_send_data
+            wall, server, refused, to_join = [], [], [], []
             for i in range(repeats + 2):
                 t0 = time.perf_counter()
                 r = client.predict(handle_file(str(EXAMPLE)), "predicted", api_name="/predict")
                 if i >= 2:  # warm-up calls
                     wall.append((time.perf_counter() - t0) * 1000)
                     server.append(r["latency_ms"])
+                    to_join.append((joined["t"] - t0) * 1000)
                 t0 = time.perf_counter()
                 try:
                     client.predict(handle_file(str(EXAMPLE)), "no-such-class", api_name="/predict")
@@ -147,7 +161,20 @@ def round_trip(model: str, repeats: int, threads: int) -> dict:
             proc.wait(timeout=30)
     return {"client_round_trip_ms": round(statistics.median(wall), 1),
             "server_latency_ms": round(statistics.median(server), 1),
-            "refused_call_round_trip_ms": round(statistics.median(refused), 1)}
+            "refused_call_round_trip_ms": round(statistics.median(refused), 1),
+            "client_upload_and_join_ms": round(statistics.median(to_join), 1),
+            "httpx_client_construction_ms": httpx_client_ms()}
+
+
+def httpx_client_ms(repeats: int = 10) -> float:
+    """Building one ``httpx.Client`` (its SSL context): gradio_client builds one for the upload and
+    one for the queue join of every call (``httpx.post``), then polls for the answer every 50 ms."""
+    import httpx
+
+    def build():
+        httpx.Client().close()
+
+    return median_ms(build, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,7 +237,7 @@ class Predictor:
     def compile(self, example: Image.Image | None = None) -> dict[str, Any]:
         """Compile the plain-prediction network with TorchInductor, its weights frozen into the graph
         (``torch.compile(..., options={"freezing": True})``): on this project's CPU a bf16 pass of
-        DINOv2-small takes about a quarter less time (``benchmarks/latency.py``). Used for single-film
+        DINOv2-small takes about a tenth less time (``benchmarks/latency.py``). Used for single-film
         plain predictions (in the Space: batch rows and API calls without a heatmap); batches of several
         films and Grad-CAM keep the eager network, so no other input shape triggers a recompilation.
 

@@ -500,6 +500,9 @@ def readme_space(results_dir: Path = RESULTS) -> str:
         if "refused_call_round_trip_ms" in lat:
             rt.append(["the same call refused before any model work (Gradio's transport and the file's decode)",
                        lat["refused_call_round_trip_ms"]])
+        if "client_upload_and_join_ms" in lat:
+            rt.append(["... of which the client's upload and queue join, before the server starts",
+                       lat["client_upload_and_join_ms"]])
         t = lat["targets"]
         out += ["", f"One Space request, stage by stage (`python benchmarks/space_latency.py`; {lat['threads']} threads, "
                     f"median of {lat['repeats']}, the normal example):", "",
@@ -507,6 +510,12 @@ def readme_space(results_dir: Path = RESULTS) -> str:
                 f"Round trip over the Predictor's own predict + Grad-CAM: {lat['round_trip_over_predictor']}x "
                 f"(target <= {t['round_trip_over_predictor']}x); client round trip {lat['client_round_trip_ms']} ms "
                 f"(target <= {t['client_round_trip_ms']} ms)."]
+        if "httpx_client_construction_ms" in lat:
+            floor = lat["refused_call_round_trip_ms"] / lat["stages_ms"]["predictor_predict_gradcam"]
+            out += ["", f"The client sets a floor: gradio_client builds a new `httpx.Client` "
+                        f"({lat['httpx_client_construction_ms']} ms each) for the upload and again for the queue join "
+                        f"of every call, then polls for the answer every 50 ms, so a call refused before any model work "
+                        f"already takes {floor:.1f}x the Predictor's time."]
     scope = _load(results_dir / "scope.json")
     if scope:
         out += ["", "The scope check (is this film like the pediatric films the model knows?) on adult films and "
