@@ -2,7 +2,8 @@
 
 Methods: Grad-CAM at the last block's ``norm1`` (the server's layer until v5) and one block earlier
 (the server's layer from v5: this measurement chose it), the private page's forward-only map (the head's contribution per
-patch token, :mod:`modeling.onnx_export`), and a smooth random map as the floor. Faithfulness is
+patch token, :mod:`modeling.onnx_export`), two other forward-only candidates for the page (the last
+block's CLS attention, attention rollout), and a smooth random map as the floor. Faithfulness is
 pytorch-grad-cam's own ROAD metrics (Rong et al. 2022): the predicted class's softmax score after
 removing (noisy linear imputation) the most relevant pixels first (MoRF, lower is better) or the least
 relevant first (LeRF, higher is better), averaged over removal percentiles, and ROADCombined
@@ -58,6 +59,34 @@ def head_maps(model, pv: torch.Tensor, classes: list[int]) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
+def attention_maps(model_dir: str, pv: torch.Tensor, rollout: bool) -> np.ndarray:
+    """Forward-only, class-agnostic candidates for the page: the CLS token's attention to each patch
+    in the last block (mean over heads), or attention rollout (Abnar & Zuidema 2020: per block the
+    head-mean attention plus the identity for the residual, row-normalised, multiplied through the
+    blocks; the CLS row). Eager attention, as the SDPA kernel returns no weights."""
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        att = model(pixel_values=pv, output_attentions=True).attentions  # blocks x (B, heads, N, N)
+    n = att[0].shape[-1]
+    if rollout:
+        eye = torch.eye(n)
+        r = eye.expand(pv.shape[0], n, n).clone()
+        for a in att:
+            a = 0.5 * a.float().mean(1) + 0.5 * eye
+            r = (a / a.sum(-1, keepdim=True)) @ r
+        cls = r[:, 0, 1:]
+    else:
+        cls = att[-1].float().mean(1)[:, 0, 1:]
+    g = int(round((n - 1) ** 0.5))
+    size = pv.shape[-1]
+    m = torch.nn.functional.interpolate(cls.reshape(-1, 1, g, g), size=(size, size), mode="bilinear",
+                                        align_corners=False)[:, 0]
+    lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
+    return ((m - lo) / (hi - lo).clamp_min(1e-12)).numpy().astype(np.float32)
+
+
 def gradcam_maps(model, pv: torch.Tensor, classes: list[int], block: int) -> np.ndarray:
     from modeling.gradcam import GradCam, _transformer_blocks
 
@@ -82,6 +111,10 @@ def main() -> int:
     ap.add_argument("--dataset", default=str(ROOT / "data" / "cxr-pneumonia"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "heatmap_faithfulness.json"))
+    ap.add_argument("--only", nargs="+", metavar="WORD",
+                    help="run only the methods whose name contains one of these words, and replace or add their "
+                         "rows in an existing --output (same films, same seeds: each method's row does not depend "
+                         "on the others, except the random floor's, which needs a full run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -110,8 +143,13 @@ def main() -> int:
         "Grad-CAM, second-to-last block norm1 (the server's layer from v5, chosen by this table)":
             lambda: gradcam_maps(model, pv, classes, -2),
         "head contribution per patch (the private page's, forward-only)": lambda: head_maps(model, pv, classes),
+        "CLS attention, last block (forward-only, class-agnostic)": lambda: attention_maps(args.model, pv, False),
+        "attention rollout (forward-only, class-agnostic)": lambda: attention_maps(args.model, pv, True),
         "smooth random map (floor)": lambda: smooth_random(rng, len(films), pv.shape[-1]),
     }
+    order = list(methods)  # the table's row order
+    if args.only:
+        methods = {k: v for k, v in methods.items() if any(w.lower() in k.lower() for w in args.only)}
     wrapper = ClassifierLogits(model).eval()
     targets = [ClassifierOutputSoftmaxTarget(c) for c in classes]
     rows = []
@@ -134,6 +172,11 @@ def main() -> int:
                      "road_combined_sem": float(np.std(scores["combined"]) / np.sqrt(len(films))),
                      **heat_shares(maps), "map_seconds_per_film": t_map / len(films)})
         print(json.dumps(rows[-1]), flush=True)
+    if args.only and Path(args.output).exists():
+        previous = json.loads(Path(args.output).read_text())["rows"]
+        fresh = {r["method"]: r for r in rows}
+        rows = [fresh.pop(r["method"], r) for r in previous] + list(fresh.values())
+        rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     out = {"split": "validation", "films": len(films), "seed": 0, "percentiles": PERCENTILES,
            "target": "ClassifierOutputSoftmaxTarget(predicted class)", "model": args.model,
            "metric_source": "pytorch_grad_cam.metrics.road (ROADMostRelevantFirstAverage, "

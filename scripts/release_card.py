@@ -321,6 +321,16 @@ def private_mode_text(results_dir: Path = RESULTS) -> str:
                     f"bottom fifth (mostly below the diaphragm; uniform {u['bottom_fifth_share']:.2f}).", "",
                 markdown_table(["method", "ROAD MoRF", "ROAD LeRF", "ROAD combined (+- s.e.)", "heat in central third",
                                 "heat in bottom fifth"], rows)]
+        forward = [r for r in faith["rows"] if "forward-only" in r["method"]]
+        if len(forward) > 1:
+            best = max(forward, key=lambda r: r["road_combined"])
+            page = next((r for r in forward if "private page" in r["method"]), None)
+            out += ["", f"Of the {len(forward)} forward-only candidates for the page, the highest ROAD combined is "
+                        f"{best['method'].split(' (')[0]}'s ({best['road_combined']:.3f})"
+                        + (f"; the page draws it." if best is page else
+                           f"; the page draws {page['method'].split(' (')[0]} ({page['road_combined']:.3f})." if page else ".")
+                        + " Every forward-only map is far less faithful than the server's Grad-CAM, and the page's caption "
+                          "says so."]
     return "\n".join(out) if out else "(run `cxr-export --onnx`, `python benchmarks/private_page.py` and `python benchmarks/heatmap_faithfulness.py`)"
 
 

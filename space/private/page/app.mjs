@@ -127,7 +127,9 @@ async function analyse(cfg, session, file) {
     const grayShown = rgbaToGray(small.getImageData(0, 0, dw, dh).data, dw, dh);
     ctx.putImageData(new ImageData(overlay(grayShown, dw, dh, map, h, w), dw, dh), 0, 0);
     $("heat-caption").textContent = `What pushed the model towards ${cfg.display_names[label]}: each patch's `
-      + "contribution to that class through the classifier head (computed in this browser, no gradients).";
+      + "contribution to that class through the classifier head (computed in this browser, no gradients). "
+      + "A rougher guide than the Space's Grad-CAM: on validation films it tracks what the model relies on "
+      + "far less closely (model card, heatmap faithfulness).";
     $("heat-figure").hidden = false;
   }
   const t2 = performance.now();
