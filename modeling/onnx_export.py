@@ -7,7 +7,10 @@ Xenova's Hub repos use::
                                 as the released weights are (half the file, the same numbers)
     onnx/model_quantized.onnx   int8 weights (onnxruntime dynamic quantization), ~1/4 of the size
     onnx/browser.json           what the page needs besides the graph: labels, threshold, the image
-                                processor's numbers, the rule limits, the variants and their agreement
+                                processor's numbers, the rule limits, the scope check, the variants and
+                                their agreement, and the layout of gate.bin
+    onnx/gate.bin               the learned input gate (input_gate.npz beside the weights) as float32
+                                arrays, for the page to run it on the graph's ``features``
 
 The graph takes ``pixel_values`` (the saved image processor's output, any batch size) and returns three
 outputs from one forward pass:
@@ -155,6 +158,31 @@ def run_session(sess, pv: np.ndarray, batch_size: int = 32) -> dict[str, np.ndar
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+GATE_FILE = "gate.bin"
+
+
+def gate_arrays(gate) -> list[tuple[str, np.ndarray]]:
+    """The learned input gate's numbers in the order ``gate.bin`` stores them (float32, C order)."""
+    return [("orientation_weight", gate.orientation.weight), ("orientation_bias", gate.orientation.bias),
+            ("polarity_weight", gate.polarity.weight), ("polarity_bias", gate.polarity.bias),
+            ("mean", gate.mean), ("precision", gate.precision)]
+
+
+def write_gate(gate, path: Path) -> dict:
+    """``gate.bin`` and its description for ``browser.json`` (the page reads the arrays in this order)."""
+    from .gate import ROTATIONS
+
+    arrays = [(name, np.ascontiguousarray(a, dtype=np.float32)) for name, a in gate_arrays(gate)]
+    path.write_bytes(b"".join(a.tobytes() for _, a in arrays))
+    return {"file": path.name, "dim": int(gate.mean.shape[0]), "arrays": [[n, list(a.shape)] for n, a in arrays],
+            "rotations": list(ROTATIONS), "confidence": float(gate.confidence),
+            "distance_limit": float(gate.distance_limit), "caution_limit": float(gate.caution_limit)}
+
+
+def _gate_outcomes(gate, features: np.ndarray) -> list[tuple]:
+    return [(v.rotation, v.inverted, v.out_of_distribution, v.unusual) for v in gate.verdicts(features)]
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(-1, keepdims=True)
     e = np.exp(z)
@@ -162,12 +190,13 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Path], threads: int | None = None,
-                         scope=None) -> dict:
+                         scope=None, gate=None) -> dict:
     """Each variant against the PyTorch float32 model on ``images``: max |dp|, label changes, and
     whether it is within :data:`TOLERANCES`. Also checks the exported head decomposition: the patch
     contributions add up to the patch term of the logits (a sanity check of the heatmap's meaning).
     With a scope check, also how many films change scope verdict against the torch float32 features
-    (the page computes the verdict from the graph's ``features``)."""
+    (the page computes the verdict from the graph's ``features``); with an input gate, how many films
+    change gate outcome (turned, inverted, refused, cautioned), likewise."""
     from .preprocessing import pixel_values
 
     pv = torch.cat([pixel_values(processor, list(images[i:i + 32])) for i in range(0, len(images), 32)])
@@ -175,7 +204,9 @@ def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Pa
     with torch.inference_mode():
         ref_out = [ref_graph(pv[i:i + 32]) for i in range(0, len(pv), 32)]
     ref = torch.softmax(torch.cat([o[0] for o in ref_out]), -1).numpy()
-    ref_scope = None if scope is None else [v.out_of_scope for v in scope.verdicts(torch.cat([o[1] for o in ref_out]).numpy())]
+    ref_feats = torch.cat([o[1] for o in ref_out]).numpy()
+    ref_scope = None if scope is None else [v.out_of_scope for v in scope.verdicts(ref_feats)]
+    ref_gate = None if gate is None else _gate_outcomes(gate, ref_feats)
     out = {}
     for variant, path in paths.items():
         got = run_session(session(path, threads), pv.numpy())
@@ -191,6 +222,9 @@ def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Pa
         if ref_scope is not None:
             got_scope = [v.out_of_scope for v in scope.verdicts(got["features"])]
             out[variant]["scope_verdict_changes"] = int(sum(a != b for a, b in zip(ref_scope, got_scope)))
+        if ref_gate is not None:
+            got_gate = _gate_outcomes(gate, got["features"])
+            out[variant]["gate_verdict_changes"] = int(sum(a != b for a, b in zip(ref_gate, got_gate)))
         if variant == "float32":
             head = model.classifier
             d = got["features"].shape[1] // 2
@@ -200,7 +234,7 @@ def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Pa
     return out
 
 
-def browser_config(model, processor, agreement: dict, scope=None) -> dict:
+def browser_config(model, processor, agreement: dict, scope=None, gate: dict | None = None) -> dict:
     """What the page needs besides the graph (onnx/browser.json): one place for the threshold, the
     triage band, the processor's numbers, the rule limits and the scope check (its linear score on the
     graph's ``features`` output), so the page computes what ``/predict`` computes from pixels."""
@@ -224,6 +258,7 @@ def browser_config(model, processor, agreement: dict, scope=None) -> dict:
         "uncertain_high": float(default_uncertain_high(float(cal.pneumonia_threshold))),
         "max_side": WORKING_SIDE,
         "scope": scope_cfg,
+        "gate": gate,  # write_gate's description of gate.bin; None: the model has no input gate
         "pneumonia_labels": [k for k in LABELS if k != "normal"],
         "threshold": float(cal.pneumonia_threshold),
         "temperature_in_weights": bool(cal.temperature_applied),
@@ -276,8 +311,11 @@ def export_onnx(model_dir: str | Path, *, check_images: Sequence, variants: Sequ
             paths["float16"] = to_float16(paths["float32"], tmp / VARIANTS["float16"])
         from .scope import load_scope
 
+        from .gate import load_gate
+
         scope = load_scope(str(model_dir))
-        agreement = agreement_with_torch(model, processor, check_images, paths, threads, scope)
+        gate = load_gate(str(model_dir))
+        agreement = agreement_with_torch(model, processor, check_images, paths, threads, scope, gate)
         if not agreement["float32"]["within_tolerance"]:
             raise RuntimeError(f"the float32 graph disagrees with the PyTorch model: {agreement['float32']}")
         staged = tmp / "onnx"
@@ -285,7 +323,8 @@ def export_onnx(model_dir: str | Path, *, check_images: Sequence, variants: Sequ
         for variant, path in paths.items():
             if agreement[variant]["within_tolerance"]:
                 shutil.copy2(path, staged / path.name)
-        config = browser_config(model, processor, agreement, scope)
+        gate_spec = write_gate(gate, staged / GATE_FILE) if gate is not None else None
+        config = browser_config(model, processor, agreement, scope, gate_spec)
         (staged / "browser.json").write_text(json.dumps(config, indent=2) + "\n")
         if dst.exists():
             shutil.rmtree(dst)

@@ -42,7 +42,7 @@ setup_private() {
   fi
   local want
   want=$(cat space/model/model.safetensors space/model/config.json space/model/scope_check.npz \
-         modeling/onnx_export.py 2>/dev/null | sha256sum | cut -d' ' -f1)
+         space/model/input_gate.npz modeling/onnx_export.py 2>/dev/null | sha256sum | cut -d' ' -f1)
   if [ ! -f space/model/onnx/.source.sha256 ] || [ "$(cat space/model/onnx/.source.sha256)" != "$want" ]; then
     echo "exporting the bundled model to ONNX for the private page (about a minute)"
     # the variants the release's check on all validation films shipped (benchmarks/results/onnx_agreement.json);

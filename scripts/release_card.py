@@ -281,21 +281,25 @@ def private_mode_text(results_dir: Path = RESULTS) -> str:
     if onnx:
         rows = [[v, a["file"], f"{a['bytes'] / 2**20:.0f}", a["n"], f"{a['max_abs_probability_diff']:.1e}",
                  f"{a['label_changes']} ({a['label_change_rate']:.1%})",
+                 f"{a.get('scope_verdict_changes', '-')} / {a.get('gate_verdict_changes', '-')}",
                  f"<= {a['tolerance']['max_abs_probability_diff']:g}, <= {a['tolerance']['label_change_rate']:.0%}",
                  "shipped" if a["within_tolerance"] else "not shipped"]
                 for v, a in onnx["agreement"].items()]
         out += [f"`{onnx['command']}`: each ONNX variant against the PyTorch float32 model on the validation "
                 "films (the temperature is in the graph's weights; the threshold, the rule limits and the scope "
-                "check are in `onnx/browser.json`):", "",
-                markdown_table(["variant", "file", "MB", "films", "max abs prob. diff", "label changes", "tolerance",
-                                "outcome"], rows)]
+                "check are in `onnx/browser.json`, the learned input gate's numbers in `onnx/gate.bin`; the page "
+                "runs both on the graph's `features`):", "",
+                markdown_table(["variant", "file", "MB", "films", "max abs prob. diff", "label changes",
+                                "scope / gate verdict changes", "tolerance", "outcome"], rows)]
         trials = _load(results_dir / "onnx_int8_trials.json")
         if trials:
             out += ["", "Other int8 quantizations tried on the same films (`python benchmarks/onnx_int8_trials.py`), none "
                         "within tolerance: " + "; ".join(
                             f"{k.replace('_', ' ')}: max abs prob. diff {t['max_abs_probability_diff']:.3f}, "
                             f"{t['label_changes']} label change(s)" for k, t in trials.items())
-                    + ". The page therefore loads the float32 graph (float16-stored weights, 44 MB)."]
+                    + ". The page therefore loads the float32 graph (float16-stored weights, 44 MB). A float16-compute "
+                      "graph (`--variants float16`) would be no smaller: the released weights are float16 already, and "
+                      "`model.onnx` stores them so."]
     page = _load(results_dir / "private_page.json")
     if page:
         t = page["targets"]
@@ -321,12 +325,31 @@ def private_mode_text(results_dir: Path = RESULTS) -> str:
                     f"bottom fifth (mostly below the diaphragm; uniform {u['bottom_fifth_share']:.2f}).", "",
                 markdown_table(["method", "ROAD MoRF", "ROAD LeRF", "ROAD combined (+- s.e.)", "heat in central third",
                                 "heat in bottom fifth"], rows)]
+        page_row = next((r for r in faith["rows"] if "private page" in r["method"]), None)
+        server_row = next((r for r in faith["rows"] if "chosen by this table" in r["method"]), None)
+        floor_row = next((r for r in faith["rows"] if "random" in r["method"]), None)
+        if page_row and server_row:
+            out += ["", f"Outside the lungs: the server's Grad-CAM puts {server_row['central_third_share']:.2f} of its heat on "
+                        f"the central third and {server_row['bottom_fifth_share']:.2f} on the bottom fifth, less than a uniform "
+                        f"map ({u['central_third_share']:.2f} / {u['bottom_fifth_share']:.2f}); the page's map puts "
+                        f"{page_row['central_third_share']:.2f} / {page_row['bottom_fifth_share']:.2f}, about what a uniform "
+                        "map gives: it does not do better than Grad-CAM on where the heat lies"
+                        + (f", and its ROAD combined ({page_row['road_combined']:.3f} +- {page_row['road_combined_sem']:.3f}) "
+                           f"is within two standard errors of the random floor's ({floor_row['road_combined']:.3f})"
+                           if floor_row and page_row["road_combined"] - floor_row["road_combined"]
+                           < 2 * (page_row["road_combined_sem"] ** 2 + floor_row["road_combined_sem"] ** 2) ** 0.5 else "")
+                        + "."]
         forward = [r for r in faith["rows"] if "forward-only" in r["method"]]
         if len(forward) > 1:
             best = max(forward, key=lambda r: r["road_combined"])
             page = next((r for r in forward if "private page" in r["method"]), None)
             out += ["", f"Of the {len(forward)} forward-only candidates for the page, the highest ROAD combined is "
-                        f"{best['method'].split(' (')[0]}'s ({best['road_combined']:.3f})"
+                        f"{best['method'].split(' (')[0]}'s ({best['road_combined']:.3f}; the others "
+                        + ", ".join(f"{r['road_combined']:.3f}" for r in forward if r is not best)
+                        + (", each within two standard errors of it)" if all(
+                            best["road_combined"] - r["road_combined"]
+                            < 2 * (best["road_combined_sem"] ** 2 + r["road_combined_sem"] ** 2) ** 0.5
+                            for r in forward if r is not best) else ")")
                         + (f"; the page draws it." if best is page else
                            f"; the page draws {page['method'].split(' (')[0]} ({page['road_combined']:.3f})." if page else ".")
                         + " Every forward-only map is far less faithful than the server's Grad-CAM, and the page's caption "
@@ -552,7 +575,14 @@ def archive_table(results_dir: Path = RESULTS) -> str:
         f"{a['broken']} broken files, {a['precision']}, each setting in its own process, timed after the model is loaded:", "",
         markdown_table(["setting", "films/s", "vs the per-file loop", "peak memory MB (PSS)", "rows", "rows with a reason"], rows),
         "", f"The best setting ({t['config']}) on an archive twice the size ({t['films']} files): {t['films_per_s']:.2f} films/s, "
-            f"peak {t['peak_pss_mb']:.0f} MB (against {t['peak_pss_mb_at_1x']:.0f} MB at 1x). Target: {a['target']}."])
+            f"peak {t['peak_pss_mb']:.0f} MB (against {t['peak_pss_mb_at_1x']:.0f} MB at 1x). Target: {a['target']}."]
+        + ([] if "bound" not in a else [
+            "", f"What this machine allows: a film takes {a['bound']['decode_ms_per_film']} ms to decode (one core) and "
+                f"{a['bound']['forward_ms_per_film_1_thread']} ms of forward pass on one thread "
+                f"({a['bound']['forward_ms_per_film_2_threads']} ms on two), so {a['bound']['cores']} cores finish at most "
+                f"{a['bound']['most_films_per_s']:.2f} films/s, {a['bound']['most_speedup_vs_loop']:.2f}x the loop, "
+                "whatever the workers and batches; more needs more cores (the same command scales across processes "
+                "and machines under `accelerate launch`)."]))
 
 
 def update_block(readme: Path, start: str, end: str, block: str) -> None:

@@ -161,3 +161,49 @@ def test_a_centre_crop_model_is_refused_with_a_reason(tmp_path):
     build_image_processor(PreprocessConfig(size=28, crop_pct=0.9)).save_pretrained(model_dir)
     with pytest.raises(ValueError, match="centre crop"):
         export_onnx(model_dir, check_images=[xray_like(0, (60, 50))])
+
+
+def tiny_gate(dim: int, seed: int = 0, scale: float = 1.0):
+    """An input gate with random (not fitted) numbers: enough to check that its numbers travel intact."""
+    from modeling.gate import InputGate
+    from modeling.probe import LinearHead
+
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(dim, dim))
+    return InputGate(orientation=LinearHead(scale * rng.normal(size=(4, dim)), rng.normal(size=4)),
+                     polarity=LinearHead(scale * rng.normal(size=(2, dim)), rng.normal(size=2)),
+                     mean=rng.normal(size=dim), precision=a @ a.T / dim + np.eye(dim),
+                     distance_limit=30.0, caution_limit=20.0)
+
+
+def test_the_input_gate_ships_beside_the_graph_for_the_page(tmp_path):
+    """The page runs the server's learned gate on the graph's features: gate.bin holds input_gate.npz's
+    numbers (float32) in the layout browser.json gives, and the export counts the films whose gate
+    outcome the graph's features change."""
+    from modeling.gate import load_gate
+
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=28)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tiny_gate(2 * cfg["hidden_size"]).save(model_dir / "input_gate.npz")
+    gate = load_gate(str(model_dir))
+    summary = export_onnx(model_dir, check_images=[xray_like(i, (60, 50)) for i in range(4)])
+    spec = json.loads((model_dir / "onnx" / "browser.json").read_text())["gate"]
+    raw = np.frombuffer((model_dir / "onnx" / spec["file"]).read_bytes(), np.float32)
+    want = {"orientation_weight": gate.orientation.weight, "orientation_bias": gate.orientation.bias,
+            "polarity_weight": gate.polarity.weight, "polarity_bias": gate.polarity.bias, "mean": gate.mean,
+            "precision": gate.precision}
+    offset = 0
+    for name, shape in spec["arrays"]:
+        n = int(np.prod(shape))
+        np.testing.assert_array_equal(raw[offset:offset + n].reshape(shape), want.pop(name).astype(np.float32))
+        offset += n
+    assert offset == raw.size and not want  # every array, nothing else
+    assert spec["dim"] == 2 * cfg["hidden_size"] and spec["rotations"] == [0, 90, 180, 270]
+    assert (spec["distance_limit"], spec["caution_limit"], spec["confidence"]) == (30.0, 20.0, gate.confidence)
+    assert summary["agreement"]["float32"]["gate_verdict_changes"] == 0
+
+
+def test_a_model_without_a_gate_ships_none(exported):
+    model_dir, _ = exported
+    assert json.loads((model_dir / "onnx" / "browser.json").read_text())["gate"] is None
+    assert not (model_dir / "onnx" / "gate.bin").exists()

@@ -21,6 +21,7 @@ from conftest import ROOT
 from synthetic import xray_like
 
 PIXELS = ROOT / "space" / "private" / "page" / "pixels.mjs"
+GATE = ROOT / "space" / "private" / "page" / "gate.mjs"
 EXAMPLES = sorted((ROOT / "space" / "examples").glob("kermany_*.jpeg"))
 CHROMIUM = "/usr/bin/chromium"
 NODE = shutil.which("node")
@@ -28,7 +29,8 @@ NODE = shutil.which("node")
 
 def run_node(tmp_path: Path, body: str) -> None:
     script = tmp_path / "run.mjs"
-    script.write_text(f'import * as px from "{PIXELS.as_posix()}";\nimport fs from "fs";\n{body}\n')
+    script.write_text(f'import * as px from "{PIXELS.as_posix()}";\nimport * as gt from "{GATE.as_posix()}";\n'
+                      f'import fs from "fs";\n{body}\n')
     subprocess.run([NODE, str(script)], check=True, timeout=120)
 
 
@@ -67,6 +69,64 @@ fs.writeFileSync("{tmp_path}/pv.bin", Buffer.from(pv.buffer));""")
                                   np.asarray(gray))
     ours = np.frombuffer((tmp_path / "pv.bin").read_bytes(), np.float32).reshape(1, 3, 224, 224)
     np.testing.assert_allclose(ours, pixel_values(processor, [gray]).numpy(), atol=1e-6)
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_the_pages_turn_and_invert_are_the_gates(tmp_path):
+    """A film the gate finds turned is turned back with Pillow's exact rotation, as the server does."""
+    from modeling.gate import invert, turn
+
+    img = xray_like(5, (70, 40))
+    (tmp_path / "in.bin").write_bytes(np.asarray(img).tobytes())
+    run_node(tmp_path, f"""const g = new Uint8Array(fs.readFileSync("{tmp_path}/in.bin"));
+for (const d of [90, 180, 270, -90]) {{
+  const t = px.turnGray(g, 70, 40, d);
+  fs.writeFileSync(`{tmp_path}/turn${{d}}.bin`, Buffer.from(t.gray));
+  fs.writeFileSync(`{tmp_path}/turn${{d}}.json`, JSON.stringify([t.width, t.height]));
+}}
+fs.writeFileSync("{tmp_path}/inv.bin", Buffer.from(px.invertGray(g)));""")
+    for d in (90, 180, 270, -90):
+        want = np.asarray(turn(img, d))
+        w, h = json.loads((tmp_path / f"turn{d}.json").read_text())
+        got = np.frombuffer((tmp_path / f"turn{d}.bin").read_bytes(), np.uint8).reshape(h, w)
+        np.testing.assert_array_equal(got, want, err_msg=str(d))
+    np.testing.assert_array_equal(np.frombuffer((tmp_path / "inv.bin").read_bytes(), np.uint8).reshape(40, 70),
+                                  np.asarray(invert(img)))
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_the_pages_gate_gives_the_servers_verdicts(tmp_path):
+    """gate.mjs on gate.bin against InputGate.verdicts on the same features: the same turn, inversion,
+    refusal and caution, the same distance."""
+    from test_onnx import tiny_gate
+
+    from modeling.gate import InputGate
+    from modeling.onnx_export import write_gate
+
+    gate = tiny_gate(24, seed=3, scale=3.0)
+    spec = write_gate(gate, tmp_path / "gate.bin")
+    saved = InputGate.load(gate.save(tmp_path / "g.npz"))  # the numbers as float32, as gate.bin holds them
+    for head in (saved.orientation, saved.polarity):
+        head.weight, head.bias = head.weight.astype(np.float32), head.bias.astype(np.float32)
+    saved.mean = saved.mean.astype(np.float32)
+    rng = np.random.default_rng(1)
+    feats = np.concatenate([rng.normal(size=(40, 24)), gate.mean + 0.2 * rng.normal(size=(10, 24))]).astype(np.float32)
+    (tmp_path / "f.bin").write_bytes(feats.tobytes())
+    run_node(tmp_path, f"""const spec = {json.dumps(spec)};
+const buf = fs.readFileSync("{tmp_path}/gate.bin");
+const g = gt.parseGate(spec, buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.length));
+const f = new Float32Array(fs.readFileSync("{tmp_path}/f.bin").buffer.slice(0));
+const out = [];
+for (let i = 0; i < {len(feats)}; i++) out.push(gt.gateVerdict(f.subarray(i * 24, (i + 1) * 24), g));
+fs.writeFileSync("{tmp_path}/out.json", JSON.stringify(out));""")
+    got = json.loads((tmp_path / "out.json").read_text())
+    want = saved.verdicts(feats)
+    outcomes = {(w.rotation, w.inverted, w.out_of_distribution, w.unusual) for w in want}
+    assert len(outcomes) > 2  # the features reach several outcomes, not one
+    for g, w in zip(got, want):
+        assert (g["rotation"], g["inverted"], g["outOfDistribution"], g["unusual"]) == (
+            w.rotation, w.inverted, w.out_of_distribution, w.unusual)
+        assert g["distance"] == pytest.approx(w.distance, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,6 +245,52 @@ def test_the_page_refuses_what_is_not_a_film_without_sending_it(released_app, tm
                                    timeout=60_000)
             el = page.locator("[data-testid=private-result]")
             assert el.get_attribute("data-decision") == "refused" and "colour image" in page.locator("#verdict").inner_text()
+        finally:
+            browser.close()
+
+
+def test_the_page_puts_a_turned_film_right_and_refuses_what_the_gate_refuses_like_the_server(released_app, tmp_path):
+    """The learned gate in the browser: a turned film is turned upright and answered as the server
+    answers it (with the same note); grey photographs and screenshots are refused, some by the gate
+    itself (the rules let them through)."""
+    from gradio_client.exceptions import AppError
+    from playwright.sync_api import sync_playwright
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from input_gate import negatives
+
+    turned = tmp_path / "turned.png"
+    Image.open(EXAMPLES[0]).convert("L").rotate(90, expand=True).save(turned)
+    want = _server(released_app, turned)
+    assert want["gate"]["rotation"] == 90  # the server turned it back
+    neg = negatives()
+    others = []
+    for i, data in enumerate(neg["photographs"][:3] + neg["screenshots"][:3]):
+        others.append(tmp_path / f"negative{i}.png")
+        Image.open(__import__("io").BytesIO(data)).save(others[-1])
+        with pytest.raises(AppError, match="does not look like a frontal chest X-ray"):
+            _server(released_app, others[-1])
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page()
+            page.goto(released_app.url + "private/")
+            page.wait_for_function("() => window.cxrPrivate && window.cxrPrivate.ready", timeout=120_000)
+            got = _choose(page, turned, 1)
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=0.02)
+            assert got["decision"] == want["decision"] and (got["label"] or None) == want["label"]
+            el = page.locator("[data-testid=private-result]")
+            assert json.loads(el.get_attribute("data-gate"))["rotation"] == 90
+            assert "turned by 90 degrees" in page.locator("#notes").inner_text()
+            by_gate = 0
+            for run, film in enumerate(others, start=2):
+                page.locator("input[type=file]").set_input_files(str(film))
+                page.wait_for_function("() => document.querySelector('[data-testid=private-result]').dataset.decision",
+                                       timeout=60_000)
+                assert el.get_attribute("data-decision") == "refused", film.name
+                gate = el.get_attribute("data-gate")
+                by_gate += bool(gate and json.loads(gate)["out_of_distribution"])
+            assert by_gate >= 1  # the learned gate refused what the rules let through
         finally:
             browser.close()
 

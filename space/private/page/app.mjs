@@ -3,9 +3,12 @@
 // The film is read from the file input into memory and never sent anywhere: the page's only
 // requests are for its own files and the model (the server also sends a Content-Security-Policy
 // that allows nothing else). What /predict shows that pixels alone can answer is shown here: the
-// calibrated probabilities, the call at the stored threshold, the rule checks, the scope check and
+// calibrated probabilities, the call at the stored threshold, the rule checks, the learned input gate
+// (a turned or inverted film put right, a picture far from chest films refused), the scope check and
 // a heatmap (the head's contribution per patch: forward-only, so no gradients are needed).
-import { decide, fitSide, heat, overlay, pixelValues, problems, rgbaToGray, softmax } from "./pixels.mjs";
+import { caution, correctionNotes, gateVerdict, loadGate, refusal } from "./gate.mjs";
+import { decide, fitSide, heat, invertGray, overlay, pixelValues, problems, rgbaToGray, softmax,
+         turnGray } from "./pixels.mjs";
 
 const $ = (id) => document.getElementById(id);
 const state = { ready: false, variant: null, loadMs: null, runs: [] };
@@ -47,7 +50,8 @@ async function decode(file) {
 function clearResult() {
   const result = $("result");
   result.hidden = true;
-  for (const key of ["probabilities", "pneumoniaProbability", "label", "decision"]) delete result.dataset[key];
+  for (const key of ["probabilities", "pneumoniaProbability", "label", "decision", "gate"]) delete result.dataset[key];
+  $("notes").textContent = "";
   $("verdict").textContent = "";
   $("probs").replaceChildren();
   $("probs-unreliable").replaceChildren();
@@ -57,7 +61,27 @@ function clearResult() {
   return result;
 }
 
-async function analyse(cfg, session, file) {
+async function run(cfg, session, gray, width, height) {
+  const { height: H, width: W } = cfg.input;
+  const input = new ort.Tensor("float32", pixelValues(gray, width, height, cfg.input), [1, 3, H, W]);
+  return session.run({ pixel_values: input });
+}
+
+// The film at display size, from the grey levels the model saw (after any correction).
+function shownGray(gray, width, height, dw, dh) {
+  const rgba = new Uint8ClampedArray(width * height * 4);
+  for (let i = 0; i < gray.length; i++) {
+    rgba[4 * i] = rgba[4 * i + 1] = rgba[4 * i + 2] = gray[i];
+    rgba[4 * i + 3] = 255;
+  }
+  const full = new OffscreenCanvas(width, height);
+  full.getContext("2d").putImageData(new ImageData(rgba, width, height), 0, 0);
+  const small = new OffscreenCanvas(dw, dh).getContext("2d", { willReadFrequently: true });
+  small.drawImage(full, 0, 0, dw, dh);
+  return rgbaToGray(small.getImageData(0, 0, dw, dh).data, dw, dh);
+}
+
+async function analyse(cfg, session, gate, file) {
   const t0 = performance.now();
   const result = clearResult();
   if (await pngBitDepth(file) === 16) {
@@ -67,7 +91,7 @@ async function analyse(cfg, session, file) {
   const decoded = await decode(file);
   const { rgba } = decoded;
   const original = rgbaToGray(rgba, decoded.width, decoded.height);
-  const { gray, width, height } = fitSide(original, decoded.width, decoded.height, cfg.max_side);
+  let { gray, width, height } = fitSide(original, decoded.width, decoded.height, cfg.max_side);
   const found = problems(gray, width, height, rgba, cfg.rules, decoded.width, decoded.height);
   result.hidden = false;
   if (found.length) {
@@ -78,9 +102,34 @@ async function analyse(cfg, session, file) {
     $("status").textContent = "Done (nothing was sent).";
     return;
   }
-  const { height: H, width: W } = cfg.input;
-  const input = new ort.Tensor("float32", pixelValues(gray, width, height, cfg.input), [1, 3, H, W]);
-  const out = await session.run({ pixel_values: input });
+  let out = await run(cfg, session, gray, width, height);
+  const notes = [];
+  if (gate) { // as the Space does: put a turned or inverted film right and predict it again
+    const found = gateVerdict(out.features.data, gate);
+    let verdict = found;
+    if (found.rotation || found.inverted) {
+      ({ gray, width, height } = turnGray(gray, width, height, -found.rotation));
+      if (found.inverted) gray = invertGray(gray);
+      out = await run(cfg, session, gray, width, height);
+      verdict = { ...gateVerdict(out.features.data, gate), rotation: found.rotation, inverted: found.inverted,
+                  rotationProbability: found.rotationProbability, invertedProbability: found.invertedProbability };
+      notes.push(...correctionNotes(verdict));
+    }
+    result.dataset.gate = JSON.stringify({ rotation: verdict.rotation, inverted: verdict.inverted,
+      distance: verdict.distance, out_of_distribution: verdict.outOfDistribution, unusual: verdict.unusual });
+    if (verdict.outOfDistribution) {
+      $("verdict").textContent = `This does not look like a frontal chest X-ray: ${refusal(verdict)}.`;
+      $("verdict").className = "refused";
+      result.dataset.decision = "refused";
+      $("status").textContent = "Done (nothing was sent).";
+      state.runs.push({ refused: true });
+      result.dataset.run = String(state.runs.length);
+      return;
+    }
+    const note = caution(verdict);
+    if (note) notes.push(note);
+  }
+  $("notes").textContent = notes.length ? `Notes: ${notes.join("; ")}.` : "";
   const t1 = performance.now();
   const probs = softmax(Array.from(out.logits.data));
   const pPneumonia = 1 - probs[cfg.labels.indexOf("normal")];
@@ -122,9 +171,7 @@ async function analyse(cfg, session, file) {
     canvas.width = dw;
     canvas.height = dh;
     const ctx = canvas.getContext("2d");
-    const small = new OffscreenCanvas(dw, dh).getContext("2d", { willReadFrequently: true });
-    small.drawImage(await createImageBitmap(file, { imageOrientation: "from-image" }), 0, 0, dw, dh);
-    const grayShown = rgbaToGray(small.getImageData(0, 0, dw, dh).data, dw, dh);
+    const grayShown = shownGray(gray, width, height, dw, dh);
     ctx.putImageData(new ImageData(overlay(grayShown, dw, dh, map, h, w), dw, dh), 0, 0);
     $("heat-caption").textContent = `What pushed the model towards ${cfg.display_names[label]}: each patch's `
       + "contribution to that class through the classifier head (computed in this browser, no gradients). "
@@ -148,6 +195,7 @@ async function main() {
   ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
   // threads need cross-origin isolation (the server sends COOP/COEP for this page)
   ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+  const gate = await loadGate(cfg.gate, new URL("model/", location.href));
   const session = await ort.InferenceSession.create(`model/${cfg.variants[variant].file.replace(/^onnx\//, "")}`,
     { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
   state.variant = variant;
@@ -163,7 +211,7 @@ async function main() {
     input.disabled = true; // one film at a time: a result never shows beside another film's name
     $("status").textContent = "Analysing in this browser...";
     try {
-      await analyse(cfg, session, input.files[0]);
+      await analyse(cfg, session, gate, input.files[0]);
     } catch (err) {
       clearResult();
       $("status").textContent = `Cannot read this file here: ${err.message || err}.`;

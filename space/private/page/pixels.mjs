@@ -233,3 +233,28 @@ export function overlay(gray, width, height, heatMap, h, w, alpha = 0.4) {
   }
   return rgba;
 }
+
+// The learned gate's corrections (modeling/gate.py): turn(img, degrees) is Pillow's exact
+// rotate(degrees, expand=True), counter-clockwise, for multiples of 90; invert is 255 - v.
+export function turnGray(gray, width, height, degrees) {
+  const d = ((degrees % 360) + 360) % 360;
+  if (d === 0) return { gray, width, height };
+  const out = new Uint8Array(width * height);
+  if (d === 180) {
+    for (let i = 0, n = width * height; i < n; i++) out[i] = gray[n - 1 - i];
+    return { gray: out, width, height };
+  }
+  // 90: new[y'][x'] = old[x'][width-1-y'] (new size height x width); 270: new[y'][x'] = old[height-1-x'][y']
+  for (let y = 0; y < width; y++) {
+    for (let x = 0; x < height; x++) {
+      out[y * height + x] = d === 90 ? gray[x * width + (width - 1 - y)] : gray[(height - 1 - x) * width + y];
+    }
+  }
+  return { gray: out, width: height, height: width };
+}
+
+export function invertGray(gray) {
+  const out = new Uint8Array(gray.length);
+  for (let i = 0; i < gray.length; i++) out[i] = 255 - gray[i];
+  return out;
+}
