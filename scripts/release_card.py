@@ -578,8 +578,9 @@ def archive_table(results_dir: Path = RESULTS) -> str:
             f"peak {t['peak_pss_mb']:.0f} MB (against {t['peak_pss_mb_at_1x']:.0f} MB at 1x). Target: {a['target']}."]
         + ([] if "bound" not in a else [
             "", f"What this machine allows: a film takes {a['bound']['decode_ms_per_film']} ms to decode (one core) and "
-                f"{a['bound']['forward_ms_per_film_1_thread']} ms of forward pass on one thread "
-                f"({a['bound']['forward_ms_per_film_2_threads']} ms on two), so {a['bound']['cores']} cores finish at most "
+                f"{a['bound']['forward_ms_per_film_1_thread']} ms for the image processor and the forward pass on one "
+                f"thread ({a['bound']['forward_ms_per_film_2_threads']} ms on two: the processor's resize of a large film "
+                f"runs on one), so {a['bound']['cores']} cores finish at most "
                 f"{a['bound']['most_films_per_s']:.2f} films/s, {a['bound']['most_speedup_vs_loop']:.2f}x the loop, "
                 "whatever the workers and batches; more needs more cores (the same command scales across processes "
                 "and machines under `accelerate launch`)."]))
