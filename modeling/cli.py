@@ -245,8 +245,9 @@ def calibrate_main(argv: list[str] | None = None) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     """Write release weights (float16 on disk, float32 compute), checked on validation images. With
-    --onnx: write onnx/ (model.onnx, model_quantized.onnx, browser.json) beside a released model's
-    weights instead (modeling.onnx_export), each variant checked against the PyTorch model."""
+    --onnx: write onnx/ (model.onnx, model_quantized.onnx, browser.json, gate.bin) beside a released model's
+    weights instead (modeling.onnx_export), each variant checked against the PyTorch model; with
+    --push-to-hub REPO, then upload it to that model repo's onnx/ folder."""
     from .export import WEIGHT_DTYPES, export_model
 
     ap = argparse.ArgumentParser(prog="cxr-export", description=export_main.__doc__)
@@ -261,6 +262,8 @@ def export_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--onnx", action="store_true", help="export ONNX variants for onnxruntime and the browser")
     ap.add_argument("--variants", default="float32,int8", help="with --onnx: float32 plus any of int8, float16")
     ap.add_argument("--report", default=None, help="with --onnx: also write the agreement summary to this JSON file")
+    ap.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                    help="with --onnx: then upload the export to the Hub model repo's onnx/ folder (one commit)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     args = parse(ap, argv)
     images = None
@@ -284,8 +287,14 @@ def export_main(argv: list[str] | None = None) -> int:
         if args.report:
             Path(args.report).write_text(json.dumps({**summary, "command": "cxr-export " + " ".join(argv or sys.argv[1:])},
                                                     indent=2) + "\n")
+        if args.push_to_hub:
+            from .onnx_export import push_onnx
+
+            summary["hub_commit"] = push_onnx(summary["output_dir"], args.push_to_hub)
         print(json.dumps(summary, indent=2))
         return 0
+    if args.push_to_hub:
+        ap.error("--push-to-hub uploads an ONNX export: use it with --onnx")
     if not args.output_dir:
         ap.error("the following arguments are required: --output-dir")
     print(json.dumps(export_model(args.model, args.output_dir, weights_dtype=args.weights_dtype,

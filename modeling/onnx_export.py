@@ -275,6 +275,21 @@ def browser_config(model, processor, agreement: dict, scope=None, gate: dict | N
     }
 
 
+def push_onnx(onnx_dir: str | Path, repo_id: str, *, revision: str | None = None, private: bool = False) -> str:
+    """Upload an export into ``repo_id``'s ``onnx/`` folder in one commit, replacing what was there and
+    leaving the model's other files alone: the Hub model repo then serves the layout transformers.js
+    and the private page read, next to the weights (``Predictor.from_pretrained(repo, backend="onnx")``
+    finds it there). Returns the commit id."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(onnx_dir), path_in_repo="onnx",
+                             revision=revision, ignore_patterns=[".*"], delete_patterns=["*"],
+                             commit_message="ONNX export for onnxruntime and the private page (cxr-export --onnx)")
+    return info.oid
+
+
 def export_onnx(model_dir: str | Path, *, check_images: Sequence, variants: Sequence[str] = ("float32", "int8"),
                 threads: int | None = None, output_dir: str | Path | None = None, overwrite: bool = False) -> dict:
     """Write ``onnx/`` beside the weights of ``model_dir`` (or into ``output_dir``): the variants that

@@ -207,3 +207,44 @@ def test_a_model_without_a_gate_ships_none(exported):
     model_dir, _ = exported
     assert json.loads((model_dir / "onnx" / "browser.json").read_text())["gate"] is None
     assert not (model_dir / "onnx" / "gate.bin").exists()
+
+
+@pytest.mark.slow
+def test_the_export_is_pushed_to_the_hub_model_repo_and_served_from_there(hub, tmp_path):
+    """`cxr-export --onnx --push-to-hub REPO` puts the export in the model repo's onnx/ folder (real
+    huggingface_hub client, local Hub server), a second push replaces it, and the Predictor's onnxruntime
+    backend loads it from the Hub id with the model."""
+    from conftest import ROOT
+    from hub_server import run_python_json
+
+    model_dir = save_tiny_classifier(tmp_path / "m", image_size=28)
+    films = tmp_path / "films"
+    films.mkdir()
+    for i in range(3):
+        xray_like(i, (70, 70)).save(films / f"{i}.png")
+    server, env = hub
+    got = run_python_json(f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from huggingface_hub import HfApi
+from modeling.cli import export_main
+from modeling.predict import Predictor
+from PIL import Image
+api = HfApi()
+api.create_repo("test-user/cxr-tiny", repo_type="model")
+api.upload_folder(repo_id="test-user/cxr-tiny", repo_type="model", folder_path={str(model_dir)!r})
+api.upload_file(repo_id="test-user/cxr-tiny", path_or_fileobj=b"stale", path_in_repo="onnx/old_variant.onnx")
+assert export_main(["--model", {str(model_dir)!r}, "--onnx", "--check-images", {str(films)!r},
+                    "--push-to-hub", "test-user/cxr-tiny"]) == 0
+files = sorted(api.list_repo_files("test-user/cxr-tiny"))
+film = Image.open({str(films / "0.png")!r})
+via_hub = Predictor.from_pretrained("test-user/cxr-tiny", backend="onnx").predict_one(film).probabilities
+local = Predictor.from_pretrained({str(model_dir)!r}).predict_one(film).probabilities
+print(json.dumps({{"files": files, "via_hub": via_hub, "local": local}}))
+""", env)
+    onnx_files = [f for f in got["files"] if f.startswith("onnx/")]
+    assert {"onnx/model.onnx", "onnx/model_quantized.onnx", "onnx/browser.json"} <= set(onnx_files)
+    assert "onnx/old_variant.onnx" not in onnx_files  # the folder is replaced, not merged
+    assert not any(f.startswith("onnx/.") for f in onnx_files)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(got["files"])  # the model stays
+    assert got["via_hub"] == pytest.approx(got["local"], abs=1e-5)
