@@ -173,7 +173,12 @@ def main() -> int:
                      **heat_shares(maps), "map_seconds_per_film": t_map / len(films)})
         print(json.dumps(rows[-1]), flush=True)
     if args.only and Path(args.output).exists():
-        previous = json.loads(Path(args.output).read_text())["rows"]
+        before = json.loads(Path(args.output).read_text())
+        same = {"films": len(films), "seed": 0, "percentiles": PERCENTILES, "model": args.model}
+        if any(before.get(k) != v for k, v in same.items()):
+            raise SystemExit(f"{args.output} holds another run ({ {k: before.get(k) for k in same} }): "
+                             "run every method (no --only) or write elsewhere (--output)")
+        previous = before["rows"]
         fresh = {r["method"]: r for r in rows}
         rows = [fresh.pop(r["method"], r) for r in previous] + list(fresh.values())
         rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))

@@ -284,13 +284,18 @@ def export_main(argv: list[str] | None = None) -> int:
             images = [load_image(s.path) for s in find_films([args.check_images])]
         summary = export_onnx(args.model, check_images=list(images), variants=args.variants.split(","),
                               output_dir=args.output_dir, overwrite=args.overwrite)
-        if args.report:
-            Path(args.report).write_text(json.dumps({**summary, "command": "cxr-export " + " ".join(argv or sys.argv[1:])},
-                                                    indent=2) + "\n")
         if args.push_to_hub:
             from .onnx_export import push_onnx
 
-            summary["hub_commit"] = push_onnx(summary["output_dir"], args.push_to_hub)
+            try:
+                summary["hub_commit"] = push_onnx(summary["output_dir"], args.push_to_hub,
+                                                  weights=Path(args.model) / "model.safetensors")
+            except ValueError as exc:
+                print(f"cxr-export: not pushed: {exc}", file=sys.stderr)
+                return 2
+        if args.report:
+            Path(args.report).write_text(json.dumps({**summary, "command": "cxr-export " + " ".join(argv or sys.argv[1:])},
+                                                    indent=2) + "\n")
         print(json.dumps(summary, indent=2))
         return 0
     if args.push_to_hub:

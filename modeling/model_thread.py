@@ -35,7 +35,7 @@ class ModelThread:
     ``call(fn, *args, **kwargs)`` returns ``fn``'s result or raises its exception, in the caller's
     thread. A call made from the model thread itself (a function that calls ``call`` again) runs
     directly, so nesting cannot deadlock. ``threads``: ``torch.set_num_threads`` on the model thread
-    first (OpenMP's thread count is a per-thread setting: the main thread's does not carry over)."""
+    first, so the count is set where the passes run whatever the process did before."""
 
     def __init__(self, name: str = "cxr-model", threads: int | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)

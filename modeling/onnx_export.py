@@ -183,6 +183,18 @@ def _gate_outcomes(gate, features: np.ndarray) -> list[tuple]:
     return [(v.rotation, v.inverted, v.out_of_distribution, v.unusual) for v in gate.verdicts(features)]
 
 
+def _as_float32(gate):
+    """The gate with the float32 numbers gate.bin holds (what the page computes with)."""
+    import dataclasses
+
+    from .probe import LinearHead
+
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    return dataclasses.replace(gate, orientation=LinearHead(f32(gate.orientation.weight), f32(gate.orientation.bias)),
+                               polarity=LinearHead(f32(gate.polarity.weight), f32(gate.polarity.bias)),
+                               mean=f32(gate.mean), precision=f32(gate.precision))
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(-1, keepdims=True)
     e = np.exp(z)
@@ -196,7 +208,8 @@ def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Pa
     contributions add up to the patch term of the logits (a sanity check of the heatmap's meaning).
     With a scope check, also how many films change scope verdict against the torch float32 features
     (the page computes the verdict from the graph's ``features``); with an input gate, how many films
-    change gate outcome (turned, inverted, refused, cautioned), likewise."""
+    change gate outcome (turned, inverted, refused, cautioned) between the server's gate on the torch
+    features and the page's float32 numbers (gate.bin) on the graph's."""
     from .preprocessing import pixel_values
 
     pv = torch.cat([pixel_values(processor, list(images[i:i + 32])) for i in range(0, len(images), 32)])
@@ -222,8 +235,8 @@ def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Pa
         if ref_scope is not None:
             got_scope = [v.out_of_scope for v in scope.verdicts(got["features"])]
             out[variant]["scope_verdict_changes"] = int(sum(a != b for a, b in zip(ref_scope, got_scope)))
-        if ref_gate is not None:
-            got_gate = _gate_outcomes(gate, got["features"])
+        if ref_gate is not None:  # the server's gate on torch features vs the page's numbers on the graph's
+            got_gate = _gate_outcomes(_as_float32(gate), got["features"])
             out[variant]["gate_verdict_changes"] = int(sum(a != b for a, b in zip(ref_gate, got_gate)))
         if variant == "float32":
             head = model.classifier
@@ -275,15 +288,24 @@ def browser_config(model, processor, agreement: dict, scope=None, gate: dict | N
     }
 
 
-def push_onnx(onnx_dir: str | Path, repo_id: str, *, revision: str | None = None, private: bool = False) -> str:
+def push_onnx(onnx_dir: str | Path, repo_id: str, *, weights: str | Path, revision: str | None = None) -> str:
     """Upload an export into ``repo_id``'s ``onnx/`` folder in one commit, replacing what was there and
     leaving the model's other files alone: the Hub model repo then serves the layout transformers.js
     and the private page read, next to the weights (``Predictor.from_pretrained(repo, backend="onnx")``
-    finds it there). Returns the commit id."""
+    finds it there). Refused unless the repo's ``model.safetensors`` is ``weights`` (the exported
+    model's, by sha256): a graph beside another model's weights, gate and threshold would answer for
+    neither. Returns the commit id."""
+    import hashlib
+
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    here = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    info = api.get_paths_info(repo_id, ["model.safetensors"], repo_type="model", revision=revision)
+    there = info[0].lfs.sha256 if info and getattr(info[0], "lfs", None) else None
+    if there != here:
+        raise ValueError(f"{repo_id} does not hold the exported model's weights (model.safetensors "
+                         f"{'missing' if there is None else 'differs'}): upload the model first, then its ONNX export")
     info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(onnx_dir), path_in_repo="onnx",
                              revision=revision, ignore_patterns=[".*"], delete_patterns=["*"],
                              commit_message="ONNX export for onnxruntime and the private page (cxr-export --onnx)")

@@ -212,8 +212,9 @@ def test_a_model_without_a_gate_ships_none(exported):
 @pytest.mark.slow
 def test_the_export_is_pushed_to_the_hub_model_repo_and_served_from_there(hub, tmp_path):
     """`cxr-export --onnx --push-to-hub REPO` puts the export in the model repo's onnx/ folder (real
-    huggingface_hub client, local Hub server), a second push replaces it, and the Predictor's onnxruntime
-    backend loads it from the Hub id with the model."""
+    huggingface_hub client, local Hub server), a second push replaces it (local dot-files stay home),
+    the Predictor's onnxruntime backend loads it from the Hub id with the model, and a repo holding
+    other weights is refused."""
     from conftest import ROOT
     from hub_server import run_python_json
 
@@ -235,16 +236,29 @@ api.create_repo("test-user/cxr-tiny", repo_type="model")
 api.upload_folder(repo_id="test-user/cxr-tiny", repo_type="model", folder_path={str(model_dir)!r})
 api.upload_file(repo_id="test-user/cxr-tiny", path_or_fileobj=b"stale", path_in_repo="onnx/old_variant.onnx")
 assert export_main(["--model", {str(model_dir)!r}, "--onnx", "--check-images", {str(films)!r},
+                    "--variants", "float32", "--push-to-hub", "test-user/cxr-tiny"]) == 0
+first = sorted(api.list_repo_files("test-user/cxr-tiny"))
+import pathlib
+pathlib.Path({str(model_dir / "onnx" / ".source.sha256")!r}).write_text("local stamp")
+assert export_main(["--model", {str(model_dir)!r}, "--onnx", "--check-images", {str(films)!r},
                     "--push-to-hub", "test-user/cxr-tiny"]) == 0
 files = sorted(api.list_repo_files("test-user/cxr-tiny"))
+api.create_repo("test-user/other-model", repo_type="model")
+api.upload_file(repo_id="test-user/other-model", path_or_fileobj=b"other weights", path_in_repo="model.safetensors")
+refused = export_main(["--model", {str(model_dir)!r}, "--onnx", "--check-images", {str(films)!r},
+                       "--push-to-hub", "test-user/other-model"])
+other = sorted(api.list_repo_files("test-user/other-model"))
 film = Image.open({str(films / "0.png")!r})
 via_hub = Predictor.from_pretrained("test-user/cxr-tiny", backend="onnx").predict_one(film).probabilities
 local = Predictor.from_pretrained({str(model_dir)!r}).predict_one(film).probabilities
-print(json.dumps({{"files": files, "via_hub": via_hub, "local": local}}))
+print(json.dumps({{"first": first, "files": files, "via_hub": via_hub, "local": local, "refused": refused,
+                  "other": other}}))
 """, env)
+    assert "onnx/old_variant.onnx" not in got["first"] and "onnx/model_quantized.onnx" not in got["first"]
     onnx_files = [f for f in got["files"] if f.startswith("onnx/")]
     assert {"onnx/model.onnx", "onnx/model_quantized.onnx", "onnx/browser.json"} <= set(onnx_files)
     assert "onnx/old_variant.onnx" not in onnx_files  # the folder is replaced, not merged
     assert not any(f.startswith("onnx/.") for f in onnx_files)
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(got["files"])  # the model stays
     assert got["via_hub"] == pytest.approx(got["local"], abs=1e-5)
+    assert got["refused"] == 2 and not any(f.startswith("onnx/") for f in got["other"])  # other weights: not pushed

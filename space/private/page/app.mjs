@@ -100,6 +100,8 @@ async function analyse(cfg, session, gate, file) {
     result.dataset.decision = "refused";
     delete result.dataset.probabilities;
     $("status").textContent = "Done (nothing was sent).";
+    state.runs.push({ refused: true });
+    result.dataset.run = String(state.runs.length);
     return;
   }
   let out = await run(cfg, session, gray, width, height);
