@@ -161,6 +161,15 @@ def _browser(p):
     return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
+def _open_private(p, app):
+    """Chromium on the page, its model loaded: (browser, page); the caller closes the browser."""
+    browser = _browser(p)
+    page = browser.new_page()
+    page.goto(app.url + "private/")
+    page.wait_for_function("() => window.cxrPrivate && window.cxrPrivate.ready", timeout=120_000)
+    return browser, page
+
+
 def _choose(page, film: Path, run: int) -> dict:
     page.locator("input[type=file]").set_input_files(str(film))
     page.wait_for_function(f"() => document.querySelector('[data-testid=private-result]').dataset.run === '{run}'",
@@ -237,11 +246,8 @@ def test_the_page_refuses_what_is_not_a_film_without_sending_it(released_app, tm
     photo = tmp_path / "photo.png"
     Image.fromarray(rgb).save(photo)
     with sync_playwright() as p:
-        browser = _browser(p)
+        browser, page = _open_private(p, released_app)
         try:
-            page = browser.new_page()
-            page.goto(released_app.url + "private/")
-            page.wait_for_function("() => window.cxrPrivate && window.cxrPrivate.ready", timeout=120_000)
             page.locator("input[type=file]").set_input_files(str(photo))
             page.wait_for_function("() => document.querySelector('[data-testid=private-result]').dataset.decision",
                                    timeout=60_000)
@@ -273,11 +279,8 @@ def test_the_page_puts_a_turned_film_right_and_refuses_what_the_gate_refuses_lik
         with pytest.raises(AppError, match="does not look like a frontal chest X-ray"):
             _server(released_app, others[-1])
     with sync_playwright() as p:
-        browser = _browser(p)
+        browser, page = _open_private(p, released_app)
         try:
-            page = browser.new_page()
-            page.goto(released_app.url + "private/")
-            page.wait_for_function("() => window.cxrPrivate && window.cxrPrivate.ready", timeout=120_000)
             got = _choose(page, turned, 1)
             assert got["probabilities"] == pytest.approx(want["probabilities"], abs=0.02)
             assert got["decision"] == want["decision"] and (got["label"] or None) == want["label"]
