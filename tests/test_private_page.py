@@ -162,12 +162,22 @@ def _browser(p):
 
 
 def _open_private(p, app):
-    """Chromium on the page, its model loaded: (browser, page); the caller closes the browser."""
+    """Chromium on the page, its model loaded, every request outside the page's origin blocked:
+    (browser, page, requests), requests being (method, url, body) of every request the page made from
+    then on (blocked ones included); the caller closes the browser."""
     browser = _browser(p)
     page = browser.new_page()
+    requests = []
+    page.on("request", lambda r: requests.append((r.method, r.url, r.post_data_buffer)))
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app.url) else route.abort())
     page.goto(app.url + "private/")
     page.wait_for_function("() => window.cxrPrivate && window.cxrPrivate.ready", timeout=120_000)
-    return browser, page
+    return browser, page, requests
+
+
+def _sent_nothing(requests, app) -> None:
+    assert not any(body for _, _, body in requests), requests  # no request carries a body
+    assert all(url.startswith(app.url) for _, url, _ in requests), requests
 
 
 def _choose(page, film: Path, run: int) -> dict:
@@ -246,13 +256,14 @@ def test_the_page_refuses_what_is_not_a_film_without_sending_it(released_app, tm
     photo = tmp_path / "photo.png"
     Image.fromarray(rgb).save(photo)
     with sync_playwright() as p:
-        browser, page = _open_private(p, released_app)
+        browser, page, requests = _open_private(p, released_app)
         try:
             page.locator("input[type=file]").set_input_files(str(photo))
             page.wait_for_function("() => document.querySelector('[data-testid=private-result]').dataset.decision",
                                    timeout=60_000)
             el = page.locator("[data-testid=private-result]")
             assert el.get_attribute("data-decision") == "refused" and "colour image" in page.locator("#verdict").inner_text()
+            _sent_nothing(requests, released_app)
         finally:
             browser.close()
 
@@ -279,8 +290,9 @@ def test_the_page_puts_a_turned_film_right_and_refuses_what_the_gate_refuses_lik
         with pytest.raises(AppError, match="does not look like a frontal chest X-ray"):
             _server(released_app, others[-1])
     with sync_playwright() as p:
-        browser, page = _open_private(p, released_app)
+        browser, page, requests = _open_private(p, released_app)
         try:
+            before = len(requests)
             got = _choose(page, turned, 1)
             assert got["probabilities"] == pytest.approx(want["probabilities"], abs=0.02)
             assert got["decision"] == want["decision"] and (got["label"] or None) == want["label"]
@@ -296,6 +308,8 @@ def test_the_page_puts_a_turned_film_right_and_refuses_what_the_gate_refuses_lik
                 gate = el.get_attribute("data-gate")
                 by_gate += bool(gate and json.loads(gate)["out_of_distribution"])
             assert by_gate >= 1  # the learned gate refused what the rules let through
+            assert any(url.endswith("/gate.bin") for _, url, _ in requests[:before])  # from the page's origin
+            _sent_nothing(requests[before:], released_app)  # the films, turned back or refused, stayed here
         finally:
             browser.close()
 

@@ -264,6 +264,26 @@ def test_every_model_call_runs_on_the_service_model_thread(service, tmp_path) ->
     assert threading.get_ident() not in seen
 
 
+def test_a_model_call_failing_on_the_model_thread_stores_nothing_and_the_service_keeps_serving(service, tmp_path) -> None:
+    """A pass that raises on the model thread reaches the caller as its own exception; nothing of the film
+    (a DICOM with a planted name and values) is recorded or staged anywhere under the data dir, and the
+    next film is answered."""
+    real = service.predictor.predict
+    service.predictor.predict = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("the pass failed"))
+    with ThreadPoolExecutor(1) as caller:  # a request thread, as Gradio's
+        with pytest.raises(RuntimeError, match="the pass failed"):
+            caller.submit(service.analyze, phi_dicom(), channel="api").result()
+    service.flush()
+    assert service.store.count("predictions") == 0
+    data_dir = tmp_path / "data"
+    for p in data_dir.rglob("*"):
+        assert not any(s in p.name for s in ("Doe_Jane", "PID-12345")), p
+        assert not (p.is_file() and any(s.encode() in p.read_bytes() for s in PHI_STRINGS)), p
+    service.predictor.predict = real
+    assert service.analyze(xray_bytes(3), channel="api").prediction.label in LABELS
+    assert service.store.count("predictions") == 1
+
+
 def test_make_service_loads_the_model_on_its_model_thread(model_dir, tmp_path, monkeypatch) -> None:
     """Loading runs parallel tensor copies, which start the loading thread's OpenMP team: it happens
     on the model thread too, so the served process has one team."""
