@@ -195,12 +195,6 @@ def _as_float32(gate):
                                mean=f32(gate.mean), precision=f32(gate.precision))
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
 def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Path], threads: int | None = None,
                          scope=None, gate=None) -> dict:
     """Each variant against the PyTorch float32 model on ``images``: max |dp|, label changes, and
@@ -210,6 +204,7 @@ def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Pa
     (the page computes the verdict from the graph's ``features``); with an input gate, how many films
     change gate outcome (turned, inverted, refused, cautioned) between the server's gate on the torch
     features and the page's float32 numbers (gate.bin) on the graph's."""
+    from .calibration import softmax
     from .preprocessing import pixel_values
 
     pv = torch.cat([pixel_values(processor, list(images[i:i + 32])) for i in range(0, len(images), 32)])
@@ -223,7 +218,7 @@ def agreement_with_torch(model, processor, images: Sequence, paths: dict[str, Pa
     out = {}
     for variant, path in paths.items():
         got = run_session(session(path, threads), pv.numpy())
-        p = _softmax(got["logits"])
+        p = softmax(got["logits"])
         diff = float(np.abs(p - ref).max())
         changes = int((p.argmax(1) != ref.argmax(1)).sum())
         max_diff, max_changes = TOLERANCES[variant]

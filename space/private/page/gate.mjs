@@ -3,6 +3,7 @@
 // far is it from the training films (Mahalanobis distance, with the caution and refusal limits the
 // release fit). Its numbers come from onnx/gate.bin (float32 arrays laid out as browser.json says),
 // written by `cxr-export --onnx` from the input_gate.npz the server loads: one source for both.
+import { softmax } from "./pixels.mjs";
 
 export async function loadGate(spec, baseUrl) {
   if (!spec) return null;
@@ -23,13 +24,6 @@ export function parseGate(spec, buffer) {
   return { ...spec, ...arrays };
 }
 
-function softmaxOf(z) {
-  const m = Math.max(...z);
-  const e = z.map((v) => Math.exp(v - m));
-  const s = e.reduce((a, b) => a + b, 0);
-  return e.map((v) => v / s);
-}
-
 function linear(weight, bias, f) {
   const dim = f.length;
   return Array.from(bias, (b, k) => {
@@ -44,8 +38,8 @@ export function gateVerdict(features, gate) {
   const f = Array.from(features);
   const dim = f.length;
   if (dim !== gate.dim) throw new Error(`the gate reads ${gate.dim} features, the model gave ${dim}`);
-  const po = softmaxOf(linear(gate.orientation_weight, gate.orientation_bias, f));
-  const pp = softmaxOf(linear(gate.polarity_weight, gate.polarity_bias, f));
+  const po = softmax(linear(gate.orientation_weight, gate.orientation_bias, f));
+  const pp = softmax(linear(gate.polarity_weight, gate.polarity_bias, f));
   const k = po.indexOf(Math.max(...po));
   const d = f.map((v, j) => v - gate.mean[j]);
   let q = 0;
