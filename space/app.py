@@ -14,7 +14,7 @@ Settings (environment variables):
 * ``CXR_BACKEND``: ``auto`` (default: at start-up, time the torch fast path and onnxruntime on the model's
   ``onnx/model.onnx`` and keep the faster), ``torch`` or ``onnx``; Grad-CAM always runs on torch.
 * ``CXR_COMPILE``: ``1`` (default) compiles the plain-prediction network with TorchInductor at start-up
-  (tens of seconds; then a plain prediction, as batch rows make, takes about a quarter less time on CPU;
+  (tens of seconds; then a plain prediction, as batch rows make, takes about a tenth less time on CPU;
   kept eager if it fails or disagrees); ``0`` skips it.
 * ``CXR_UNCERTAIN_HIGH``: upper end of the "uncertain, refer" band (default: halfway from the
   model's threshold to 1, at least 0.5).
@@ -22,8 +22,9 @@ Settings (environment variables):
   ``FEEDBACK_SYNC_MINUTES`` (default 10) with huggingface_hub's CommitScheduler.
 * ``CXR_ADMIN_TOKEN`` (a secret) and/or ``CXR_ADMINS`` (Hugging Face user names, on a Space): who may
   export the feedback and see the History tab (:mod:`access`). Neither set: nobody.
-* ``CXR_TMP_DIR``: the private temp folder for uploads and outputs (Gradio's ``GRADIO_TEMP_DIR`` is
-  pointed at it); ``CXR_TMP_MAX_AGE_S`` (default 600): anything in it older than this is deleted.
+* ``CXR_TMP_DIR``: where the private temp folder for uploads and outputs is made (a ``cxr-space-<uid>``
+  folder of its own inside it; Gradio's ``GRADIO_TEMP_DIR`` is pointed at that); ``CXR_TMP_MAX_AGE_S``
+  (default 600): anything in it older than this is deleted.
 * ``CXR_STAGING_DAYS`` (default 7) / ``CXR_STAGING_MAX_MB`` (default 2048): how long and how much of
   the de-identified pixels of predicted images are kept for later feedback.
 * Limits: ``CXR_MAX_UPLOAD_MB`` (per uploaded file, default 256: a zip of a batch), ``CXR_MAX_SIDE``
@@ -527,6 +528,18 @@ def make_service(config: AppConfig) -> CxrService:
                       max_batch_files=config.max_batch_files, model_thread=model_thread)
 
 
+def prepare_serving(demo: gr.Blocks, service: CxrService, config: AppConfig) -> gr.Blocks:
+    """What runs beside the app once it serves: the staging purge on a timer (a quiet Space makes no
+    predictions to trigger it), the feedback sync when ``FEEDBACK_REPO`` is set, and Gradio's queue
+    with ``CXR_QUEUE_SIZE`` places. Returns the queued app, ready to launch."""
+    service.start_housekeeping()
+    if config.feedback_repo:
+        from .sync import start_feedback_sync
+        start_feedback_sync(service.store, config.feedback_repo, every_minutes=config.sync_minutes,
+                            license=config.feedback_license)
+    return demo.queue(max_size=config.queue_size, default_concurrency_limit=4)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``cxr-space`` / ``python -m space.app``: serve the Space (settings: environment variables, see
     the module docstring)."""
@@ -551,12 +564,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     service = make_service(config)
     service.warmup(compile=config.compile)
-    if config.feedback_repo:
-        from .sync import start_feedback_sync
-        start_feedback_sync(service.store, config.feedback_repo, every_minutes=config.sync_minutes,
-                            license=config.feedback_license)
-    demo = build_app(service, config, files, AccessPolicy.from_env())
-    demo.queue(max_size=config.queue_size, default_concurrency_limit=4).launch(
+    demo = prepare_serving(build_app(service, config, files, AccessPolicy.from_env()), service, config)
+    demo.launch(
         theme=gr.themes.Soft(), max_file_size=int(config.max_upload_mb * 2**20), run_history=False,
         enable_monitoring=False, state_session_capacity=500,
         # uploads are counted on their way out (space.files.ClaimUploads); static workers would answer

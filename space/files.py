@@ -49,15 +49,13 @@ RECENT_MAX_BYTES = 256 * 1024 * 1024
 
 
 def private_temp_dir(base: str | os.PathLike | None = None) -> Path:
-    """``CXR_TMP_DIR``, or a ``cxr-space-<uid>`` folder of its own inside ``base`` (an operator's
-    ``GRADIO_TEMP_DIR``) or the system temp folder, created with mode 0700. Never ``base`` itself: the
-    sweeper deletes everything old in this folder, which must not hit files that are not the Space's."""
-    if os.environ.get("CXR_TMP_DIR"):
-        root = Path(os.environ["CXR_TMP_DIR"])
-    else:
-        base = Path(base or tempfile.gettempdir())
-        name = f"cxr-space-{os.getuid()}"
-        root = base if base.name == name else base / name
+    """A ``cxr-space-<uid>`` folder of its own inside ``CXR_TMP_DIR``, ``base`` (an operator's
+    ``GRADIO_TEMP_DIR``) or the system temp folder, created with mode 0700. Never the folder given
+    itself (unless it already has that name): the sweeper deletes everything old in this folder, which
+    must not hit files that are not the Space's (``CXR_TMP_DIR=/tmp`` would otherwise sweep /tmp)."""
+    base = Path(os.environ.get("CXR_TMP_DIR") or base or tempfile.gettempdir())
+    name = f"cxr-space-{os.getuid()}"
+    root = base if base.name == name else base / name
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, stat.S_IRWXU)
     return root.absolute()  # Gradio hands handlers absolute paths; uploads are counted by them
@@ -101,6 +99,8 @@ class TempFiles:
         self._recent_max = recent_max_bytes
         self._claims: dict[str, tuple[int, int]] = {}  # path -> (events given it, inode of the last upload)
         self._lock = threading.Lock()
+        self._budget_lock = threading.Lock()
+        self._streaming = 0  # declared bytes of uploads admitted and not yet answered
         self._stop = threading.Event()
 
     # --- uploads -----------------------------------------------------------------------------------
@@ -233,8 +233,23 @@ class TempFiles:
         return total
 
     def admits(self, incoming_bytes: int) -> bool:
-        """Whether an upload of about this size fits the pending-uploads budget."""
-        return self.pending_max_bytes is None or self.pending_bytes() + incoming_bytes <= self.pending_max_bytes
+        """Whether an upload of about this size fits the pending-uploads budget (uploads in place and
+        those admitted and still streaming)."""
+        return (self.pending_max_bytes is None
+                or self.pending_bytes() + self._streaming + incoming_bytes <= self.pending_max_bytes)
+
+    def reserve(self, incoming_bytes: int) -> bool:
+        """Admit an upload of this declared size and hold it against the budget until :meth:`unreserve`
+        (its request is done): uploads arriving together cannot each pass against the same total."""
+        with self._budget_lock:  # one check at a time; the folder walk is short (a file per upload)
+            if not self.admits(incoming_bytes):
+                return False
+            self._streaming += incoming_bytes
+            return True
+
+    def unreserve(self, incoming_bytes: int) -> None:
+        with self._budget_lock:
+            self._streaming -= incoming_bytes
 
     # --- outputs -----------------------------------------------------------------------------------
     def scratch(self, prefix: str, *, serve_once: bool = False) -> Path:
@@ -365,10 +380,17 @@ class ClaimUploads:
             length = 0
         from starlette.concurrency import run_in_threadpool
 
-        if not await run_in_threadpool(self.files.admits, length):  # a folder walk: off the event loop
+        if not await run_in_threadpool(self.files.reserve, length):  # a folder walk: off the event loop
             await _json_error(send, 503, "The server holds too many uploads waiting to be analysed right now; "
                                          "try again in a few minutes.")
             return
+        try:
+            await self._upload(scope, receive, send)
+        finally:
+            self.files.unreserve(length)
+
+    async def _upload(self, scope, receive, send) -> None:
+        """Gradio's upload route, each path it answers with counted (:meth:`TempFiles.claim`)."""
         status, body = 0, bytearray()
 
         async def send_counting(message) -> None:

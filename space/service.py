@@ -164,6 +164,8 @@ class CxrService:
         self._lock = ModelLock()
         self._last_purge = 0.0
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-staging")
+        self._stop_housekeeping = threading.Event()
+        self._housekeeping: threading.Thread | None = None
 
     def _after(self, fn, *args) -> None:
         """Run a store write after the answer, in order, on the writer thread (a failure is logged)."""
@@ -174,8 +176,26 @@ class CxrService:
                 logger.exception("background store write failed")
         self._writer.submit(run)
 
+    def start_housekeeping(self, every_s: float = 600.0) -> threading.Thread:
+        """Purge expired staged pixels now and every ``every_s`` seconds, on the writer thread (after any
+        staging queued before it). :meth:`analyze` also purges at most once a minute, but a quiet Space
+        makes no predictions: without this timer its staged pixels would outlive ``CXR_STAGING_DAYS``."""
+        def loop() -> None:
+            while True:
+                self._after(self.store.purge_staging)
+                if self._stop_housekeeping.wait(every_s):
+                    return
+
+        t = threading.Thread(target=loop, name="cxr-housekeeping", daemon=True)
+        t.start()
+        self._housekeeping = t
+        return t
+
     def close(self) -> None:
-        """Finish the queued store writes and stop the writer and model threads."""
+        """Stop the housekeeping timer, finish the queued store writes, stop the writer and model threads."""
+        self._stop_housekeeping.set()
+        if self._housekeeping is not None:
+            self._housekeeping.join()
         self._writer.shutdown(wait=True)
         self.model_thread.close()
 

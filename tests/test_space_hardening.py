@@ -316,6 +316,16 @@ def test_private_temp_folder_is_a_subfolder_of_an_operators_temp_dir(tmp_path, m
     root = private_temp_dir(tmp_path)
     assert root.parent == tmp_path and root.name.startswith("cxr-space-") and (root.stat().st_mode & 0o777) == 0o700
     assert private_temp_dir(root) == root  # idempotent: importing the app twice does not nest folders
+    # an operator's CXR_TMP_DIR too (review of issue 21): the sweeper deletes everything old in the folder,
+    # so CXR_TMP_DIR=/tmp must not make it sweep /tmp; the app's folder is one of its own inside it
+    shared = tmp_path / "shared-tmp"
+    shared.mkdir()
+    (shared / "someone-elses-file").write_text("x")
+    monkeypatch.setenv("CXR_TMP_DIR", str(shared))
+    own = private_temp_dir()
+    assert own.parent == shared and own.name.startswith("cxr-space-") and (own.stat().st_mode & 0o777) == 0o700
+    monkeypatch.setenv("CXR_TMP_DIR", str(own))
+    assert private_temp_dir() == own
 
 
 def test_an_upload_given_to_several_events_is_deleted_by_the_last_one(tmp_path):
@@ -397,6 +407,54 @@ def test_the_upload_middleware_counts_each_answered_upload(tmp_path):
         assert files.claims(up) == 1
         client.post("/gradio_api/upload")
         assert files.claims(up) == 2
+
+
+def test_uploads_streaming_at_the_same_moment_share_the_pending_budget(tmp_path):
+    """Review of issue 21: the budget counted only uploads already in place, so uploads arriving together
+    each passed the check against the same total. An admitted upload's declared length is held
+    against the budget until its request is done."""
+    import asyncio
+
+    from space.files import ClaimUploads, TempFiles
+
+    files = TempFiles(tmp_path / "tmp", pending_max_bytes=100)
+    calls = []
+
+    async def scenario():
+        first_may_finish = asyncio.Event()
+
+        async def gradio_upload(scope, receive, send):
+            calls.append(scope)
+            if len(calls) == 1:
+                await first_may_finish.wait()  # still streaming its body
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"[]"})
+
+        app = ClaimUploads(gradio_upload, files)
+
+        async def upload(length: int) -> int:
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload",
+                     "headers": [(b"content-length", str(length).encode())]}
+            await app(scope, receive, send)
+            return sent[0]["status"]
+
+        first = asyncio.create_task(upload(60))
+        while not calls:
+            await asyncio.sleep(0.01)
+        second = await upload(60)  # 60 + 60 > 100 while the first is still in flight
+        first_may_finish.set()
+        return await first, second, await upload(60)  # the first is done: room again
+
+    assert asyncio.run(scenario()) == (200, 503, 200)
+    assert len(calls) == 2
 
 
 def test_only_uploaded_files_are_accepted_and_released_never_folders_links_or_outputs(tmp_path):
@@ -551,3 +609,61 @@ def test_the_output_route_serves_only_a_regular_file_directly_in_an_output_folde
     statuses = sorted(status for status, _ in asyncio.run(two()))
     assert statuses == [200, 404] and not list(once.iterdir())
     assert asyncio.run(get("GET", "/cxr-output/../secret.txt"))[0] == 404
+
+
+def test_staged_pixels_expire_without_any_new_prediction(model_dir, tmp_path):
+    """Review of issue 21: the staging purge ran only from analyze (at most once a minute), so with no new
+    prediction the staged pixels of a quiet Space stayed past CXR_STAGING_DAYS. The service's
+    housekeeping timer purges them whatever the traffic, and once when it starts."""
+    service = make_service(model_dir, tmp_path / "data", staging_max_age_s=0.5)
+    a = service.analyze(xray_bytes(8), channel="api", heatmap=False)
+    service.flush()
+    assert service.store.staged_image(a.image_sha256) is not None
+    service.start_housekeeping(every_s=0.2)
+    try:
+        deadline = time.time() + 10
+        while service.store.staged_image(a.image_sha256) is not None and time.time() < deadline:
+            time.sleep(0.1)
+        assert service.store.staged_image(a.image_sha256) is None
+    finally:
+        service.close()
+    assert not any(t.name == "cxr-housekeeping" and t.is_alive() for t in threading.enumerate())
+
+
+def test_the_app_starts_the_housekeeping_and_queues_with_the_configured_size(tmp_path, monkeypatch):
+    """CXR_QUEUE_SIZE reaches Gradio's queue and the staging purge runs on a timer, through the one function
+    the app's main() serves with (prepare_serving)."""
+    from space.app import AppConfig, build_app, make_service, prepare_serving
+
+    model = save_tiny_classifier(tmp_path / "m", image_size=32)
+    cfg = AppConfig(model_id=str(model), revision=None, data_dir=tmp_path / "data", precision="float32",
+                    queue_size=7, staging_days=0.5 / 86400)
+    service = make_service(cfg)
+    demo = build_app(service, cfg)
+    started = []
+    monkeypatch.setattr(type(service), "start_housekeeping", lambda self, **k: started.append(k))
+    queued = prepare_serving(demo, service, cfg)
+    assert queued._queue.max_size == 7 and started
+    service.close()
+
+
+@pytest.mark.parametrize("consent", [False, None, "true", "yes", 1, {"a": 0}])
+def test_the_ui_feedback_handler_stores_only_for_a_ticked_box(model_dir, tmp_path, consent):
+    """Review of issue 21: consent was tested over /feedback and in the service, never in the UI handler,
+    which checks it itself before passing it on. Anything but the ticked box (True) is refused with the
+    reason, and nothing is written."""
+    import gradio as gr
+
+    from space.app import AppConfig, build_app
+
+    service = make_service(model_dir, tmp_path / "data")
+    demo = build_app(service, AppConfig(model_id="m", revision=None, data_dir=tmp_path / "data"))
+    ui_feedback = next(f.fn for f in demo.fns.values() if f.name == "ui_feedback")
+    a = service.analyze(xray_bytes(9), channel="ui")
+    state = {"prediction_id": a.prediction_id, "label": a.prediction.label, "image_sha256": a.image_sha256}
+    with pytest.raises(gr.Error, match="confirm that the image carries no identifying information"):
+        ui_feedback(state, "normal", "radiologist", "", consent)
+    assert service.store.count("feedback") == 0 and not list(service.store.images.iterdir())
+    assert "stored" in ui_feedback(state, "normal", "radiologist", "", True)
+    assert service.store.count("feedback") == 1
+    service.close()
