@@ -398,24 +398,69 @@ def test_a_folder_given_to_batch_is_a_row_and_the_temp_folder_stays_whole(app, t
     assert wait_until(lambda: not phi_offenders(app), timeout=10), phi_offenders(app)
 
 
-def test_the_bundled_examples_still_work_after_the_cleanups_have_run(tmp_path):
-    """Issue 21: Gradio's delete_cache removed the cached copies of the examples about a minute after
-    start (ten on a real Space), and clicking one then said "The uploaded file is gone". With short
-    ages, after both Gradio's cleanup cycle (60 s) and many sweeps of our own, an example sent as the
-    browser sends it (the cached copy's path) is predicted, and its copy is still there afterwards."""
-    root = tmp_path / "examples-app"
+EXAMPLE_NAME = "kermany_test_normal_IM-0003-0001.jpeg"
+
+
+@pytest.fixture(scope="module")
+def swept_app(tmp_path_factory):
+    """An app with short ages, after both Gradio's cleanup cycle (60 s) and many sweeps of our own: the
+    state a public Space is in ten minutes after start, when its examples used to break."""
+    root = tmp_path_factory.mktemp("examples-app")
     running = start_app(save_tiny_classifier(root / "model", image_size=32), root, {"CXR_TMP_MAX_AGE_S": "2"})
     try:
-        cached = [p for p in running.temp_dir.rglob("kermany_test_normal_IM-0003-0001.jpeg")]
-        assert cached, "Gradio keeps a copy of each example in its temp folder"
+        running.cached = [p for p in running.temp_dir.rglob(EXAMPLE_NAME)]
+        assert running.cached, "Gradio keeps a copy of each example in its temp folder"
         time.sleep(75)
-        assert cached[0].exists()
-        kind, out = raw_call(running, "predict", [{"path": str(cached[0]), "meta": {"_type": "gradio.FileData"}},
-                                                  "predicted"])
-        assert kind == "complete" and out[0]["label"] in ("normal", "bacterial_pneumonia", "viral_pneumonia"), out
-        assert cached[0].exists()
+        yield running
     finally:
         running.stop()
+
+
+def test_the_bundled_examples_still_work_after_the_cleanups_have_run(swept_app):
+    """Issue 21: Gradio's delete_cache removed the cached copies of the examples about a minute after
+    start (ten on a real Space), and clicking one then said "The uploaded file is gone". After the
+    cleanups, an example sent as the browser sends it (the cached copy's path) is predicted, and its
+    copy is still there afterwards."""
+    cached = swept_app.cached
+    assert cached[0].exists()
+    kind, out = raw_call(swept_app, "predict", [{"path": str(cached[0]), "meta": {"_type": "gradio.FileData"}},
+                                                "predicted"])
+    assert kind == "complete" and out[0]["label"] in ("normal", "bacterial_pneumonia", "viral_pneumonia"), out
+    assert cached[0].exists()
+
+
+def test_an_example_clicked_in_a_browser_after_the_cleanups_is_predicted(swept_app):
+    """Issue 21, as the issue asks: Chromium clicks a bundled example after the sweeps have run (twice: the
+    second click reuses the copy the first one used) and gets a prediction, not "is gone"."""
+    from test_space import CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from space_screenshot import CHROMIUM_ARGS
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(swept_app.url, wait_until="load")
+            page.locator("#analyse").wait_for(state="visible", timeout=120_000)
+            for _ in range(2):
+                before = page.locator("#info").inner_text()
+                page.get_by_text(EXAMPLE_NAME).first.click()
+                page.locator("#analyse").click()
+                page.wait_for_function(
+                    "(old) => { const t = document.querySelector('#info').innerText;"
+                    " return t.includes('prediction id') && t !== old; }", arg=before, timeout=60_000)
+                assert any(n in page.locator("#probs").inner_text()
+                           for n in ("Normal", "Bacterial pneumonia", "Viral pneumonia"))
+            assert "is gone" not in page.content()
+        finally:
+            browser.close()
+    assert swept_app.cached[0].exists()
 
 
 def test_the_export_url_works_once_and_uploads_past_the_pending_budget_are_refused(tmp_path):
