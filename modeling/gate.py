@@ -17,12 +17,12 @@ extra pass and no new dependency):
 * distance to the training distribution: the Mahalanobis distance of the features to those of the
   upright training films (Ledoit-Wolf shrunk covariance; scikit-learn), with two limits chosen on the
   validation films. Above ``caution_limit`` (a quantile of the plain validation films) the film is
-  unusual: predicted, with a note. Above ``distance_limit`` it is refused; that limit is the same
-  quantile of the validation films under the robustness battery (:mod:`modeling.robustness`: tone,
-  noise, zoom, rotation...), because plain validation does not show what another site or year brings
-  (the release issue measured that for the classifier; the first gate, limited on plain validation,
-  refused 7 of the 624 real films of the official test split). Photographs, screenshots and
-  other images lie far beyond both limits (``benchmarks/input_gate.py``).
+  unusual: predicted, with a note. Above ``distance_limit`` it is refused; that limit is a margin
+  (1.25) times the distance of the farthest real film of the fit (training and validation films as
+  acquired), because distance alone should earn a caution: quantile limits refused real pediatric
+  films of the official test split (limited on plain validation: 7 of 624; on validation under the
+  robustness battery, release v3's gate: 3). Photographs, screenshots and other images lie far
+  beyond both limits (``benchmarks/input_gate.py``).
 
 A rotated or inverted film is turned upright (and its grey levels inverted back) when the gate is
 confident (:attr:`InputGate.confidence`) and then predicted as such, with a note; a film far from the
@@ -249,9 +249,11 @@ def fit_for_model(model_dir: str, dataset: str, *, n_fit: int = 1500, seed: int 
                   battery: bool = True, progress: bool = True, refusal_margin: float | None = 1.25
                   ) -> tuple[InputGate, dict]:
     """Fit the gate of a saved model: ``n_fit`` training films (stratified) upright, turned and
-    inverted; the caution limit from all validation films, the refusal limit from them under the
-    robustness battery (``battery=False``: from the plain films too). Returns the gate and the
-    validation numbers (false refusals, cautions, and how many turned / inverted films are caught)."""
+    inverted; the caution limit from all validation films; the refusal limit ``refusal_margin`` times the
+    farthest training or validation film (``refusal_margin=None``: the quantile of the validation films
+    under the robustness battery, or with ``battery=False`` of the plain ones). With ``battery`` the
+    report also counts verdicts under the battery. Returns the gate and the validation numbers (false
+    refusals, cautions, and how many turned / inverted films are caught)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor, AutoModelForImageClassification
