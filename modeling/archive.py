@@ -2,23 +2,29 @@
 
 Teams that adopt a triage model first run it over an archive (tens of thousands of DICOMs and JPEGs in
 nested folders) to see what it would have flagged. On such archives decoding is the cost, not the
-model: a 3000x3000 12-bit DICOM takes ~0.6 s to decode on one core, the forward pass ~35 ms. So::
+model (benchmarks/results/archive.json: 122 ms a film to decode on one core, 79 ms for the image
+processor and the forward pass, on 2800x2800 DICOMs and 2000x2400 JPEGs). So::
 
     cxr-predict /archive --model space/model --output results.parquet --workers 2 --batch-size 16
 
-* walks the folders (:func:`find_films`: JPEG, PNG, TIFF, DICOM with or without an extension);
+* walks the folders (:func:`find_films`: JPEG, PNG, TIFF, and DICOM found by its bytes whatever the
+  file's name: none, ``.dcm``, ``.IMA``, a UID);
 * decodes, checks and preprocesses each film in worker processes (a torch ``DataLoader``; each
   worker uses one thread) with the model's own saved image processor, and batches the forward pass;
 * writes rows as it goes (:class:`RowWriter`): a Ctrl-C leaves a valid file, ``--resume`` skips the
-  files whose rows are already there;
+  files whose rows are already there (in the output or in any shard of it) and tries ``io_error``
+  files again, their new row replacing the old;
 * under ``accelerate launch`` each process takes its share of the files
-  (``PartialState.split_between_processes``) and writes its own shard; the first process merges them.
+  (``PartialState.split_between_processes``) and writes its own shard; the first process merges them,
+  with the shards an earlier run left whatever its process count.
 
 A row never copies a DICOM header: it holds the path relative to the folder given (or nothing, with
-``--no-paths``: the file's hash is then the key), the hashes, the probabilities, the call at the stored
-threshold, the input gate's and the scope check's outcome, a reason code for a film that was not
-predicted, and the model revision. The Space's batch tab reads films and builds its rows with the same
-functions (:func:`read_film`, :func:`prediction_row`, :func:`error_row`), so the two cannot disagree.
+``--no-paths``: the file's hash is then the key; a file whose bytes cannot be read has the hash of its
+relative path, ``path_sha256``), the hashes, the probabilities, the call at the stored threshold, the
+input gate's and the scope check's outcome, a reason code for a film that was not predicted (its
+message never names the file), and the model revision. The Space's batch tab reads films and builds
+its rows with the same functions (:func:`read_film`, :func:`prediction_row`, :func:`error_row`), so
+the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from .dicom import _has_dicom_magic, identifying_tags
-from .image_base import ImageInfo, ImageLoadError
+from .image_base import REASONS, ImageInfo, ImageLoadError
 from .image_io import IMAGE_EXTENSIONS, MAX_FILE_BYTES, WORKING_SIDE, load_image_with_info, pixel_sha256
 from .labels import LABELS
 from .decision import decide, default_uncertain_high
@@ -46,10 +53,21 @@ from .quality import symmetry_problems, xray_problems
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
-#: Columns of the archive's table, in order. ``reason`` is a stable code for a film with no answer:
-#: one of the loader's (:data:`modeling.image_base.REASONS`), ``io_error``, ``not_a_chest_xray`` (the
-#: rules of :mod:`modeling.quality`) or ``gate_refused`` (the learned input gate).
-COLUMNS = ["path", "file_sha256", "image_sha256", "width", "height", "label",
+#: Every ``reason`` a row of the archive can have (the Space's :class:`~space.service.InputError` uses
+#: the same codes): the loader's (:data:`modeling.image_base.REASONS`), then ``io_error`` (the file's
+#: bytes could not be read: tried again by ``--resume``), ``not_a_chest_xray`` (the rules of
+#: :mod:`modeling.quality`), ``burned_in_annotation`` (the DICOM header says text is burned into the
+#: pixels) and ``gate_refused`` (the learned input gate).
+ROW_REASONS: tuple[str, ...] = (*REASONS, "io_error", "not_a_chest_xray", "burned_in_annotation", "gate_refused")
+
+#: Why a film with BurnedInAnnotation YES gets no prediction (the Space refuses such an upload too).
+BURNED_IN_MESSAGE = ("the DICOM header says text is burned into the pixels (BurnedInAnnotation YES), which can "
+                     "identify the patient and cannot be removed: not predicted")
+
+#: Columns of the archive's table, in order. ``reason`` is one of :data:`ROW_REASONS` for a film with
+#: no answer. ``path_sha256`` (the hash of the relative path) is only set where the file's bytes could
+#: not be read, so that such a row still has a key under ``--no-paths``.
+COLUMNS = ["path", "file_sha256", "path_sha256", "image_sha256", "width", "height", "label",
            *(f"p_{k}" for k in LABELS), "p_pneumonia", "pneumonia", "decision", "threshold", "gate", "scope",
            "scope_score", "reason", "error", "model_revision"]
 _FLOATS = {*(f"p_{k}" for k in LABELS), "p_pneumonia", "threshold", "scope_score"}
@@ -84,6 +102,16 @@ def read_film(data: bytes, *, max_side: int | None = WORKING_SIDE, name: str | N
     return Film(gray=gray, info=info, problems=xray_problems(gray, info, data), warnings=symmetry_problems(gray),
                 notes=list(info.notes) if info.converted else [], identifying_tags=list(names),
                 burned_in_annotation=burned)
+
+
+def film_refusal(film: Film) -> tuple[str, str] | None:
+    """The reason code and message for a film the rules refuse (the archive's row; the Space's refusal
+    says the same), else None: not a frontal chest X-ray first, then text burned into the pixels."""
+    if film.problems:
+        return "not_a_chest_xray", "does not look like a frontal chest X-ray: " + "; ".join(film.problems)
+    if film.burned_in_annotation:
+        return "burned_in_annotation", BURNED_IN_MESSAGE
+    return None
 
 
 def correct_and_repredict(predictor: Predictor, gray: Image.Image, pred: Prediction, **predict_kwargs
@@ -147,13 +175,14 @@ class Source:
 
 
 def _is_film(path: Path) -> bool:
+    """A known image suffix, or bytes that say DICOM whatever the name: DICOM files often have no
+    extension, PACS exports are named by their UID (``1.2.840...12345``), Siemens' by ``.IMA``. The
+    sniff reads 132 bytes, so a report or a .txt beside the films costs one small read, not a row."""
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return True
-    if path.suffix:  # a file with another extension (a report, a .txt) is not read
-        return False
     try:
         with path.open("rb") as f:
-            return _has_dicom_magic(f.read(132))  # DICOM files often have no extension at all
+            return _has_dicom_magic(f.read(132))
     except OSError:
         return False
 
@@ -188,12 +217,65 @@ def find_films(inputs: Iterable[str | os.PathLike]) -> list[Source]:
     return out
 
 
+# ---- reading files --------------------------------------------------------------------------------------
+
+def path_sha256(key: str) -> str:
+    """The key of a row whose file's bytes could not be read: the hash of the path relative to the
+    folder given, so ``--no-paths`` still matches the row on ``--resume`` without writing the path."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def read_source(path: Path) -> tuple[bytes | None, str]:
+    """The file's bytes (None when over MAX_FILE_BYTES: not decoded) and their sha256, in one pass. A
+    too-large file is hashed in 1 MiB chunks, memory bounded, so that its row has a key like any other
+    (``--resume --no-paths`` matches it). Raises OSError."""
+    with path.open("rb") as f:
+        small = os.fstat(f.fileno()).st_size <= MAX_FILE_BYTES
+        data = f.read(MAX_FILE_BYTES + 1) if small else b""
+        if small and len(data) <= MAX_FILE_BYTES:
+            return data, hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data)  # it grew while being read, or was too large from the start
+        del data
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return None, digest.hexdigest()
+
+
+def too_large_row() -> dict[str, Any]:
+    return error_row("too_large", f"the file is larger than the limit of {MAX_FILE_BYTES / 2**20:.0f} MB")
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError's cause without the file's name: ``str(exc)`` holds the absolute path (a folder can be
+    named after the patient), so a row's message takes only ``strerror`` ("No such file or directory")."""
+    return exc.strerror or type(exc).__name__
+
+
+def io_error_row(exc: OSError, doing: str = "cannot read the file") -> dict[str, Any]:
+    return error_row("io_error", f"{doing} ({os_error_text(exc)})")
+
+
+def _without_paths(text: str | None, src: Source, paths: bool) -> str | None:
+    """A message with any spelling of the file's path put out (an error text from a library can hold
+    it): never an absolute path, and under ``--no-paths`` not the relative one either."""
+    if not text:
+        return text
+    p = src.path
+    names = {str(p), os.path.abspath(p), os.path.realpath(p), _text(p), _text(os.path.abspath(p))}
+    if not paths:
+        names.add(src.key)
+    for name in sorted((n for n in names if len(n) > 1), key=len, reverse=True):
+        text = text.replace(name, "<file>")
+    return text
+
+
 # ---- decoding in workers ------------------------------------------------------------------------------
 
 class FilmDataset:
     """Map-style dataset for a ``DataLoader``: each item is one file decoded, checked and turned into
     the model's pixel values, or the reason it could not be (never raises for a bad file). Files whose
-    hash is in ``done_hashes`` are skipped after hashing (``--resume`` with ``--no-paths``)."""
+    hash (of the bytes, or of the relative path) is in ``done_hashes`` are skipped after hashing
+    (``--resume`` with ``--no-paths``)."""
 
     def __init__(self, sources: Sequence[Source], processor, *, max_side: int | None = WORKING_SIDE,
                  done_hashes: frozenset[str] = frozenset()) -> None:
@@ -207,25 +289,23 @@ class FilmDataset:
 
         src = self.sources[i]
         item: dict[str, Any] = {"index": i, "path": src.key}
+        if self.done_hashes and path_sha256(src.key) in self.done_hashes:
+            return {**item, "skip": True}
         try:
-            size = src.path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                return {**item, **error_row("too_large", f"the file is {size / 2**20:.0f} MB; the limit is "
-                                                         f"{MAX_FILE_BYTES / 2**20:.0f} MB")}
-            data = src.path.read_bytes()
+            data, item["file_sha256"] = read_source(src.path)
         except OSError as exc:
-            return {**item, **error_row("io_error", f"cannot read the file ({exc.strerror or exc})")}
-        item["file_sha256"] = hashlib.sha256(data).hexdigest()
+            return {**item, **io_error_row(exc)}
         if item["file_sha256"] in self.done_hashes:
             return {**item, "skip": True}
+        if data is None:
+            return {**item, **too_large_row()}
         try:
             film = read_film(data, max_side=self.max_side)
         except ImageLoadError as exc:
             return {**item, **error_row(exc.reason, exc.detail)}
         item.update(width=film.gray.size[0], height=film.gray.size[1], image_sha256=pixel_sha256(film.gray))
-        if film.problems:
-            return {**item, **error_row("not_a_chest_xray", "does not look like a frontal chest X-ray: "
-                                        + "; ".join(film.problems))}
+        if refusal := film_refusal(film):
+            return {**item, **error_row(*refusal)}
         item["pixel_values"] = pixel_values(self.processor, [film.gray])[0]
         return item
 
@@ -285,18 +365,26 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [_typed(r) for r in rows]
 
 
+def _csv_header(path: Path) -> list[str]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return next(csv.reader(f), [])
+
+
 class RowWriter:
     """Writes rows as they come, so an interrupted run keeps what it did. CSV and JSON lines are
     appended and flushed per batch; Parquet (which cannot be appended to) is written to ``<output>.partial``
     and moved into place by :meth:`close` (which a Ctrl-C still reaches), with the earlier rows first
-    when resuming. Either way a reader never sees a half-written table."""
+    when resuming. Either way a reader never sees a half-written table. When resuming, the earlier rows
+    that ``keep`` rejects (files tried again) are left out: a CSV or JSON-lines file is then rewritten
+    first (into place by a rename), as is a CSV whose header is an older set of columns."""
 
     PARQUET_ROWS_PER_GROUP = 1024
 
-    def __init__(self, path: str | os.PathLike, *, resume: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, resume: bool = False, keep=None) -> None:
         self.path = Path(path)
         self.format = output_format(self.path)
-        self.previous = read_rows(self.path) if resume else []
+        earlier = read_rows(self.path) if resume else []
+        self.previous = [r for r in earlier if keep is None or keep(r)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._pending: list[dict] = []
         self.written = 0
@@ -308,7 +396,10 @@ class RowWriter:
             if self.previous:
                 self._write_table(self.previous)
         else:
-            if resume and self.path.exists():  # drop a torn last line before appending
+            if resume and self.path.exists() and (len(self.previous) < len(earlier) or (
+                    self.format == "csv" and earlier and _csv_header(self.path) != COLUMNS)):
+                _rewrite(self.path, self.previous)
+            elif resume and self.path.exists():  # drop a torn last line before appending
                 text = self.path.read_text(encoding="utf-8")
                 if text and not text.endswith("\n"):
                     self.path.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
@@ -318,9 +409,6 @@ class RowWriter:
                 self._csv = csv.DictWriter(self._f, fieldnames=COLUMNS, extrasaction="ignore")
                 if fresh:
                     self._csv.writeheader()
-
-    def done_keys(self, by: str = "path") -> set[str]:
-        return {r[by] for r in self.previous if r.get(by)}
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         rows = [_typed(r) for r in rows]
@@ -351,6 +439,15 @@ class RowWriter:
             os.replace(self._partial, self.path)
         else:
             self._f.close()
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    """``path`` holding just ``rows``, replaced in one rename (a reader sees the old file or the new)."""
+    tmp = path.with_name("rewriting-" + path.name)
+    w = RowWriter(tmp)
+    w.write(rows)
+    w.close()
+    os.replace(tmp, path)
 
 
 def schema():
@@ -414,10 +511,9 @@ def _rows_for_batch(predictor: Predictor, items: list[dict], sources: Sequence[S
         for it, pred in zip(ready, preds):
             sha = it["image_sha256"]
             if pred.gate is not None and pred.gate.needs_correction:  # rare: decode again, put right, predict
-                try:
-                    film = read_film(sources[it["index"]].path.read_bytes(), max_side=cfg.max_side)
-                except (ImageLoadError, OSError) as exc:  # changed or gone since the worker read it
-                    rows[it["index"]] = error_row(getattr(exc, "reason", "io_error"), f"cannot read the file again: {exc}")
+                film, failed = _read_again(sources[it["index"]], it["file_sha256"], cfg)
+                if failed:  # changed or gone since the worker read it
+                    rows[it["index"]] = failed
                     continue
                 gray, pred, _ = correct_and_repredict(predictor, film.gray, pred)
                 sha = pixel_sha256(gray)
@@ -430,18 +526,84 @@ def _rows_for_batch(predictor: Predictor, items: list[dict], sources: Sequence[S
             rows[it["index"]] = {**rows.get(it["index"], {}), **prediction_row(pred, decision_for(pred)[0], sha)}
     out = []
     for it in items:
+        src = sources[it["index"]]
         row = {**{k: it.get(k) for k in ("path", "file_sha256", "image_sha256", "width", "height",
                                          "label", "decision", "reason", "error")},
                **rows.get(it["index"], {}), "model_revision": revision}
+        if not row.get("file_sha256") or row.get("reason") == "io_error":  # the key --resume retries it by
+            row["path_sha256"] = path_sha256(src.key)
+        row["error"] = _without_paths(row.get("error"), src, cfg.paths)
         if not cfg.paths:
             row["path"] = None
         out.append(row)
     return out
 
 
+def _read_again(src: Source, file_sha256: str, cfg: ArchiveConfig) -> tuple[Film | None, dict | None]:
+    """The film decoded again (to put right what the gate found), or the row saying why it could not
+    be: gone, unreadable, or no longer the bytes the worker hashed (the row would mix two files)."""
+    try:
+        data, sha = read_source(src.path)
+    except OSError as exc:
+        return None, io_error_row(exc, "cannot read the file again")
+    if sha != file_sha256:
+        return None, error_row("io_error", "the file changed while the run read it")
+    if data is None:
+        return None, too_large_row()
+    try:
+        return read_film(data, max_side=cfg.max_side), None
+    except ImageLoadError as exc:
+        return None, error_row(exc.reason, exc.detail)
+
+
 def shard_path(output: str | os.PathLike, rank: int, world: int) -> Path:
     p = Path(output)
     return p.with_name(f"{p.stem}.shard-{rank:05d}-of-{world:05d}{p.suffix}")
+
+
+def shard_files(output: str | os.PathLike) -> list[Path]:
+    """Every shard of ``output`` on disk, whatever the process count of the run that wrote it: a run
+    on 4 GPUs stopped and resumed on 2 (or in one process) still finds the 4 shards."""
+    p = Path(output)
+    pattern = re.compile(re.escape(p.stem) + r"\.shard-\d{5}-of-\d{5}" + re.escape(p.suffix) + "$")
+    if not p.parent.is_dir():
+        return []
+    return sorted(f for f in p.parent.iterdir() if pattern.fullmatch(f.name))
+
+
+def _row_keys(row: dict, paths: bool) -> set[str]:
+    """What identifies a row's file: its path, or (``--no-paths``) its bytes' or its path's hash."""
+    keys = {row.get("path")} if paths else {row.get("file_sha256"), row.get("path_sha256")}
+    return {k for k in keys if k}
+
+
+def _retry_key(row: dict, paths: bool) -> str | None:
+    return row.get("path") if paths else row.get("path_sha256")
+
+
+@dataclass
+class Earlier:
+    """What ``--resume`` takes from the earlier rows (the output and every shard of it): the keys of
+    the files done, and those of the files tried again because their row says ``io_error`` (a share
+    that dropped, a file still being copied), whose old rows :meth:`keep` leaves out."""
+
+    paths: bool
+    done: set[str] = field(default_factory=set)
+    retry: set[str] = field(default_factory=set)
+
+    @classmethod
+    def read(cls, final: Path, sources: Sequence[Source], paths: bool) -> "Earlier":
+        rows = [r for f in (final, *shard_files(final)) for r in read_rows(f)]
+        now = {s.key if paths else path_sha256(s.key) for s in sources}
+        out = cls(paths)
+        out.retry = {k for r in rows if r.get("reason") == "io_error" and (k := _retry_key(r, paths)) in now}
+        for r in rows:
+            if out.keep(r):
+                out.done |= _row_keys(r, paths)
+        return out
+
+    def keep(self, row: dict) -> bool:
+        return not (row.get("reason") == "io_error" and _retry_key(row, self.paths) in self.retry)
 
 
 def predict_archive(cfg: ArchiveConfig, predictor: Predictor | None = None) -> ArchiveSummary:
@@ -480,21 +642,25 @@ def _run(cfg: ArchiveConfig, predictor: Predictor | None, state, world: int) -> 
             print("cxr-predict: --compile serves single films; with --batch-size above 1 the eager network predicts",
                   file=sys.stderr)
     revision = predictor.revision or "unknown"
-    key = "path" if cfg.paths else "file_sha256"
 
     final = Path(cfg.output)
     output_format(final)
     target = shard_path(final, rank, world) if state else final
-    done: set[str] = set()
-    if cfg.resume and state:  # what every process of an earlier run wrote, so no file is done twice
-        for earlier in [final, *(shard_path(final, r, world) for r in range(world))]:
-            done |= {r[key] for r in read_rows(earlier) if r.get(key)}
-        state.wait_for_everyone()  # every process has read the shards before any writer touches them
+    ours = {shard_path(final, r, world) for r in range(world)} if state else set()
+    others = [s for s in shard_files(final) if s not in ours]  # left by a run with another process count
     sources = find_films(cfg.inputs)
-    writer = RowWriter(target, resume=cfg.resume)
+    # what every process of an earlier run wrote, whatever their number, so no file is done twice
+    earlier = Earlier.read(final, sources, cfg.paths) if cfg.resume else Earlier(cfg.paths)
+    if not cfg.resume:  # a fresh run: an older run's shards must not come back on a later --resume
+        for s in others if rank == 0 else []:
+            s.unlink(missing_ok=True)
+        others = []
+    if state:
+        state.wait_for_everyone()  # every process has read the shards before any writer touches them
+    writer = RowWriter(target, resume=cfg.resume, keep=earlier.keep)
     summary = ArchiveSummary(output=str(final), found=len(sources), skipped=0, written=0, predicted=0, failed=0)
     try:  # from here on a Ctrl-C still closes the writer: the rows so far stay readable
-        done |= writer.done_keys(key)
+        done = earlier.done
         todo = [s for s in sources if s.key not in done] if cfg.paths else sources
         summary.skipped = len(sources) - len(todo)
         if state:
@@ -521,29 +687,37 @@ def _run(cfg: ArchiveConfig, predictor: Predictor | None, state, world: int) -> 
     finally:
         writer.close()
         summary.written = writer.written
-    if state:
-        summary = _merge_shards(state, final, world, summary, cfg.resume)
+    if state or others:
+        summary = _merge_shards(state, final, world, summary, cfg.resume, others, earlier.keep)
     if summary.interrupted:
         raise KeyboardInterrupt(summary)
     return summary
 
 
-def _merge_shards(state, final: Path, world: int, summary: ArchiveSummary, resume: bool) -> ArchiveSummary:
-    """The first process writes the earlier rows (when resuming) and every shard's into ``final`` and
-    removes the shards; the others wait. An interrupted run keeps its shards for ``--resume``."""
-    state.wait_for_everyone()
-    shards = [shard_path(final, r, world) for r in range(world)]
-    if state.is_main_process and not summary.interrupted:
-        rows = (read_rows(final) if resume else []) + [row for s in shards for row in read_rows(s)]
-        tmp = final.with_name("merging-" + final.name)
-        w = RowWriter(tmp)
-        w.write(rows)
-        w.close()
-        os.replace(tmp, final)
-        for s in shards:
+def _merge_shards(state, final: Path, world: int, summary: ArchiveSummary, resume: bool, others: list[Path],
+                  keep) -> ArchiveSummary:
+    """The first process writes into ``final`` the earlier rows (when resuming), this run's shards and
+    the shards of an earlier run with another process count (``others``, when resuming), and removes
+    the shards; the others wait. In one process ``final`` is this run's own output, and only ``others``
+    are merged. ``keep`` leaves out the earlier rows of files tried again; this run's writers already
+    left them out of their own files. An interrupted run keeps its shards for ``--resume``."""
+    if state:
+        state.wait_for_everyone()
+    ours = [shard_path(final, r, world) for r in range(world)] if state else []
+    main = state.is_main_process if state else True
+    if main and not summary.interrupted:
+        if state:
+            rows = [r for r in read_rows(final) if keep(r)] if resume else []
+            rows += [row for s in ours for row in read_rows(s)]
+        else:
+            rows = read_rows(final)
+        rows += [row for s in others for row in read_rows(s) if keep(row)]
+        _rewrite(final, rows)
+        for s in ours + others:
             s.unlink(missing_ok=True)
-    state.wait_for_everyone()
-    summary.shards = [str(s) for s in shards]
+    if state:
+        state.wait_for_everyone()
+    summary.shards = [str(s) for s in ours + others]
     return summary
 
 

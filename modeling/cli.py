@@ -122,6 +122,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     JSON lines), decoded in worker processes and predicted in batches (modeling.archive)."""
     from PIL import Image
 
+    from .archive import os_error_text
     from .image_io import ImageLoadError, load_image
     from .labels import LABELS
     from .predict import PRECISIONS, Predictor
@@ -139,8 +140,12 @@ def predict_main(argv: list[str] | None = None) -> int:
     archive.add_argument("--output", default=None, help="results file: .parquet, .csv or .jsonl (rows written as they come)")
     archive.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in this process)")
     archive.add_argument("--batch-size", type=int, default=16, help="films per forward pass")
-    archive.add_argument("--resume", action="store_true", help="skip the files whose rows are already in --output")
-    archive.add_argument("--no-paths", action="store_true", help="leave the path column empty; the file hash is the key")
+    archive.add_argument("--resume", action="store_true",
+                         help="skip the files whose rows are already in --output or its shards (any process count); "
+                              "files whose row says io_error are tried again and their row replaced")
+    archive.add_argument("--no-paths", action="store_true",
+                         help="leave the path column empty; the file's hash is the key (path_sha256, the relative "
+                              "path's hash, for a file that cannot be read)")
     archive.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not a terminal)")
     archive.add_argument("--max-side", type=int, default=None, help="films are reduced to this long side while decoding")
     archive.add_argument("--compile", action="store_true",
@@ -171,9 +176,10 @@ def predict_main(argv: list[str] | None = None) -> int:
                 out = heat_dir / f"{i:05d}_{Path(name).stem}_gradcam_{pred.heatmap_class}.png"
                 Image.fromarray(overlay(gray, pred.heatmap, alpha=args.alpha)).save(out)
                 record["heatmap_file"] = str(out)
-        except (ImageLoadError, OSError) as exc:
+        except (ImageLoadError, OSError) as exc:  # the message names no path: "file" holds the one given
             failed += 1
-            record["error"] = {"reason": getattr(exc, "reason", "io_error"), "message": str(exc)}
+            message = exc.detail if isinstance(exc, ImageLoadError) else os_error_text(exc)
+            record["error"] = {"reason": getattr(exc, "reason", "io_error"), "message": message}
         print(json.dumps(record), flush=True)
     if failed:
         print(f"{failed} of {len(args.files)} file(s) could not be read", file=sys.stderr)

@@ -25,7 +25,8 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from modeling.archive import correct_and_repredict, decision_for, error_row, prediction_row, read_film
+from modeling.archive import (correct_and_repredict, decision_for, error_row, film_refusal, prediction_row,
+                              read_film)
 from modeling.image_io import ImageLoadError, pixel_sha256
 from modeling.labels import DISPLAY_NAMES, LABELS
 from modeling.decision import decide, default_uncertain_high  # noqa: F401 (re-exported)
@@ -232,13 +233,12 @@ class CxrService:
             film = read_film(data, max_side=self.max_side)
         except ImageLoadError as exc:
             raise InputError(f"Cannot read this file: {exc.detail}", exc.reason) from None
-        if film.problems:
-            raise InputError("This does not look like a frontal chest X-ray: " + "; ".join(film.problems) + ".",
-                             "not_a_chest_xray")
-        if film.burned_in_annotation:
-            raise InputError("The DICOM header says text is burned into the pixels (BurnedInAnnotation YES), "
-                             "which can identify the patient and cannot be removed: upload a film without it.",
-                             "burned_in_annotation")
+        if refusal := film_refusal(film):  # the archive refuses the same films, with the same codes
+            reason, why = refusal
+            if reason == "burned_in_annotation":
+                why = why.replace("not predicted", "upload a film without it")
+            raise InputError(f"This {why}." if reason == "not_a_chest_xray" else why[0].upper() + why[1:] + ".",
+                             reason)
         notes = list(film.notes)
         if film.identifying_tags:
             notes.append("identifying DICOM tags were present and are not stored (only the pixels are used): "

@@ -305,3 +305,167 @@ def test_compile_predicts_single_films_on_the_compiled_copy_with_the_same_rows(t
         assert r["label"] == e["label"] and r["error"] == e["error"]
         if r["p_pneumonia"] not in ("", None):
             assert r["p_pneumonia"] == pytest.approx(e["p_pneumonia"], abs=0.02)
+
+
+# ---- review of issue 19: films named by UID, untraceable rows, paths in errors, burned-in text, shards ----
+
+def _dicom_bytes(seed: int = 4, **tags) -> bytes:
+    pixels = np.asarray(xray_like(seed, (88, 100)), dtype=np.uint16) * 16
+    return make_dicom(pixels, bits_stored=12, **tags)
+
+
+def test_a_dicom_is_found_by_its_bytes_whatever_its_suffix(tmp_path, model_dir):
+    """PACS exports name files by their UID (`1.2.840...12345`: suffix `.12345`), Siemens by `.IMA`; a
+    file whose suffix is unknown is read when its bytes say DICOM, and skipped when they do not."""
+    root = tmp_path / "pacs"
+    root.mkdir()
+    dicoms = ["1.2.840.113619.2.55.3.12345", "IMG0001.IMA", "film.dcm1"]
+    for i, name in enumerate(dicoms):
+        (root / name).write_bytes(_dicom_bytes(4 + i))
+    (root / "notes.xyz").write_text("a report, not a film " * 20)
+    (root / "data.bin").write_bytes(bytes(range(256)) * 4)
+    (root / "tiny.x").write_bytes(b"DICM")
+    (root / ".1.2.840.99").write_bytes(_dicom_bytes(9))  # hidden: skipped as before
+    assert [s.key for s in find_films([root])] == sorted(dicoms)
+    out = tmp_path / "r.jsonl"
+    predict_archive(ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, progress=False),
+                    Predictor.from_pretrained(str(model_dir)))
+    rows = {r["path"]: r for r in read_rows(out)}
+    assert set(rows) == set(dicoms) and all(r["reason"] == "" and r["p_pneumonia"] is not None for r in rows.values())
+
+
+def test_no_paths_rows_of_unhashable_files_have_a_key_and_resume_adds_no_duplicate(tmp_path, model_dir, monkeypatch):
+    """Under --no-paths a too-large file and a file that cannot be read at all still get a key that
+    names neither the file nor its folder (the bytes' hash; else the hash of the relative path), and a
+    --resume does not append their rows again."""
+    import hashlib
+
+    import modeling.archive as archive
+
+    root = make_archive(tmp_path / "arch")
+    big = os.urandom(70_000)
+    (root / "b" / "huge.dcm").write_bytes(big)
+    monkeypatch.setattr(archive, "MAX_FILE_BYTES", 60_000)  # every other film of the archive is smaller
+    gone = tmp_path / "Doe_Jane_scans" / "chest.png"  # listed, but not there: io_error
+    out = tmp_path / "results.csv"
+    predictor = Predictor.from_pretrained(str(model_dir))
+    cfg = ArchiveConfig(inputs=[str(root), str(gone)], output=str(out), workers=0, paths=False, progress=False)
+    predict_archive(cfg, predictor)
+    rows = read_rows(out)
+    assert len(rows) == len(FILMS) + 2 and not any(r["path"] for r in rows)
+    by_reason = {r["reason"]: r for r in rows}
+    assert by_reason["too_large"]["file_sha256"] == hashlib.sha256(big).hexdigest()
+    assert by_reason["io_error"]["path_sha256"] and not by_reason["io_error"]["file_sha256"]
+    assert "Doe_Jane" not in out.read_text() and str(tmp_path) not in out.read_text()
+    summary = predict_archive(ArchiveConfig(**{**cfg.__dict__, "resume": True}), predictor)
+    again = read_rows(out)
+    keys = [r["file_sha256"] or r["path_sha256"] for r in again]
+    assert len(again) == len(rows) and len(set(keys)) == len(keys) and all(keys)
+    assert summary.skipped == len(FILMS) + 1  # the unreadable file is tried again (io_error), nothing else
+
+
+def test_an_io_error_row_is_retried_on_resume_and_replaced(tmp_path, model_dir):
+    """io_error is transient (a share that dropped, a file still being copied): --resume tries the
+    file again and its new row takes the old one's place."""
+    root = make_archive(tmp_path / "arch")
+    late = tmp_path / "late" / "film.png"
+    out = tmp_path / "results.jsonl"
+    predictor = Predictor.from_pretrained(str(model_dir))
+    cfg = ArchiveConfig(inputs=[str(root), str(late)], output=str(out), workers=0, progress=False)
+    predict_archive(cfg, predictor)
+    [failed] = [r for r in read_rows(out) if r["path"] == str(late)]
+    assert failed["reason"] == "io_error"
+    late.parent.mkdir()
+    xray_like(7, (80, 80)).save(late)
+    summary = predict_archive(ArchiveConfig(**{**cfg.__dict__, "resume": True}), predictor)
+    rows = read_rows(out)
+    assert len(rows) == len(FILMS) + 1 and summary.written == 1 and summary.skipped == len(FILMS)
+    [row] = [r for r in rows if r["path"] == str(late)]
+    assert row["reason"] == "" and row["p_pneumonia"] is not None
+
+
+def _turned_and_then_gone(predictor, film: Path, monkeypatch):
+    """The gate finds every film turned (so the archive reads it again to put it right), and by then
+    the file has become a folder: the re-read raises an OSError whose text holds the absolute path."""
+    from modeling.gate import GateVerdict
+
+    real = predictor.predict_pixel_values
+
+    def turned(*a, **kw):
+        preds = real(*a, **kw)
+        for p in preds:
+            p.gate = GateVerdict(90, 0.99, False, 0.01, 1.0, 10.0, 5.0)
+        film.unlink()
+        film.mkdir()
+        return preds
+
+    monkeypatch.setattr(predictor, "predict_pixel_values", turned)
+
+
+@pytest.mark.parametrize("paths", [True, False])
+def test_an_error_message_never_carries_the_path(tmp_path, model_dir, monkeypatch, paths):
+    root = tmp_path / "arch"
+    film = root / "Doe_Jane_1970" / "chest.png"
+    film.parent.mkdir(parents=True)
+    xray_like(3, (80, 80)).save(film)
+    predictor = Predictor.from_pretrained(str(model_dir))
+    _turned_and_then_gone(predictor, film, monkeypatch)
+    out = tmp_path / "results.jsonl"
+    predict_archive(ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, paths=paths, progress=False),
+                    predictor)
+    [row] = read_rows(out)
+    assert row["reason"] == "io_error" and row["error"]
+    text = out.read_text()
+    assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text  # never an absolute path
+    if not paths:
+        assert "Doe_Jane" not in text and "chest.png" not in text
+
+
+def test_a_dicom_with_burned_in_text_is_refused_not_predicted(tmp_path, model_dir):
+    """BurnedInAnnotation YES: text in the pixels can name the patient; the Space refuses such a film
+    and so does the archive, with the same reason code."""
+    root = tmp_path / "arch"
+    root.mkdir()
+    (root / "burned.dcm").write_bytes(_dicom_bytes(BurnedInAnnotation="YES"))
+    (root / "clean.dcm").write_bytes(_dicom_bytes(BurnedInAnnotation="NO"))
+    out = tmp_path / "results.jsonl"
+    summary = predict_archive(ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, progress=False),
+                              Predictor.from_pretrained(str(model_dir)))
+    rows = {r["path"]: r for r in read_rows(out)}
+    burned = rows["burned.dcm"]
+    assert burned["reason"] == "burned_in_annotation" and "BurnedInAnnotation" in burned["error"]
+    assert burned["p_pneumonia"] is None and burned["decision"] == ""
+    assert rows["clean.dcm"]["reason"] == "" and summary.failed == 1
+
+
+def test_resume_merges_the_shards_of_a_run_with_another_process_count(tmp_path, model_dir, monkeypatch):
+    """A 2-process run stopped and resumed in one process (or 4): its shards are read, their files not
+    done again, merged into the output and removed. A fresh run removes stale shards of the output."""
+    import modeling.archive as archive
+    from modeling.archive import RowWriter, shard_path
+
+    root = make_archive(tmp_path / "arch")
+    predictor = Predictor.from_pretrained(str(model_dir))
+    whole = tmp_path / "whole.jsonl"
+    predict_archive(ArchiveConfig(inputs=[str(root)], output=str(whole), workers=0, progress=False), predictor)
+    earlier = read_rows(whole)
+    out = tmp_path / "results.jsonl"
+    for rank, part in enumerate((earlier[:3], earlier[3:5])):  # what the stopped 2-process run left
+        w = RowWriter(shard_path(out, rank, 2))
+        w.write(part)
+        w.close()
+    decoded = []
+    real_read = archive.read_film
+    monkeypatch.setattr(archive, "read_film", lambda data, **kw: decoded.append(1) or real_read(data, **kw))
+    cfg = ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, progress=False)
+    summary = predict_archive(ArchiveConfig(**{**cfg.__dict__, "resume": True}), predictor)
+    rows = read_rows(out)
+    assert sorted(r["path"] for r in rows) == sorted(FILMS) and summary.skipped == 5
+    assert len(decoded) == len(FILMS) - 5 and not list(tmp_path.glob("results.shard-*"))
+    stale = RowWriter(shard_path(out, 1, 3))
+    stale.write(earlier[:2])
+    stale.close()
+    predict_archive(cfg, predictor)  # not --resume: the stale shard must not come back on a later --resume
+    assert not list(tmp_path.glob("results.shard-*"))
+    predict_archive(ArchiveConfig(**{**cfg.__dict__, "resume": True}), predictor)
+    assert sorted(r["path"] for r in read_rows(out)) == sorted(FILMS)
