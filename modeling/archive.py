@@ -620,7 +620,7 @@ def predict_archive(cfg: ArchiveConfig, predictor: Predictor | None = None) -> A
     # Threads: decoding workers and the forward pass share the cores; more runnable threads than cores
     # makes torch's spinning worker threads fight the decoders (measured: benchmarks/archive.py)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = cfg.threads or max(1, cores - cfg.workers)
+    threads = cfg.threads or forward_threads(cores, cfg.workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -629,11 +629,26 @@ def predict_archive(cfg: ArchiveConfig, predictor: Predictor | None = None) -> A
         torch.set_num_threads(previous_threads)
 
 
+def forward_threads(cores: int, workers: int, local_processes: int = 1) -> int:
+    """Torch threads for one process's forward pass: its share of the machine's cores (several processes
+    of one launch share a machine) less its decoding workers, at least one."""
+    return max(1, cores // max(1, local_processes) - workers)
+
+
+def place_predictor(predictor: Predictor, state) -> Predictor:
+    """Under ``accelerate launch`` on GPUs, each process predicts on the device accelerate gives it
+    (decoding stays in its CPU workers); on CPUs, and without a launch, the predictor stays put."""
+    if state is not None and state.device.type != "cpu":
+        predictor.to(state.device)
+    return predictor
+
+
 def _run(cfg: ArchiveConfig, predictor: Predictor | None, state, world: int) -> ArchiveSummary:
     from torch.utils.data import DataLoader
 
     rank = state.process_index if state else 0
-    predictor = predictor or Predictor.from_pretrained(cfg.model, revision=cfg.revision, precision=cfg.precision)
+    predictor = place_predictor(predictor or Predictor.from_pretrained(cfg.model, revision=cfg.revision,
+                                                                       precision=cfg.precision), state)
     if cfg.compile:
         info = predictor.compile()
         if not info["compiled"]:

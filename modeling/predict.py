@@ -296,6 +296,23 @@ class Predictor:
         return LABELS.index(target)
 
     @property
+    def device(self) -> torch.device:
+        """Where the torch passes run (the CPU unless :meth:`to` moved them)."""
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> "Predictor":
+        """Run the torch passes on ``device``: ``cxr-predict --output`` under ``accelerate launch`` puts
+        each process's predictor on its GPU. Pixels go there and logits and head features come back to
+        the host. The compiled copy is dropped (compile again after moving) and an onnxruntime session,
+        a CPU one, is left as it is. Returns the predictor."""
+        self.model.to(device)
+        if self._fast is not None:
+            self._fast.to(device)
+        self._compiled = None
+        self._cam = None
+        return self
+
+    @property
     def _cam_net(self):
         """The network Grad-CAM runs on: the compute-precision copy when there is one."""
         return self._fast if self._fast is not None else self.model
@@ -338,9 +355,10 @@ class Predictor:
                 logger.warning("compiled pass failed; the eager network answers from now on", exc_info=True)
                 self._compiled = None
         net = self._fast if self._fast is not None else self.model
+        weight = next(net.parameters())
         with torch.inference_mode(), _head_inputs(net, self.reads_features) as feats:
-            logits = net(pixel_values=pv.to(next(net.parameters()).dtype)).logits.float()
-        return logits, (feats[0].float().numpy() if feats else None)
+            logits = net(pixel_values=pv.to(device=weight.device, dtype=weight.dtype)).logits.float().cpu()
+        return logits, (feats[0].float().cpu().numpy() if feats else None)
 
     def predict(
         self,
@@ -362,11 +380,12 @@ class Predictor:
                 from .gradcam import cam_to_image
 
                 net = self._cam_net
-                pv = pixel_values(self.processor, batch).to(next(net.parameters()).dtype)
+                weight = next(net.parameters())
+                pv = pixel_values(self.processor, batch).to(device=weight.device, dtype=weight.dtype)
                 with _head_inputs(net, self.reads_features) as captured:
                     res = self._gradcam().explain(pv, None if target is None else [target] * len(batch))
-                feats = captured[0].detach().float().numpy() if captured else None
-                logits = res.logits.detach().float()
+                feats = captured[0].detach().float().cpu().numpy() if captured else None
+                logits = res.logits.detach().float().cpu()
                 maps = [cam_to_image(m, im.size, is_letterbox(self.processor), crop_fraction(self.processor))
                         for m, im in zip(res.maps, batch)]
                 classes = res.target_classes

@@ -469,3 +469,28 @@ def test_resume_merges_the_shards_of_a_run_with_another_process_count(tmp_path, 
     assert not list(tmp_path.glob("results.shard-*"))
     predict_archive(ArchiveConfig(**{**cfg.__dict__, "resume": True}), predictor)
     assert sorted(r["path"] for r in read_rows(out)) == sorted(FILMS)
+
+
+def test_each_process_of_a_gpu_launch_predicts_on_its_own_device(model_dir):
+    """Review of issue 19: the docs showed `accelerate launch` on several GPUs, but every process predicted
+    on the CPU. A process's predictor goes to the device accelerate gives it (the "meta" device stands in
+    for a GPU here: it moves the weights without any hardware) and shares the host's cores with the
+    other processes on the machine; a CPU process stays put."""
+    import torch
+
+    from modeling.archive import forward_threads, place_predictor
+
+    class State:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    p = Predictor.from_pretrained(str(model_dir), precision="bfloat16")
+    assert place_predictor(p, State("cpu")).device.type == "cpu"
+    place_predictor(p, State("meta"))
+    assert p.device.type == "meta" and next(p._fast.parameters()).device.type == "meta"
+    assert place_predictor(p, None) is p
+    # 4 cores: one process with 2 decoding workers forwards on 2 threads; 2 processes on the machine share them
+    assert forward_threads(cores=4, workers=2, local_processes=1) == 2
+    assert forward_threads(cores=4, workers=1, local_processes=2) == 1
+    assert forward_threads(cores=2, workers=2, local_processes=2) == 1
+
