@@ -102,6 +102,32 @@ def test_the_shipped_gate_refuses_photographs_and_screenshots(tmp_path) -> None:
     assert service.store.count("predictions") == 0
 
 
+def test_the_shipped_gate_refuses_no_validation_film_and_every_non_film(real_dataset, tmp_path) -> None:
+    """Issue 21 item 4, asserted here rather than only measured in benchmarks/results/input_gate.json: through
+    the Space's own path (rules, learned gate, scope) with the bundled model, no validation film is refused
+    and every non-film of benchmarks/input_gate.py (grey photographs, other images, screenshots, synthetic
+    patterns, a non-chest DICOM) is."""
+    from modeling.data import load_cxr_dataset
+    from modeling.image_io import to_grayscale
+    from modeling.predict import Predictor
+    from space.service import CxrService
+    from space.store import FeedbackStore
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from input_gate import count, negatives, png
+
+    service = CxrService(Predictor.from_pretrained(str(MODEL), precision="auto"), FeedbackStore(tmp_path / "data"))
+    ds_dir, _, _ = real_dataset
+    validation = load_cxr_dataset(str(ds_dir))["validation"]
+    films = count(service, (png(to_grayscale(r["image"])) for r in validation))
+    assert films["n"] == 689 and films["refused"] == 0, films
+    neg = negatives()
+    assert sum(len(v) for v in neg.values()) == 35
+    for kind, items in neg.items():
+        outcome = count(service, items)
+        assert outcome["refused"] == outcome["n"], (kind, outcome)
+
+
 def test_latency_report_is_for_the_released_weights() -> None:
     from modeling.predict import resolve_revision
 
