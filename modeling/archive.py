@@ -166,6 +166,15 @@ def error_row(reason: str, message: str) -> dict[str, Any]:
     return {"label": "", "decision": "", "reason": reason, "error": message}
 
 
+def answer_row(pred: Prediction, image_sha256: str) -> dict[str, Any]:
+    """The row of a film once predicted (and put right first if the gate said so): refused by the learned
+    input gate, or its prediction."""
+    if pred.gate is not None and pred.gate.out_of_distribution:
+        return {**error_row("gate_refused", "does not look like a frontal chest X-ray: " + pred.gate.refusal()),
+                "gate": "refused", "image_sha256": image_sha256}
+    return prediction_row(pred, decision_for(pred)[0], image_sha256)
+
+
 # ---- finding films ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -518,12 +527,7 @@ def _rows_for_batch(predictor: Predictor, items: list[dict], sources: Sequence[S
                 gray, pred, _ = correct_and_repredict(predictor, film.gray, pred)
                 sha = pixel_sha256(gray)
                 rows[it["index"]] = {"width": gray.size[0], "height": gray.size[1]}  # a 90-degree turn swaps them
-            if pred.gate is not None and pred.gate.out_of_distribution:
-                rows[it["index"]] = {**rows.get(it["index"], {}), **error_row(
-                    "gate_refused", "does not look like a frontal chest X-ray: " + pred.gate.refusal()),
-                    "gate": "refused", "image_sha256": sha}
-                continue
-            rows[it["index"]] = {**rows.get(it["index"], {}), **prediction_row(pred, decision_for(pred)[0], sha)}
+            rows[it["index"]] = {**rows.get(it["index"], {}), **answer_row(pred, sha)}
     out = []
     for it in items:
         src = sources[it["index"]]
@@ -744,3 +748,65 @@ def summarize_rows(rows: Sequence[dict]) -> dict[str, Any]:
             "reasons": dict(Counter(r["reason"] for r in rows if r.get("reason"))),
             "mean_p_pneumonia": float(np.mean([r["p_pneumonia"] for r in rows if r.get("p_pneumonia") is not None]))
             if any(r.get("p_pneumonia") is not None for r in rows) else None}
+
+
+# ---- the datasets route --------------------------------------------------------------------------------
+
+#: The columns :func:`predict_dataset` adds (with its prefix): the archive's, less the path keys (a
+#: dataset's example is its own key).
+DATASET_COLUMNS = [c for c in COLUMNS if c not in ("path", "path_sha256")]
+
+
+def predict_dataset(ds, predictor: Predictor, *, image_column: str = "image", batch_size: int = 16,
+                    max_side: int | None = WORKING_SIDE, prefix: str = "pred_", **map_kwargs):
+    """For films already in a ``datasets.Dataset`` (a Hub dataset, say): ``Dataset.map`` with the
+    predictor, batched. Each example gets the archive's row (:data:`DATASET_COLUMNS`, each named with
+    ``prefix`` so that a dataset's own ``label`` stays), made as for a file: the image's stored bytes
+    (the column is read undecoded) go through :func:`read_film`, the rules, the learned gate (a turned or
+    inverted film put right) and the scope check, and a film with no answer gets its reason code.
+    ``map_kwargs`` go to ``Dataset.map`` (``num_proc``, ``cache_file_name``...). Returns the new dataset,
+    its images as they were."""
+    from datasets import Image as ImageFeature
+
+    feature = ds.features[image_column]
+    revision = predictor.revision or "unknown"
+
+    def rows(batch: dict) -> dict:
+        out: list[dict[str, Any]] = []
+        films: list[tuple[int, Film]] = []
+        for item in batch[image_column]:
+            try:
+                data = item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
+            except (OSError, TypeError) as exc:
+                out.append(io_error_row(exc) if isinstance(exc, OSError) else error_row("io_error", "no image"))
+                continue
+            row: dict[str, Any] = {"file_sha256": hashlib.sha256(data).hexdigest()}
+            try:
+                film = read_film(data, max_side=max_side)
+            except ImageLoadError as exc:
+                out.append({**row, **error_row(exc.reason, exc.detail)})
+                continue
+            row.update(width=film.gray.size[0], height=film.gray.size[1], image_sha256=pixel_sha256(film.gray))
+            if refusal := film_refusal(film):
+                row.update(error_row(*refusal))
+            else:
+                films.append((len(out), film))
+            out.append(row)
+        preds = predictor.predict([f.gray for _, f in films], batch_size=max(1, len(films))) if films else []
+        for (i, film), pred in zip(films, preds):
+            gray = film.gray
+            if pred.gate is not None and pred.gate.needs_correction:
+                gray, pred, _ = correct_and_repredict(predictor, gray, pred)
+                out[i].update(width=gray.size[0], height=gray.size[1])  # a 90-degree turn swaps them
+            out[i].update(answer_row(pred, pixel_sha256(gray)))
+        typed = [_typed({**r, "model_revision": revision}) for r in out]
+        return {prefix + c: [r[c] for r in typed] for c in DATASET_COLUMNS}
+
+    from datasets import Features, Value
+
+    kinds = {c: f.type for c, f in zip(schema().names, schema())}
+    features = Features({**ds.features, image_column: ImageFeature(decode=False),
+                         **{prefix + c: Value(str(kinds[c])) for c in DATASET_COLUMNS}})
+    mapped = ds.cast_column(image_column, ImageFeature(decode=False)).map(
+        rows, batched=True, batch_size=batch_size, features=features, **map_kwargs)
+    return mapped.cast_column(image_column, feature)

@@ -494,3 +494,36 @@ def test_each_process_of_a_gpu_launch_predicts_on_its_own_device(model_dir):
     assert forward_threads(cores=4, workers=1, local_processes=2) == 1
     assert forward_threads(cores=2, workers=2, local_processes=2) == 1
 
+
+
+def test_a_dataset_of_films_gets_the_archives_rows_through_dataset_map(tmp_path, model_dir):
+    """Issue 19's datasets route: films already in a (Hub) dataset are predicted with Dataset.map, batched,
+    and each example gets the archive's row (prefixed, beside the dataset's own label), the same as the
+    archive gives the same files: probabilities, decision, reason codes for a broken file and a photo,
+    and no identifier from a DICOM header. The images themselves are left as they were."""
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    from modeling.archive import predict_dataset
+
+    root = make_archive(tmp_path / "arch")
+    out = tmp_path / "results.jsonl"
+    predictor = Predictor.from_pretrained(str(model_dir))
+    predict_archive(ArchiveConfig(inputs=[str(root)], output=str(out), workers=0, batch_size=4, progress=False),
+                    predictor)
+    archive = {r["path"]: r for r in read_rows(out)}
+    keys = sorted(FILMS)
+    ds = Dataset.from_dict({"image": [{"bytes": (root / k).read_bytes(), "path": None} for k in keys],
+                            "label": list(range(len(keys)))},
+                           features=Features({"image": ImageFeature(), "label": Value("int64")}))
+    got = predict_dataset(ds, predictor, batch_size=3)
+    assert got.features["image"] == ds.features["image"] and got["label"] == ds["label"]
+    rows = got.remove_columns("image")  # a DICOM or a broken file is no image Pillow decodes
+    for key, row in zip(keys, rows):
+        want = archive[key]
+        for c in ("file_sha256", "image_sha256", "width", "height", "label", "decision", "reason", "gate",
+                  "p_pneumonia", "model_revision"):
+            assert row[f"pred_{c}"] == (want[c] if c != "p_pneumonia" or want[c] is None
+                                        else pytest.approx(want[c], abs=1e-4)), (key, c)
+    text = json.dumps(rows.to_list())
+    for value in PATIENT.values():
+        assert value not in text and value.split("^")[0] not in text
