@@ -48,6 +48,25 @@ def _saved_model(tmp_path, base, *, letterbox=False, size=32, temperature=None, 
 
 # ---- preprocessing -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("letterbox,crop_pct", [(False, 1.0), (False, 0.875), (True, 1.0)])
+@pytest.mark.parametrize("resample", ["bicubic", "bilinear"])
+def test_pixel_values_are_exactly_the_processors_own(letterbox, crop_pct, resample):
+    """pixel_values reduces a large film in grayscale before the processor converts it to RGB and resizes
+    three channels (a 2048 px film: ~35 ms of the processor's time, benchmarks/archive.py). The tensor
+    must stay exactly what the saved processor gives for the film, whatever its size, mode or kind."""
+    from modeling.preprocessing import to_model_image
+
+    proc = build_image_processor(PreprocessConfig(size=48, letterbox=letterbox, crop_pct=crop_pct, resample=resample))
+    films = [xray_like(5, (640, 512)), xray_like(6, (300, 700)), xray_like(7, (48, 48)), xray_like(8, (30, 20)),
+             xray_like(9, (400, 400)).convert("RGB"), sixteen_bit(xray_like(10, (256, 320)))]
+    for film in films:
+        want = proc([to_model_image(film)], return_tensors="pt")["pixel_values"].float()
+        assert torch.equal(pixel_values(proc, [film]), want), (film.size, film.mode)
+    assert torch.equal(pixel_values(proc, films[:3]),
+                       torch.cat([proc([to_model_image(f)], return_tensors="pt")["pixel_values"].float()
+                                  for f in films[:3]]))
+
+
 @pytest.mark.parametrize("letterbox,crop_pct", [(False, 1.0), (True, 1.0), (False, 0.75)])
 def test_processor_round_trips_through_preprocessor_config(tmp_path, letterbox, crop_pct):
     cfg = PreprocessConfig(size=48, letterbox=letterbox, image_mean=(0.4, 0.4, 0.4), image_std=(0.2, 0.2, 0.2),
