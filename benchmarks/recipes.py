@@ -1,4 +1,4 @@
-"""The recipe comparison behind release v3: every candidate scored on plain validation and under the
+"""The recipe comparison behind releases v3-v6: every candidate scored on plain validation and under the
 robustness battery (modeling/robustness.py), one table, the selection rule of training_runs.json.
 
 The official test split is never read here. Steps (each caches its results under ``--work``, default
@@ -11,12 +11,19 @@ The official test split is never read here. Steps (each caches its results under
     python benchmarks/recipes.py score --name NAME --model DIR [--tta hflip]   # a saved model under the battery
     python benchmarks/recipes.py wise --name NAME --start PROBE_DIR --end FT_DIR --alphas 0.25 0.5 0.75
     python benchmarks/recipes.py ensemble --name NAME --members A B           # mean logits (several passes)
+    python benchmarks/recipes.py soup --name NAME --members CKPT... --like FOLDER   # a weight average (one pass)
     python benchmarks/recipes.py table        # score every candidate, apply the rule, write the results JSON
+    python benchmarks/recipes.py --work outputs/recipes-v6 table --rule v4 --output benchmarks/results/recipes_v6.json
     python benchmarks/recipes.py save-wise --start PROBE_DIR --end FT_DIR --alpha A --output-dir DIR
 
 Every candidate's logits are bfloat16 forward passes (the Space's precision), plain and under each
-condition; its temperature and threshold are fit on the plain validation logits and held fixed under the
-conditions (``modeling.robustness.score``).
+condition; its temperature and threshold are fit on the plain validation logits (``--rule v3``, the
+default: recipes.json) or under the battery (``--rule v4``: recipes_v4.json, recipes_v5.json,
+recipes_v6.json) and held fixed under the conditions (``modeling.robustness.score``). ``table`` copies the
+rule's text into the results' "rule" from training_runs.json (:func:`rule_text`; recipes_v5.json and
+recipes_v6.json, written while it still looked up a renamed key, hold null there: their rule is v4's, as
+their "decision" ("objective") and "operating_point" say). Each release's exact scoring commands are in
+training_runs.json ("derivation", and "history" for earlier releases).
 """
 
 from __future__ import annotations
@@ -290,6 +297,12 @@ def cmd_ensemble(args) -> None:
 
 # ---- the table and the rule ---------------------------------------------------------------------------
 
+def rule_text(runs: dict, rule: str):
+    """The selection rule's text as training_runs.json keeps it: v4's (used for v4-v6) is the release's
+    ``selection_rule``; v3's moved to ``history.v3_release`` when v4 was released."""
+    return runs["selection_rule"] if rule == "v4" else runs["history"]["v3_release"]["selection_rule"]
+
+
 def cmd_table(args) -> None:
     val = load_cxr_dataset(args.dataset)["validation"]
     labels = np.asarray(val["label"])
@@ -316,7 +329,7 @@ def cmd_table(args) -> None:
     result = {
         "split": "validation", "n": int(len(labels)), "precision": "bfloat16",
         "battery": rb.battery_description(),
-        "rule": runs.get("selection_rule_v4" if args.rule == "v4" else "selection_rule"),
+        "rule": rule_text(runs, args.rule),
         "operating_point": ("temperature on the pooled plain + battery logits, threshold for sensitivity >= 0.985 "
                             "plain and >= 0.97 under every condition" if args.rule == "v4" else
                             "temperature and threshold (sensitivity 0.985) on plain validation"),
@@ -384,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("table")
     t.add_argument("--rule", choices=sorted(RULES), default="v3",
                    help="v3: plain-validation operating point, worst-case macro-F1; v4: the battery operating point, "
-                        "worst-case macro-F1 and specificity (training_runs.json selection_rule_v4)")
+                        "worst-case macro-F1 and specificity (training_runs.json selection_rule)")
     add_flag(t, "--output", old=("--out",), default=str(ROOT / "benchmarks" / "results" / "recipes.json"))
     return ap
 

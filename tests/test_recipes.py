@@ -98,3 +98,13 @@ def test_recipes_pipeline_from_features_to_the_selection(setup):
         s = row["summary"]
         assert row["selection"]["objective"] == pytest.approx((s["worst_macro_f1"] + s["worst_specificity"]) / 2)
         assert row["summary"]["worst_sensitivity"] >= 0.97 - 1e-9
+
+
+def test_the_table_copies_the_rule_it_applied():
+    """`table --rule v4` copied training_runs.json's `selection_rule_v4`, a key since renamed, so the v5 and v6
+    tables hold a null rule; and `--rule v3` would copy v4's text, now under `selection_rule`. Each rule's
+    text comes from where the release file keeps it."""
+    runs = json.loads((ROOT / "space" / "model" / "training_runs.json").read_text())
+    assert recipes.rule_text(runs, "v4") == runs["selection_rule"] and runs["selection_rule"]
+    assert recipes.rule_text(runs, "v3") == runs["history"]["v3_release"]["selection_rule"]
+    assert recipes.rule_text(runs, "v3") != recipes.rule_text(runs, "v4")
