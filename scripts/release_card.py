@@ -171,8 +171,108 @@ def paired_test_deltas(model_dir: Path, runs: dict) -> list[str]:
     return out
 
 
-def battery_table(recipes: dict) -> str:
-    return markdown_table(["condition", "why it is there"], [[f"`{c['name']}`", c["why"]] for c in recipes["battery"]])
+def released_augmentation(runs: dict):
+    """The training augmentation of the run that made the released weights (the last of ``runs``), as
+    ``train.TrainConfig.augment_config()`` reads its logged command."""
+    import shlex
+
+    from transformers import HfArgumentParser
+
+    import train
+
+    (cfg,) = HfArgumentParser(train.TrainConfig).parse_args_into_dataclasses(shlex.split(runs["runs"][-1]["command"])[1:])
+    return cfg.augment_config()
+
+
+def training_coverage(aug) -> dict[str, tuple[str, str]]:
+    """Per battery condition (modeling/robustness.py BATTERY): does the training augmentation ``aug``
+    (a modeling.augment.AugmentConfig) apply the same kind of change at the battery's magnitude or beyond
+    ("inside"), only a milder one ("milder"), or none ("outside"); with the training range in words. Each
+    training change is drawn at random and applied to a share of the views, so "inside" is partly
+    in distribution, the battery's magnitude at or near the edge of the range."""
+    import inspect
+
+    from modeling import robustness as rb
+
+    def defaults(fn) -> dict:
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+    tone = f"p {aug.tone_p:g}"
+    lo, hi = aug.gamma_range or (1 - aug.gamma, 1 + aug.gamma)
+    crop = (f"random crops of {aug.crop_scale[0]:.0%}-{aug.crop_scale[1]:.0%} of the area, aspect "
+            f"{aug.crop_ratio[0]:.2f}-{aug.crop_ratio[1]:.2f}")
+    out = {}
+    for c in rb.BATTERY:
+        fn = getattr(c.transform, "func", c.transform)
+        kw = {**defaults(fn), **getattr(c.transform, "keywords", {})}
+        kind = fn.__name__
+        # (does training apply this kind of change, does it reach the battery's magnitude, its range in words)
+        if kind == "gamma":
+            has, ok, words = hi > lo, lo <= kw["g"] <= hi, f"gamma {lo:g}-{hi:g} ({tone})"
+        elif kind == "contrast":
+            has, ok = aug.contrast > 0, 1 - aug.contrast <= kw["factor"] <= 1 + aug.contrast
+            words = f"contrast x{1 - aug.contrast:g}-{1 + aug.contrast:g} ({tone})"
+        elif kind == "blur":
+            has, ok, words = aug.blur > 0, kw["radius"] <= aug.blur, f"blur radius <= {aug.blur:g} px (p {aug.blur_p:g})"
+        elif kind == "sharpen":
+            has, ok = aug.sharpen > 0, kw["percent"] <= aug.sharpen and kw["radius"] == 2
+            words = f"unsharp mask radius 2 px, <= {aug.sharpen:g}% (p {aug.sharpen_p:g})"
+        elif kind == "noise":
+            has, ok, words = aug.noise > 0, kw["sigma"] <= aug.noise, f"noise sigma <= {aug.noise:g} (p {aug.noise_p:g})"
+        elif kind == "jpeg":
+            has, ok = aug.jpeg_quality > 0, kw["quality"] >= aug.jpeg_quality
+            words = f"JPEG quality {aug.jpeg_quality}-95 (p {aug.jpeg_p:g})"
+        elif kind == "zoom" and kw["factor"] <= 1:
+            has = aug.crop_scale[0] < 1
+            ok, words = kw["factor"] ** 2 >= aug.crop_scale[0] and aug.crop_ratio[0] <= 1 <= aug.crop_ratio[1], crop
+        elif kind == "zoom":
+            has, ok = aug.zoom_out > 1 and aug.zoom_out_p > 0, kw["factor"] <= aug.zoom_out
+            words = f"zoom out <= {aug.zoom_out:g} (p {aug.zoom_out_p:g})"
+        elif kind == "aspect":
+            w, h = kw["keep_width"], kw["keep_height"]
+            has = aug.crop_scale[0] < 1
+            ok, words = w * h >= aug.crop_scale[0] and aug.crop_ratio[0] <= w / h <= aug.crop_ratio[1], crop
+        elif kind == "rotate":
+            has, ok, words = aug.max_rotation > 0, abs(kw["degrees"]) <= aug.max_rotation, f"rotation +-{aug.max_rotation:g} deg"
+        else:  # shift: crops and zoom out move the anatomy, nothing moves the whole film off the frame
+            has, ok, words = False, False, ""
+        out[c.name] = ("inside", words) if has and ok else ("milder", words) if has else ("outside", "no such change")
+    return out
+
+
+# The battery's reasons as modeling/robustness.py gives them, where a reason names a training range that later
+# releases changed (the module's words were fixed with the battery, before v4).
+WHY_NOW = {"rotate_+10": "patient rotation beyond what v1-v4 trained with (+-7 degrees; v4 +-9)"}
+
+
+def battery_table(recipes: dict, runs: dict | None = None) -> str:
+    if not runs:
+        return markdown_table(["condition", "why it is there"],
+                              [[f"`{c['name']}`", c["why"]] for c in recipes["battery"]])
+    cover = training_coverage(released_augmentation(runs))
+    label = {"inside": "yes", "milder": "milder only", "outside": "no"}
+    rows = [[f"`{c['name']}`", WHY_NOW.get(c["name"], c["why"]),
+             f"{label[cover[c['name']][0]]}: {cover[c['name']][1]}" if c["name"] in cover else "-"]
+            for c in recipes["battery"]]
+    return markdown_table(["condition", "why it is there", f"in {runs['release']}'s training augmentation"], rows)
+
+
+def coverage_text(recipes: dict, runs: dict) -> str:
+    """Which battery rows the released run's augmentation made partly in distribution (issue 20: the card
+    says so), computed from its logged command."""
+    cover = training_coverage(released_augmentation(runs))
+    names = [c["name"] for c in recipes["battery"] if c["name"] in cover]
+
+    def group(status: str) -> str:
+        return ", ".join(f"`{n}`" for n in names if cover[n][0] == status) or "none"
+
+    run = runs["runs"][-1]["name"]
+    n_inside = sum(cover[n][0] == "inside" for n in names)
+    return (f"Which rows training has seen: the run that made {runs['release']}'s weights ({run}, the last column's "
+            f"flags) applies the change of {n_inside} of the {len(names)} rows at the battery's magnitude or beyond, "
+            f"each on a random share of the training views, so these rows are partly in distribution: {group('inside')}. "
+            f"It applies a milder change of the same kind for {group('milder')} (partly in distribution; the "
+            f"battery's magnitude lies beyond the training range), and nothing like {group('outside')}.")
 
 
 def recipe_rows(recipes: dict, released: dict[str, str]) -> list[list]:
@@ -187,7 +287,9 @@ def recipe_rows(recipes: dict, released: dict[str, str]) -> list[list]:
     for name in sorted(recipes["candidates"], key=family):
         c = recipes["candidates"][name]
         s, p, sel = c["summary"], c["conditions"][PLAIN], c["selection"]
-        mark = " **(chosen)**" if name == chosen else ""
+        mark = (" **(chosen)**" if name == chosen else
+                " (reference: the released folder, scored again beside these candidates)" if c["meta"].get("reference")
+                else "")
         rows.append([name + mark, f"{p['macro_f1']:.3f}", f"{p['specificity']:.3f}",
                      f"{s['worst_macro_f1']:.3f} ({s['worst_condition_macro_f1']})", f"{s['mean_macro_f1']:.3f}",
                      f"{s['worst_specificity']:.3f} ({s['worst_condition_specificity']})", f"{s['mean_specificity']:.3f}",
@@ -209,28 +311,77 @@ def release_robustness(recipes: dict) -> str:
                            "spec. (argmax)", "binary AUC"], rows)
 
 
+def recipe_tables(runs: dict, recipes: dict) -> dict[str, tuple[str | None, dict]]:
+    """Every ``benchmarks/results/recipes*.json`` in the order they were written (recipes.json, then
+    recipes_v4.json...), each with the release it chose (from ``recipes_results`` of the release and of
+    its history); the current release's table is ``recipes`` itself."""
+    chooser = {h.get("recipes_results"): key.removesuffix("_release")
+               for key, h in runs.get("history", {}).items() if isinstance(h, dict) and h.get("recipes_results")}
+    chooser[runs.get("recipes_results", "recipes.json")] = runs["release"]
+    tables = {f.name: (chooser.get(f.name), json.loads(f.read_text())) for f in sorted(RESULTS.glob("recipes*.json"))}
+    tables[runs.get("recipes_results", "recipes.json")] = (runs["release"], recipes)
+    return tables
+
+
+def operating_point_kind(table: dict) -> str:
+    """The rule by which a recipe table fit each candidate's temperature and threshold."""
+    return "battery" if "battery" in str(table.get("operating_point", "")) else "plain validation"
+
+
+def battery_rows_of(e: dict, tables: dict) -> list[tuple[str, str | None, dict]]:
+    """A test evaluation's rows in the recipe tables: (file, the release that table chose, row), the table
+    that chose this release first (its candidate as chosen), then any later table that scored the
+    released folder again as a reference row."""
+    rel = e["release"]
+    names = [n for n in (e.get(f"candidate_in_{rel}_table"), e.get("candidate"), rel) if n]
+    found = [(f, chose, next(t["candidates"][n] for n in names if n in t.get("candidates", {})))
+             for f, (chose, t) in tables.items() if any(n in t.get("candidates", {}) for n in names)]
+    return sorted(found, key=lambda x: x[1] != rel)  # stable: the chooser's table first, then in order
+
+
 def prediction_vs_test(model_dir: Path, runs: dict, recipes: dict) -> str:
-    """Every test evaluation beside what the battery predicted for it: its candidate's row in the
-    current recipe table, else in the table of the release that chose it (``recipes*.json``; v1-v3's
-    table fit the operating point on plain validation, v4 on under the battery)."""
-    tables = [("this release's table", recipes)] + [
-        (f"`{f.name}`", json.loads(f.read_text())) for f in sorted(RESULTS.glob("recipes*.json"), reverse=True)]
-    rows = []
+    """Every test evaluation beside what the battery predicted for it: its candidate's row in the recipe
+    table that chose it (v1 and v2: the first table, where they were scored beside v3's candidates), at
+    that table's operating point (v1-v3: temperature and threshold fit on plain validation, as they were
+    released; v4 on: fit under the battery). Later tables that scored a released folder again as a
+    reference row are listed below the table."""
+    tables = recipe_tables(runs, recipes)
+    rows, again = [], []
     for e in runs["test_evaluations"]:
         m = json.loads((model_dir / e["metrics"]).read_text())
-        found = next(((name, t["candidates"][e["candidate"]]) for name, t in tables
-                      if e.get("candidate") in t.get("candidates", {})), None)
-        if found is None:
-            rows.append([e["release"], *["-"] * 5, f"{m['macro_f1']:.3f}", f"{m['binary']['specificity']:.3f}",
+        found = battery_rows_of(e, tables)
+        if not found:
+            rows.append([e["release"], *["-"] * 6, f"{m['macro_f1']:.3f}", f"{m['binary']['specificity']:.3f}",
                          "not scored under the battery"])
             continue
-        table, cand = found
+        (file, chose, cand), *later = found
         s, p = cand["summary"], cand["conditions"][PLAIN]
-        rows.append([e["release"], f"{p['macro_f1']:.3f}", f"{s['worst_macro_f1']:.3f}", f"{s['mean_macro_f1']:.3f}",
+        where = (f"`{file}`, the table that chose {e['release']}" if chose == e["release"] else
+                 f"`{file}`, scored beside {chose}'s candidates" if chose else f"`{file}`")
+        rows.append([e["release"], f"{operating_point_kind(tables[file][1])}, {cand['operating_point']['threshold']:.3f}",
+                     f"{p['macro_f1']:.3f}", f"{s['worst_macro_f1']:.3f}", f"{s['mean_macro_f1']:.3f}",
                      f"{p['specificity']:.3f}", f"{s['worst_specificity']:.3f}", f"{m['macro_f1']:.3f}",
-                     f"{m['binary']['specificity']:.3f}", table])
-    return markdown_table(["release", "validation macro-F1", "battery worst macro-F1", "battery mean macro-F1",
-                           "validation spec.", "battery worst spec.", "test macro-F1", "test spec.", "from"], rows)
+                     f"{m['binary']['specificity']:.3f}", where])
+        for f, chose_later, c in later:
+            sl, pl = c["summary"], c["conditions"][PLAIN]
+            again.append(f"{e['release']} in `{f}` (beside {chose_later}'s candidates; {operating_point_kind(tables[f][1])} "
+                         f"fit, threshold {c['operating_point']['threshold']:.3f}): validation macro-F1 "
+                         f"{pl['macro_f1']:.3f}, battery worst {sl['worst_macro_f1']:.3f} and mean "
+                         f"{sl['mean_macro_f1']:.3f}, validation spec. {pl['specificity']:.3f}, battery worst spec. "
+                         f"{sl['worst_specificity']:.3f}")
+    table = markdown_table(["release", "operating point (threshold)", "validation macro-F1", "battery worst macro-F1",
+                            "battery mean macro-F1", "validation spec.", "battery worst spec.", "test macro-F1",
+                            "test spec. (stored threshold)", "from"], rows)
+    note = ("Each row is the release's candidate as the table that chose it scored it (validation, bfloat16 logits), "
+            "at that table's operating point: temperature and threshold fit on plain validation (the v3 rule, as "
+            "v1-v3 were calibrated) or under the battery (the v4 rule, v4 on). The test columns are the release's one "
+            "test evaluation at its stored threshold.")
+    if again:
+        note += (" A later table scored the released folder again as a reference row (the float16-stored weights with "
+                 "their temperature, the operating point refit by that table's rule), so the same release has a "
+                 "second set of numbers there; these are the numbers its successor's recipe table and selection "
+                 "compare against: " + "; ".join(again) + ".")
+    return table + "\n\n" + note
 
 
 SCOPE_ROWS = {  # benchmarks/scope.json keys -> what the row is
@@ -362,7 +513,7 @@ def private_mode_text(results_dir: Path = RESULTS) -> str:
                             best["road_combined"] - r["road_combined"]
                             < 2 * (best["road_combined_sem"] ** 2 + r["road_combined_sem"] ** 2) ** 0.5
                             for r in forward if r is not best) else ")")
-                        + (f"; the page draws it." if best is page else
+                        + ("; the page draws it." if best is page else
                            f"; the page draws {page['method'].split(' (')[0]} ({page['road_combined']:.3f})." if page else ".")
                         + (" Every forward-only map is less faithful than the server's Grad-CAM by more than two standard "
                            "errors, and the page's caption says it is a rougher guide." if server_row and all(
@@ -382,6 +533,30 @@ def preprocessing_text(model_dir: Path) -> str:
         return (f"stretched to {side} x {side} px and the centre {crop} x {crop} px kept (crop_pct "
                 f"{crop / side:.2f}: the film's outer {(1 - crop / side) / 2:.0%} on each side is not seen)")
     return f"stretched to {side} x {side} px (whole film)"
+
+
+def target_sensitivity_text(cal: dict) -> str:
+    """The threshold's sensitivity rule as fit: plain validation alone, or (fit under the battery) plain
+    validation and every battery condition."""
+    if cal.get("condition_sensitivity"):
+        return f">= {cal['target_sensitivity']:.1%} plain and >= {cal['condition_sensitivity']:.0%} per-battery-condition"
+    return f"{cal['target_sensitivity']:.1%}"
+
+
+def rule_text(runs: dict) -> str:
+    """The logged selection rule, and where the current release's plan (``<release>_plan``, logged before
+    any of its candidates was scored) changed its reference rows."""
+    import re
+
+    text = (runs.get("selection_rule") or {}).get("text", "")
+    plan = runs.get(f"{runs['release']}_plan") or {}
+    refs = re.search(r"not a reference \(([^)]*)\)", text)
+    for_release = re.search(r"any (v\d+) candidate", (runs.get("selection_rule") or {}).get("logged", ""))
+    if not (plan.get("rule") and refs and for_release) or for_release.group(1) == runs["release"]:
+        return text
+    return (f"{text}. The reference rows it names ({refs.group(1)}) were {for_release.group(1)}'s; "
+            f"{runs['release']}'s plan (`training_runs.json` `{runs['release']}_plan`, logged "
+            f"{plan['logged'].split(',')[0]}) kept the rule with its own reference row: \"{plan['rule']}\"")
 
 
 def values(model_dir: Path, latency_path: Path, plots_prefix: str) -> dict:
@@ -411,8 +586,10 @@ def values(model_dir: Path, latency_path: Path, plots_prefix: str) -> dict:
                      f"{agree['max_abs_prob_diff']:.3f} (99th percentile {agree['p99_abs_prob_diff']:.3f}), "
                      f"{agree['label_changes']} label change(s), {agree['pneumonia_call_changes']} changed pneumonia "
                      "call(s). The Space and `Predictor(precision=\"auto\")` use bf16 on CPUs with native bf16, "
-                     "Grad-CAM included (one pass gives the prediction, the input checks and the map); every number "
-                     "on this card is float32.")
+                     "Grad-CAM included (one pass gives the prediction, the input checks and the map). Elsewhere on "
+                     "this card, float32: the test and validation metrics (`cxr-evaluate`) and the export check; "
+                     "bfloat16 logits (the Space's precision): the robustness battery and recipe tables, the operating "
+                     "point fit under the battery (temperature and threshold) and the scope check's limit.")
         c = agree.get("bfloat16_compiled", {})
         if c.get("n"):
             precision += (f" Compiled (`Predictor.compile()`, TorchInductor, the Space's `CXR_COMPILE`), against float32: "
@@ -430,7 +607,7 @@ def values(model_dir: Path, latency_path: Path, plots_prefix: str) -> dict:
     return dict(
         title=runs.get("title", "DINOv2-small for pediatric chest X-ray triage"), release=rel,
         summary=runs.get("summary", ""),
-        threshold=f"{cal['pneumonia_threshold']:.4f}", target_sensitivity=f"{cal['target_sensitivity']:.1%}",
+        threshold=f"{cal['pneumonia_threshold']:.4f}", target_sensitivity=target_sensitivity_text(cal),
         weights_mb=f"{sum(p.stat().st_size for p in model_dir.glob('*.safetensors')) / 2**20:.0f}",
         export_diff=f"{ex['max_abs_probability_diff']:.1e}", export_label_changes=ex["label_changes"],
         export_checked=ex["checked_images"], preprocessing=preprocessing_text(model_dir),
@@ -442,8 +619,9 @@ def values(model_dir: Path, latency_path: Path, plots_prefix: str) -> dict:
         argmax_specificity=f"{argmax_specificity(model_dir / 'eval/test/predictions.csv'):.3f}",
         plots_prefix=plots_prefix, targets_table=targets_table(test, latency, runs, model_dir), gaps=runs.get("gaps", ""),
         release_comparison=release_comparison(model_dir, runs), release_outcome=runs.get("release_outcome", ""),
-        battery_table=battery_table(recipes) if recipes else "(run `python benchmarks/recipes.py table`)",
-        rule=(runs.get("selection_rule") or {}).get("text", ""),
+        battery_table=(battery_table(recipes, runs) + "\n\n" + coverage_text(recipes, runs)) if recipes else
+        "(run `python benchmarks/recipes.py table`)",
+        rule=rule_text(runs),
         recipe_table=recipe_table(recipes, released) if recipes else "", recipe_notes=runs.get("recipe_notes", ""),
         release_robustness=release_robustness(recipes) if recipes else "",
         prediction_vs_test=prediction_vs_test(model_dir, runs, recipes) if recipes else "",
@@ -561,9 +739,20 @@ def readme_space(results_dir: Path = RESULTS) -> str:
         if "httpx_client_construction_ms" in lat:
             floor = lat["refused_call_round_trip_ms"] / lat["stages_ms"]["predictor_predict_gradcam"]
             out += ["", f"The client sets a floor: gradio_client builds a new `httpx.Client` "
-                        f"({lat['httpx_client_construction_ms']} ms each) for the upload and again for the queue join "
-                        f"of every call, then polls for the answer every 50 ms, so a call refused before any model work "
-                        f"already takes {floor:.1f}x the Predictor's time."]
+                        f"({lat['httpx_client_construction_ms']} ms each, most of it loading the CA bundle into a new SSL "
+                        f"context) for the upload, the queue join and the answer's stream of every call, then polls for "
+                        f"the answer every 50 ms, so a call refused before any model work already takes {floor:.1f}x the "
+                        "Predictor's time."]
+        if "shared_ssl_context" in lat:
+            sh = lat["shared_ssl_context"]
+            out += ["", "With one SSL context built once and given to the client (`Client(url, ssl_verify="
+                        "ssl.create_default_context(cafile=certifi.where()))`: the same certificate checks; "
+                        "docs/space.md shows it), measured in the same run: client round trip "
+                        f"{sh['client_round_trip_ms']} ms ({sh['round_trip_over_predictor']}x the Predictor's time), "
+                        f"latency the Space reports {sh['server_latency_ms']} ms (the client no longer builds contexts "
+                        f"on the same cores during the pass), a refused call {sh['refused_call_round_trip_ms']} ms, "
+                        f"upload and queue join {sh['client_upload_and_join_ms']} ms. What is left of the floor is the "
+                        "client's 50 ms polling and Gradio's transport."]
     scope = _load(results_dir / "scope.json")
     if scope:
         out += ["", "The scope check (is this film like the pediatric films the model knows?) on adult films and "
@@ -591,6 +780,17 @@ def archive_table(results_dir: Path = RESULTS) -> str:
         markdown_table(["setting", "films/s", "vs the per-file loop", "peak memory MB (PSS)", "rows", "rows with a reason"], rows),
         "", f"The best setting ({t['config']}) on an archive twice the size ({t['films']} files): {t['films_per_s']:.2f} films/s, "
             f"peak {t['peak_pss_mb']:.0f} MB (against {t['peak_pss_mb_at_1x']:.0f} MB at 1x). Target: {a['target']}."]
+        + ([] if "speedup_vs_todays_command" not in a["best"] else [
+            "", f"The best setting is {a['best']['speedup_vs_loop']:.2f}x the first row (a per-file loop with the archive "
+                f"mode's precision and decode size: the schedule alone) and {a['best']['speedup_vs_todays_command']:.2f}x "
+                "today's `cxr-predict FILE...` as it runs (float32, films decoded at full size)"
+                + ("." if not a.get("loop_the_issue_found") else
+                   f"; against `cxr-predict FILE...` as the issue found it (commit `{a['loop_the_issue_found']['commit']}`, "
+                   "its code and model: float32, full-size decode, pydicom's own RLE decoder; "
+                   f"{a['loop_the_issue_found']['films_per_s']:.2f} films/s in the same run) it is "
+                   f"{a['best']['speedup_vs_the_loop_the_issue_found']:.2f}x. Today's two loops decode and preprocess "
+                   "as the archive mode does, which this work made faster (pylibjpeg-rle for RLE DICOM, the "
+                   "processor's resize on one band), so the ratios against them leave that part out.")])
         + ([] if "bound" not in a else [
             "", f"What this machine allows: a readable film takes {a['bound']['decode_ms_per_film']} ms to decode (one core) "
                 f"and {a['bound']['predict_ms_per_film_1_thread']} ms for the image processor and the compiled forward pass "
