@@ -16,7 +16,11 @@ Two measurements on the same machine, in the same run:
   refused before any model work (an unknown heatmap class: upload, queue, the file read, decoded and
   checked, the error answered): Gradio's transport plus a decode, whatever the model does; the
   client's time from the call to its queue join returning (its upload and join), and what building
-  one ``httpx.Client`` costs (gradio_client builds two per call).
+  one ``httpx.Client`` costs (gradio_client builds one for the upload, the queue join and the answer's
+  event stream of every call: three SSL contexts, each loading the CA bundle);
+* the same round trip with a client given one SSL context built once (``Client(url,
+  ssl_verify=ssl.create_default_context(cafile=certifi.where()))``: the same certificate checks as the
+  default, which builds that context anew for every request), as docs/space.md advises API users.
 
 Medians of ``--repeats`` calls after warm-up. Writes ``benchmarks/results/space_latency.json``; the
 README's latency line comes from it. Run it on a quiet machine.
@@ -108,8 +112,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def round_trip(model: str, repeats: int, threads: int) -> dict:
+def round_trip(model: str, repeats: int, threads: int, shared_ssl_context: bool = False) -> dict:
     from gradio_client import Client, handle_file
+
+    client_kwargs = {}
+    if shared_ssl_context:
+        import ssl
+
+        import certifi
+
+        client_kwargs["ssl_verify"] = ssl.create_default_context(cafile=certifi.where())
 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +136,7 @@ def round_trip(model: str, repeats: int, threads: int) -> dict:
             deadline = time.time() + 180
             while True:
                 try:
-                    client = Client(url, verbose=False, download_files=False)
+                    client = Client(url, verbose=False, download_files=False, **client_kwargs)
                     break
                 except Exception:  # noqa: BLE001 - not up yet
                     if time.time() > deadline:
@@ -193,10 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     s = stages(args.model, args.repeats)
     rt = round_trip(args.model, args.repeats, args.threads)
+    shared = round_trip(args.model, args.repeats, args.threads, shared_ssl_context=True)
+    shared.pop("httpx_client_construction_ms")
     ref = s["predictor_predict_gradcam"]
     out = {"model": shown_path(args.model), "model_revision": resolve_revision(args.model), "threads": args.threads,
            "repeats": args.repeats, "example": EXAMPLE.name, "stages_ms": s, **rt,
            "round_trip_over_predictor": round(rt["client_round_trip_ms"] / ref, 2),
+           "shared_ssl_context": {**shared,
+                                  "round_trip_over_predictor": round(shared["client_round_trip_ms"] / ref, 2)},
            "targets": {"round_trip_over_predictor": 1.5, "client_round_trip_ms": 150}}
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
