@@ -667,3 +667,23 @@ def test_the_ui_feedback_handler_stores_only_for_a_ticked_box(model_dir, tmp_pat
     assert "stored" in ui_feedback(state, "normal", "radiologist", "", True)
     assert service.store.count("feedback") == 1
     service.close()
+
+
+def test_the_overlay_is_blended_and_sent_at_display_size():
+    """Issue 21 item 6: the overlay is brought to display size before blending and encoding (a 3000 px film
+    was blended and encoded whole): the answer's PNG is at most 1024 px (768 in the page), keeps the
+    film's shape, and a small film is sent at its own size."""
+    import base64
+    import re
+
+    from space.app import overlay_html, overlay_png
+
+    film = xray_like(11, (3000, 2400))
+    heat = np.random.default_rng(0).random((2400, 3000)).astype(np.float32)
+    big = Image.open(io.BytesIO(overlay_png(film, heat, 0.4)))
+    assert big.size == (1024, 819) and big.mode == "RGB"
+    html = overlay_html(film, heat, 0.4)
+    page = Image.open(io.BytesIO(base64.b64decode(re.search(r'base64,([^"]+)"', html).group(1))))
+    assert page.size == (768, 614)
+    small = xray_like(12, (320, 256))
+    assert Image.open(io.BytesIO(overlay_png(small, np.zeros((256, 320), np.float32), 0.4))).size == (320, 256)
