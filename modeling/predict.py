@@ -252,12 +252,12 @@ class Predictor:
             return {"compiled": False, "reason": "the onnxruntime backend answers plain predictions"}
         img = example if example is not None else Image.fromarray(
             (np.indices((256, 256)).sum(0) % 256).astype(np.uint8), "L")
-        pv = pixel_values(self.processor, [_as_gray(img)])
         eager_net = self._fast if self._fast is not None else self.model
-        with torch.inference_mode(), _head_inputs(eager_net, True) as eager_feats:  # the reference: eager torch
-            eager_logits = eager_net(pixel_values=pv.to(eager_net.dtype)).logits.float()
+        pv = pixel_values(self.processor, [_as_gray(img)]).to(self.device)  # where the network is (Predictor.to)
         t0 = time.perf_counter()
         try:
+            with torch.inference_mode(), _head_inputs(eager_net, True) as eager_feats:  # the reference: eager torch
+                eager_logits = eager_net(pixel_values=pv.to(eager_net.dtype)).logits.float()
             net = copy.deepcopy(eager_net).eval()
             for m in net.modules():  # a deep copy takes the original's hooks along: the copy keeps only its tap
                 m._forward_hooks.clear()
@@ -346,10 +346,11 @@ class Predictor:
             try:
                 # one call at a time: the tap is this predictor's, and a compiled pass uses every thread anyway
                 with self._compiled_lock, torch.inference_mode():
-                    logits = self._compiled(pixel_values=pv.to(self._cam_net.dtype)).logits.float()
+                    logits = self._compiled(pixel_values=pv.to(device=self.device, dtype=self._cam_net.dtype)
+                                            ).logits.float().cpu()
                     feats = self._tap.pop("features", None)
                 if feats is not None or not self.reads_features:
-                    return logits, (feats.float().numpy() if self.reads_features else None)
+                    return logits, (feats.float().cpu().numpy() if self.reads_features else None)
                 raise RuntimeError("the compiled pass gave no head features")
             except Exception:  # noqa: BLE001 - the eager network answers, and from now on
                 logger.warning("compiled pass failed; the eager network answers from now on", exc_info=True)
