@@ -166,11 +166,19 @@ def pixel_values(processor: BaseImageProcessor, images: list[Image.Image]) -> to
     return batch.to(torch.float32)
 
 
+#: Processor classes whose first step is a plain resize of the whole image to ``size`` (the ones
+#: :func:`build_image_processor` makes without a letterbox: ViT's, and DeiT's with its centre crop after).
+#: Others may crop first, keep the aspect ratio or scale ``size`` (Perceiver, DPT, PoolFormer...): they
+#: get the film as it is.
+_STRETCH_FIRST = ("ViTImageProcessor", "ViTImageProcessorPil", "DeiTImageProcessor", "DeiTImageProcessorPil")
+
+
 def resize_target(processor: BaseImageProcessor) -> tuple[int, int] | None:
-    """(width, height) a processor resizes every image to before anything else, or None when it does
-    something else first (a letterbox's aspect-keeping thumbnail, a shortest-edge resize)."""
+    """(width, height) a processor resizes every image to before anything else, or None when it may do
+    something else first (a letterbox's aspect-keeping thumbnail, a shortest-edge resize, another class)."""
     size = getattr(processor, "size", None) or {}
-    if (not getattr(processor, "do_resize", False) or is_letterbox(processor)
+    if (type(processor).__name__ not in _STRETCH_FIRST or not getattr(processor, "do_resize", False)
+            or is_letterbox(processor) or getattr(processor, "resample", None) is None
             or "height" not in size or "width" not in size):
         return None
     return int(size["width"]), int(size["height"])

@@ -67,6 +67,19 @@ def test_pixel_values_are_exactly_the_processors_own(letterbox, crop_pct, resamp
                                   for f in films[:3]]))
 
 
+def test_only_processors_that_stretch_first_get_the_grayscale_resize():
+    """Another processor class may crop first, keep the aspect ratio or scale its size (Perceiver, DPT,
+    PoolFormer): it gets the film as it is, whatever its size dict says."""
+    from modeling.preprocessing import resize_target
+
+    proc = build_image_processor(PreprocessConfig(size=48))
+    assert resize_target(proc) == (48, 48)
+    other = type("CropsFirstImageProcessor", (type(proc),), {})(**proc.to_dict())
+    assert resize_target(other) is None
+    film = xray_like(5, (640, 512))
+    assert torch.equal(pixel_values(other, [film]), pixel_values(proc, [film]))
+
+
 @pytest.mark.parametrize("letterbox,crop_pct", [(False, 1.0), (True, 1.0), (False, 0.75)])
 def test_processor_round_trips_through_preprocessor_config(tmp_path, letterbox, crop_pct):
     cfg = PreprocessConfig(size=48, letterbox=letterbox, image_mean=(0.4, 0.4, 0.4), image_std=(0.2, 0.2, 0.2),
