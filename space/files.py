@@ -232,17 +232,21 @@ class TempFiles:
                     total += st.st_size
         return total
 
-    def admits(self, incoming_bytes: int) -> bool:
-        """Whether an upload of about this size fits the pending-uploads budget (uploads in place and
-        those admitted and still streaming)."""
-        return (self.pending_max_bytes is None
-                or self.pending_bytes() + self._streaming + incoming_bytes <= self.pending_max_bytes)
+    def admits(self, incoming_bytes: int, pending_bytes: int | None = None) -> bool:
+        """Whether an upload of about this size fits the pending-uploads budget (uploads in place, given
+        as ``pending_bytes`` when already counted, and those admitted and still arriving)."""
+        if self.pending_max_bytes is None:
+            return True
+        pending = self.pending_bytes() if pending_bytes is None else pending_bytes
+        return pending + self._streaming + incoming_bytes <= self.pending_max_bytes
 
-    def reserve(self, incoming_bytes: int) -> bool:
+    def reserve(self, incoming_bytes: int, pending_bytes: int | None = None) -> bool:
         """Admit an upload of this declared size and hold it against the budget until :meth:`unreserve`
-        (its request is done): uploads arriving together cannot each pass against the same total."""
-        with self._budget_lock:  # one check at a time; the folder walk is short (a file per upload)
-            if not self.admits(incoming_bytes):
+        (its request is done): uploads arriving together cannot each pass against the same total. With
+        ``pending_bytes`` (the folder walked before) only arithmetic runs under the lock."""
+        pending = self.pending_bytes() if pending_bytes is None and self.pending_max_bytes is not None else pending_bytes
+        with self._budget_lock:
+            if not self.admits(incoming_bytes, pending or 0):
                 return False
             self._streaming += incoming_bytes
             return True
@@ -380,7 +384,15 @@ class ClaimUploads:
             length = 0
         from starlette.concurrency import run_in_threadpool
 
-        if not await run_in_threadpool(self.files.reserve, length):  # a folder walk: off the event loop
+        budget = self.files.pending_max_bytes
+        if budget is not None and length > budget:
+            await _json_error(send, 413, f"The upload is larger than the {budget / 2**20:.0f} MB the server holds "
+                                         "for uploads at once.")
+            return
+        pending = await run_in_threadpool(self.files.pending_bytes)  # a folder walk: off the event loop
+        # checked and held in one step on the event loop (no await in between): uploads arriving together
+        # see each other's reservations, and a request cancelled during the walk holds nothing
+        if not self.files.reserve(length, pending):
             await _json_error(send, 503, "The server holds too many uploads waiting to be analysed right now; "
                                          "try again in a few minutes.")
             return

@@ -456,6 +456,37 @@ def test_uploads_streaming_at_the_same_moment_share_the_pending_budget(tmp_path)
     assert asyncio.run(scenario()) == (200, 503, 200)
     assert len(calls) == 2
 
+    async def more():
+        async def failing(scope, receive, send):
+            raise RuntimeError("Gradio's upload route failed")
+
+        async def upload(app, length: int) -> int:
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload",
+                     "headers": [(b"content-length", str(length).encode())]}
+            try:
+                await app(scope, receive, send)
+            except RuntimeError:
+                return 500
+            return sent[0]["status"]
+
+        async def ok(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"[]"})
+
+        # a failing upload gives its reservation back; one larger than the whole budget is told so at once
+        return (await upload(ClaimUploads(failing, files), 90), await upload(ClaimUploads(ok, files), 90),
+                await upload(ClaimUploads(ok, files), 101))
+
+    assert asyncio.run(more()) == (500, 200, 413)
+
 
 def test_only_uploaded_files_are_accepted_and_released_never_folders_links_or_outputs(tmp_path):
     """Issue 21: Gradio accepts any path inside its upload folder, the folder itself included. An upload
