@@ -776,10 +776,13 @@ def predict_dataset(ds, predictor: Predictor, *, image_column: str = "image", ba
         out: list[dict[str, Any]] = []
         films: list[tuple[int, Film]] = []
         for item in batch[image_column]:
+            if not item or (item.get("bytes") is None and not item.get("path")):  # a missing image
+                out.append(error_row("io_error", "no image in this example"))
+                continue
             try:
                 data = item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
-            except (OSError, TypeError) as exc:
-                out.append(io_error_row(exc) if isinstance(exc, OSError) else error_row("io_error", "no image"))
+            except OSError as exc:
+                out.append(io_error_row(exc))
                 continue
             row: dict[str, Any] = {"file_sha256": hashlib.sha256(data).hexdigest()}
             try:

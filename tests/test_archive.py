@@ -527,3 +527,8 @@ def test_a_dataset_of_films_gets_the_archives_rows_through_dataset_map(tmp_path,
     text = json.dumps(rows.to_list())
     for value in PATIENT.values():
         assert value not in text and value.split("^")[0] not in text
+    # an example without an image (None in the column) is a row with a reason, not a failed map
+    holes = Dataset.from_dict({"image": [None, {"bytes": (root / keys[0]).read_bytes(), "path": None}],
+                               "label": [0, 1]}, features=Features({"image": ImageFeature(), "label": Value("int64")}))
+    got = predict_dataset(holes, predictor).remove_columns("image")
+    assert got[0]["pred_reason"] == "io_error" and got[1]["pred_reason"] == archive[keys[0]]["reason"]
