@@ -409,10 +409,36 @@ def test_the_upload_middleware_counts_each_answered_upload(tmp_path):
         assert files.claims(up) == 2
 
 
+async def _post_upload(app, length: int) -> int:
+    """One upload request of ``length`` declared bytes through an ASGI app; its status (500 when the app
+    raised)."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload",
+             "headers": [(b"content-length", str(length).encode())]}
+    try:
+        await app(scope, receive, send)
+    except RuntimeError:
+        return 500
+    return sent[0]["status"]
+
+
+async def _answers_nothing(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"[]"})
+
+
 def test_uploads_streaming_at_the_same_moment_share_the_pending_budget(tmp_path):
     """Review of issue 21: the budget counted only uploads already in place, so uploads arriving together
     each passed the check against the same total. An admitted upload's declared length is held
-    against the budget until its request is done."""
+    against the budget until its request is done; a failing upload gives it back; one declaring more
+    than the whole budget is told so at once (413)."""
     import asyncio
 
     from space.files import ClaimUploads, TempFiles
@@ -427,63 +453,26 @@ def test_uploads_streaming_at_the_same_moment_share_the_pending_budget(tmp_path)
             calls.append(scope)
             if len(calls) == 1:
                 await first_may_finish.wait()  # still streaming its body
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"[]"})
+            await _answers_nothing(scope, receive, send)
 
         app = ClaimUploads(gradio_upload, files)
-
-        async def upload(length: int) -> int:
-            sent = []
-
-            async def send(message):
-                sent.append(message)
-
-            async def receive():
-                return {"type": "http.request", "body": b"", "more_body": False}
-
-            scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload",
-                     "headers": [(b"content-length", str(length).encode())]}
-            await app(scope, receive, send)
-            return sent[0]["status"]
-
-        first = asyncio.create_task(upload(60))
+        first = asyncio.create_task(_post_upload(app, 60))
         while not calls:
             await asyncio.sleep(0.01)
-        second = await upload(60)  # 60 + 60 > 100 while the first is still in flight
+        second = await _post_upload(app, 60)  # 60 + 60 > 100 while the first is still in flight
         first_may_finish.set()
-        return await first, second, await upload(60)  # the first is done: room again
+        return await first, second, await _post_upload(app, 60)  # the first is done: room again
 
     assert asyncio.run(scenario()) == (200, 503, 200)
     assert len(calls) == 2
 
+    async def failing(scope, receive, send):
+        raise RuntimeError("Gradio's upload route failed")
+
     async def more():
-        async def failing(scope, receive, send):
-            raise RuntimeError("Gradio's upload route failed")
-
-        async def upload(app, length: int) -> int:
-            sent = []
-
-            async def send(message):
-                sent.append(message)
-
-            async def receive():
-                return {"type": "http.request", "body": b"", "more_body": False}
-
-            scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload",
-                     "headers": [(b"content-length", str(length).encode())]}
-            try:
-                await app(scope, receive, send)
-            except RuntimeError:
-                return 500
-            return sent[0]["status"]
-
-        async def ok(scope, receive, send):
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"[]"})
-
-        # a failing upload gives its reservation back; one larger than the whole budget is told so at once
-        return (await upload(ClaimUploads(failing, files), 90), await upload(ClaimUploads(ok, files), 90),
-                await upload(ClaimUploads(ok, files), 101))
+        return (await _post_upload(ClaimUploads(failing, files), 90),
+                await _post_upload(ClaimUploads(_answers_nothing, files), 90),
+                await _post_upload(ClaimUploads(_answers_nothing, files), 101))
 
     assert asyncio.run(more()) == (500, 200, 413)
 
