@@ -61,9 +61,12 @@ FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "js
 #: pixels) and ``gate_refused`` (the learned input gate).
 ROW_REASONS: tuple[str, ...] = (*REASONS, "io_error", "not_a_chest_xray", "burned_in_annotation", "gate_refused")
 
+#: The start of every "not a chest film" message (the rules, the learned gate), in the archive's rows
+#: and the Space's refusals alike.
+NOT_A_CHEST_FILM = "does not look like a frontal chest X-ray: "
 #: Why a film with BurnedInAnnotation YES gets no prediction (the Space refuses such an upload too).
 BURNED_IN_MESSAGE = ("the DICOM header says text is burned into the pixels (BurnedInAnnotation YES), which can "
-                     "identify the patient and cannot be removed: not predicted")
+                     "identify the patient and cannot be removed")
 
 #: Columns of the archive's table, in order. ``reason`` is one of :data:`ROW_REASONS` for a film with
 #: no answer. ``path_sha256`` (the hash of the relative path) is only set where the file's bytes could
@@ -109,10 +112,24 @@ def film_refusal(film: Film) -> tuple[str, str] | None:
     """The reason code and message for a film the rules refuse (the archive's row; the Space's refusal
     says the same), else None: not a frontal chest X-ray first, then text burned into the pixels."""
     if film.problems:
-        return "not_a_chest_xray", "does not look like a frontal chest X-ray: " + "; ".join(film.problems)
+        return "not_a_chest_xray", NOT_A_CHEST_FILM + "; ".join(film.problems)
     if film.burned_in_annotation:
         return "burned_in_annotation", BURNED_IN_MESSAGE
     return None
+
+
+def checked_film(data: bytes, max_side: int | None = WORKING_SIDE) -> tuple[dict[str, Any], Film | None]:
+    """A file's bytes read for a row (the archive's files, a dataset's images): its size and pixel hash,
+    and the film to predict; or the row's reason when it cannot be read or the rules refuse it (film
+    None)."""
+    try:
+        film = read_film(data, max_side=max_side)
+    except ImageLoadError as exc:
+        return error_row(exc.reason, exc.detail), None
+    row = {"width": film.gray.size[0], "height": film.gray.size[1], "image_sha256": pixel_sha256(film.gray)}
+    if refusal := film_refusal(film):
+        return {**row, **error_row(*refusal)}, None
+    return row, film
 
 
 def correct_and_repredict(predictor: Predictor, gray: Image.Image, pred: Prediction, **predict_kwargs
@@ -171,7 +188,7 @@ def answer_row(pred: Prediction, image_sha256: str) -> dict[str, Any]:
     """The row of a film once predicted (and put right first if the gate said so): refused by the learned
     input gate, or its prediction."""
     if pred.gate is not None and pred.gate.out_of_distribution:
-        return {**error_row("gate_refused", "does not look like a frontal chest X-ray: " + pred.gate.refusal()),
+        return {**error_row("gate_refused", NOT_A_CHEST_FILM + pred.gate.refusal()),
                 "gate": "refused", "image_sha256": image_sha256}
     return prediction_row(pred, decision_for(pred)[0], image_sha256)
 
@@ -309,14 +326,10 @@ class FilmDataset:
             return {**item, "skip": True}
         if data is None:
             return {**item, **too_large_row()}
-        try:
-            film = read_film(data, max_side=self.max_side)
-        except ImageLoadError as exc:
-            return {**item, **error_row(exc.reason, exc.detail)}
-        item.update(width=film.gray.size[0], height=film.gray.size[1], image_sha256=pixel_sha256(film.gray))
-        if refusal := film_refusal(film):
-            return {**item, **error_row(*refusal)}
-        item["pixel_values"] = pixel_values(self.processor, [film.gray])[0]
+        row, film = checked_film(data, self.max_side)
+        item.update(row)
+        if film is not None:
+            item["pixel_values"] = pixel_values(self.processor, [film.gray])[0]
         return item
 
 
@@ -784,18 +797,10 @@ def predict_dataset(ds, predictor: Predictor, *, image_column: str = "image", ba
             except OSError as exc:
                 out.append(io_error_row(exc))
                 continue
-            row: dict[str, Any] = {"file_sha256": hashlib.sha256(data).hexdigest()}
-            try:
-                film = read_film(data, max_side=max_side)
-            except ImageLoadError as exc:
-                out.append({**row, **error_row(exc.reason, exc.detail)})
-                continue
-            row.update(width=film.gray.size[0], height=film.gray.size[1], image_sha256=pixel_sha256(film.gray))
-            if refusal := film_refusal(film):
-                row.update(error_row(*refusal))
-            else:
+            row, film = checked_film(data, max_side)
+            if film is not None:
                 films.append((len(out), film))
-            out.append(row)
+            out.append({"file_sha256": hashlib.sha256(data).hexdigest(), **row})
         preds = predictor.predict([f.gray for _, f in films], batch_size=max(1, len(films))) if films else []
         for (i, film), pred in zip(films, preds):
             gray = film.gray
@@ -806,11 +811,11 @@ def predict_dataset(ds, predictor: Predictor, *, image_column: str = "image", ba
         typed = [_typed({**r, "model_revision": revision}) for r in out]
         return {prefix + c: [r[c] for r in typed] for c in DATASET_COLUMNS}
 
-    from datasets import Features, Value
+    from datasets import Features
 
-    kinds = {c: f.type for c, f in zip(schema().names, schema())}
+    added = Features.from_arrow_schema(schema())
     features = Features({**ds.features, image_column: ImageFeature(decode=False),
-                         **{prefix + c: Value(str(kinds[c])) for c in DATASET_COLUMNS}})
+                         **{prefix + c: added[c] for c in DATASET_COLUMNS}})
     mapped = ds.cast_column(image_column, ImageFeature(decode=False)).map(
         rows, batched=True, batch_size=batch_size, features=features, **map_kwargs)
     return mapped.cast_column(image_column, feature)

@@ -25,8 +25,8 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from modeling.archive import (correct_and_repredict, decision_for, error_row, film_refusal, prediction_row,
-                              read_film)
+from modeling.archive import (NOT_A_CHEST_FILM, correct_and_repredict, decision_for, error_row, film_refusal,
+                              prediction_row, read_film)
 from modeling.image_io import ImageLoadError, pixel_sha256
 from modeling.labels import DISPLAY_NAMES, LABELS
 from modeling.decision import decide, default_uncertain_high  # noqa: F401 (re-exported)
@@ -235,10 +235,8 @@ class CxrService:
             raise InputError(f"Cannot read this file: {exc.detail}", exc.reason) from None
         if refusal := film_refusal(film):  # the archive refuses the same films, with the same codes
             reason, why = refusal
-            if reason == "burned_in_annotation":
-                why = why.replace("not predicted", "upload a film without it")
-            raise InputError(f"This {why}." if reason == "not_a_chest_xray" else why[0].upper() + why[1:] + ".",
-                             reason)
+            raise InputError(f"This {why}." if reason == "not_a_chest_xray" else
+                             f"{why[0].upper()}{why[1:]}: upload a film without it.", reason)
         notes = list(film.notes)
         if film.identifying_tags:
             notes.append("identifying DICOM tags were present and are not stored (only the pixels are used): "
@@ -268,7 +266,7 @@ class CxrService:
             notes += corrected
             if pred.gate is not None:
                 if pred.gate.out_of_distribution:
-                    raise InputError("This does not look like a frontal chest X-ray: " + pred.gate.refusal() + ".",
+                    raise InputError(f"This {NOT_A_CHEST_FILM}{pred.gate.refusal()}.",
                                      "gate_refused")
                 if caution := pred.gate.caution():
                     notes.append(caution)
