@@ -290,12 +290,12 @@ def push_onnx(onnx_dir: str | Path, repo_id: str, *, weights: str | Path, revisi
     finds it there). Refused unless the repo's ``model.safetensors`` is ``weights`` (the exported
     model's, by sha256): a graph beside another model's weights, gate and threshold would answer for
     neither. Returns the commit id."""
-    import hashlib
-
     from huggingface_hub import HfApi
 
+    from .paths import file_sha256
+
     api = HfApi()
-    here = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    here = file_sha256(weights)
     info = api.get_paths_info(repo_id, ["model.safetensors"], repo_type="model", revision=revision)
     there = info[0].lfs.sha256 if info and getattr(info[0], "lfs", None) else None
     if there != here:

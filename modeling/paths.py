@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 
@@ -16,3 +17,10 @@ def shown_path(path: str | Path) -> str:
         except ValueError:
             continue
     return str(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in chunks (the stdlib's ``hashlib.file_digest``): weights
+    compared with a Hub repo's, bundled examples recognised by content."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

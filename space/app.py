@@ -62,6 +62,7 @@ from modeling.image_io import IMAGE_EXTENSIONS, WORKING_SIDE  # noqa: E402
 from modeling.archive import error_row  # noqa: E402
 from modeling.labels import LABELS  # noqa: E402
 from modeling.model_thread import ModelThread  # noqa: E402
+from modeling.paths import file_sha256  # noqa: E402
 from modeling.predict import Predictor  # noqa: E402
 
 from .access import AccessDenied, AccessPolicy, request_token  # noqa: E402
@@ -471,15 +472,9 @@ def _is_example(path) -> bool:
         if p.resolve().parent == (HERE / "examples").resolve():
             return True
         same_size = _example_digests().get(p.stat().st_size)
-        return bool(same_size) and _sha256(p) in same_size
+        return bool(same_size) and file_sha256(p) in same_size
     except OSError:
         return False
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 _EXAMPLE_DIGESTS: dict[int, set[str]] | None = None
@@ -490,7 +485,7 @@ def _example_digests() -> dict[int, set[str]]:
     if _EXAMPLE_DIGESTS is None:
         digests: dict[int, set[str]] = {}
         for e in examples():
-            digests.setdefault(Path(e).stat().st_size, set()).add(_sha256(Path(e)))
+            digests.setdefault(Path(e).stat().st_size, set()).add(file_sha256(e))
         _EXAMPLE_DIGESTS = digests
     return _EXAMPLE_DIGESTS
 
