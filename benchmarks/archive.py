@@ -208,21 +208,11 @@ def old_tree(dest: Path) -> Path | None:
     return dest
 
 
-def run_old_loop(tree: Path, files: list[str]) -> dict:
+def run(cfg: dict, code: str = CHILD, tree: Path = ROOT) -> dict:
+    """One measurement in a child process: ``code`` (this tree's CHILD, or OLD_LOOP) importing the
+    project from ``tree``."""
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", OLD_LOOP, json.dumps({"model": str(tree / "space" / "model"),
-                                                                        "files": files})],
-                          cwd=tree, env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr[-3000:])
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    got["films_per_s"] = got["rows"] / got["seconds"]
-    return got
-
-
-def run(cfg: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], cwd=tree, env=env, capture_output=True,
                           text=True, timeout=3600)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
@@ -291,7 +281,7 @@ def main() -> int:
             from modeling.archive import find_films
 
             files = [str(src.path) for src in find_films([root])]
-            got = run_old_loop(tree, files)
+            got = run({"model": str(tree / "space" / "model"), "files": files}, OLD_LOOP, tree)
             at_issue = {"config": f"cxr-predict FILE... as the issue found it ({ISSUE_COMMIT}: its code and model, "
                                   "float32, full-size decode, pydicom's own RLE decoder)", "commit": ISSUE_COMMIT,
                         **{k: round(v, 3) if isinstance(v, float) else v for k, v in got.items() if k != "peak_pss_mb"}}
