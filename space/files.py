@@ -232,21 +232,14 @@ class TempFiles:
                     total += st.st_size
         return total
 
-    def admits(self, incoming_bytes: int, pending_bytes: int | None = None) -> bool:
-        """Whether an upload of about this size fits the pending-uploads budget (uploads in place, given
-        as ``pending_bytes`` when already counted, and those admitted and still arriving)."""
-        if self.pending_max_bytes is None:
-            return True
-        pending = self.pending_bytes() if pending_bytes is None else pending_bytes
-        return pending + self._streaming + incoming_bytes <= self.pending_max_bytes
-
-    def reserve(self, incoming_bytes: int, pending_bytes: int | None = None) -> bool:
-        """Admit an upload of this declared size and hold it against the budget until :meth:`unreserve`
-        (its request is done): uploads arriving together cannot each pass against the same total. With
-        ``pending_bytes`` (the folder walked before) only arithmetic runs under the lock."""
-        pending = self.pending_bytes() if pending_bytes is None and self.pending_max_bytes is not None else pending_bytes
+    def reserve(self, incoming_bytes: int, pending_bytes: int) -> bool:
+        """Admit an upload of this declared size when it fits the budget with the uploads in place
+        (``pending_bytes``: :meth:`pending_bytes`, walked before) and those admitted and still arriving,
+        and hold it until :meth:`unreserve` (its request is done): uploads arriving together cannot each
+        pass against the same total. Only arithmetic runs under the lock."""
         with self._budget_lock:
-            if not self.admits(incoming_bytes, pending or 0):
+            if (self.pending_max_bytes is not None
+                    and pending_bytes + self._streaming + incoming_bytes > self.pending_max_bytes):
                 return False
             self._streaming += incoming_bytes
             return True
