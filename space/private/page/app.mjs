@@ -6,7 +6,7 @@
 // calibrated probabilities, the call at the stored threshold, the rule checks, the learned input gate
 // (a turned or inverted film put right, a picture far from chest films refused), the scope check and
 // a heatmap (the head's contribution per patch: forward-only, so no gradients are needed).
-import { caution, correctionNotes, gateVerdict, loadGate, refusal } from "./gate.mjs";
+import { caution, correctionNotes, gateVerdict, linear, loadGate, refusal } from "./gate.mjs";
 import { decide, fitSide, heat, invertGray, overlay, pixelValues, problems, rgbaToGray, softmax,
          turnGray } from "./pixels.mjs";
 
@@ -81,6 +81,17 @@ function shownGray(gray, width, height, dw, dh) {
   return rgbaToGray(small.getImageData(0, 0, dw, dh).data, dw, dh);
 }
 
+// A film refused by the rules or the learned gate, as the Space says it; the run is counted.
+function refuse(result, why) {
+  $("verdict").textContent = `This does not look like a frontal chest X-ray: ${why}.`;
+  $("verdict").className = "refused";
+  result.dataset.decision = "refused";
+  delete result.dataset.probabilities;
+  $("status").textContent = "Done (nothing was sent).";
+  state.runs.push({ refused: true });
+  result.dataset.run = String(state.runs.length);
+}
+
 async function analyse(cfg, session, gate, file) {
   const t0 = performance.now();
   const result = clearResult();
@@ -94,16 +105,7 @@ async function analyse(cfg, session, gate, file) {
   let { gray, width, height } = fitSide(original, decoded.width, decoded.height, cfg.max_side);
   const found = problems(gray, width, height, rgba, cfg.rules, decoded.width, decoded.height);
   result.hidden = false;
-  if (found.length) {
-    $("verdict").textContent = `This does not look like a frontal chest X-ray: ${found.join("; ")}.`;
-    $("verdict").className = "refused";
-    result.dataset.decision = "refused";
-    delete result.dataset.probabilities;
-    $("status").textContent = "Done (nothing was sent).";
-    state.runs.push({ refused: true });
-    result.dataset.run = String(state.runs.length);
-    return;
-  }
+  if (found.length) return refuse(result, found.join("; "));
   let out = await run(cfg, session, gray, width, height);
   const notes = [];
   if (gate) { // as the Space does: put a turned or inverted film right and predict it again
@@ -119,15 +121,7 @@ async function analyse(cfg, session, gate, file) {
     }
     result.dataset.gate = JSON.stringify({ rotation: verdict.rotation, inverted: verdict.inverted,
       distance: verdict.distance, out_of_distribution: verdict.outOfDistribution, unusual: verdict.unusual });
-    if (verdict.outOfDistribution) {
-      $("verdict").textContent = `This does not look like a frontal chest X-ray: ${refusal(verdict)}.`;
-      $("verdict").className = "refused";
-      result.dataset.decision = "refused";
-      $("status").textContent = "Done (nothing was sent).";
-      state.runs.push({ refused: true });
-      result.dataset.run = String(state.runs.length);
-      return;
-    }
+    if (verdict.outOfDistribution) return refuse(result, refusal(verdict));
     const note = caution(verdict);
     if (note) notes.push(note);
   }
@@ -136,11 +130,7 @@ async function analyse(cfg, session, gate, file) {
   const probs = softmax(Array.from(out.logits.data));
   const pPneumonia = 1 - probs[cfg.labels.indexOf("normal")];
   const feats = out.features.data;
-  let scopeScore = null;
-  if (cfg.scope) {
-    scopeScore = cfg.scope.offset;
-    for (let i = 0; i < feats.length; i++) scopeScore += cfg.scope.direction[i] * feats[i];
-  }
+  const scopeScore = cfg.scope ? linear(cfg.scope.direction, [cfg.scope.offset], feats)[0] : null;
   const outOfScope = cfg.scope !== null && scopeScore > cfg.scope.limit;
   const byLabel = Object.fromEntries(cfg.labels.map((k, i) => [k, probs[i]]));
   result.dataset.probabilities = JSON.stringify(byLabel);

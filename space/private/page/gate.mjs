@@ -24,7 +24,8 @@ export function parseGate(spec, buffer) {
   return { ...spec, ...arrays };
 }
 
-function linear(weight, bias, f) {
+// Each output k: bias[k] + weight row k . f (a logistic probe's logits; the scope check's one score).
+export function linear(weight, bias, f) {
   const dim = f.length;
   return Array.from(bias, (b, k) => {
     let s = b;
