@@ -480,6 +480,12 @@ def test_no_written_file_carries_phi_or_upload_name(app, tmp_path) -> None:
     result = client.predict(handle_file(path), "predicted", api_name="/predict")
     client.predict(result["prediction_id"], "bacterial_pneumonia", "radiologist", "", True, api_name="/feedback")
     app.client(admin=True).predict(api_name="/export")
+    # refused for text burned into the pixels (modeling.archive.film_refusal): nothing of it stays either
+    (tmp_path / "burned").mkdir()
+    pixels = np.asarray(xray_like(8, (256, 256)), dtype=np.uint8)
+    burned = _write(tmp_path / "burned", PHI_FILE_NAME, make_dicom(pixels, BurnedInAnnotation="YES", **PATIENT))
+    with pytest.raises(Exception, match="burned into the pixels"):
+        client.predict(handle_file(burned), "predicted", api_name="/predict")
     offenders = []
     for folder in (app.data_dir, app.temp_dir):
         for p in folder.rglob("*"):

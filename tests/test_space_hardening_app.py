@@ -487,6 +487,11 @@ def test_the_export_url_works_once_and_uploads_past_the_pending_budget_are_refus
             r = httpx.post(running.url + "gradio_api/upload", files={"files": (PHI_FILE_NAME, f)}, timeout=30)
         assert r.status_code == 503 and "too many uploads" in r.text
         assert not phi_offenders(running)
+        # an upload declaring more than the whole budget: refused at once (413), before Gradio reads a byte
+        r = httpx.post(running.url + "gradio_api/upload", timeout=30,
+                       files={"files": (PHI_FILE_NAME, phi_dicom() + os.urandom(1100 * 1024))})
+        assert r.status_code == 413 and "larger than" in r.text
+        assert not phi_offenders(running)
         kind, out = raw_call(running, "batch", [[{"path": held, "meta": {"_type": "gradio.FileData"}}]])
         assert kind == "complete" and not Path(held).exists()  # used (a row: not an image), so released
         assert upload_only(running, str(big))  # fits again
